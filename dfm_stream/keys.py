@@ -1,0 +1,132 @@
+"""Every Redis key and channel dfm-stream uses, in one place.
+
+Keys that belong to one camera carry the camera id as a Redis Cluster hash tag (``{camera}``), so
+all of a camera's keys live in one slot and a worker may touch them together (pipelines, Lua) on a
+cluster. Keys of one model carry ``{model:NAME}`` for the same reason. Nothing else in the code
+builds a key: call these functions.
+
+Layout (default prefix ``dfm``)::
+
+    dfm:{cam1}:frames          stream   frames of camera cam1 (readers XADD, workers XREADGROUP)
+    dfm:{cam1}:scores          stream   one score per frame (workers XADD)
+    dfm:{cam1}:alarm           hash     alarm state machine of cam1 (survives worker restarts)
+    dfm:{cam1}:seq             hash     last sequence number handed to the consumer group, per session
+    dfm:alarms                 stream   alarm and health events of every camera (+ pub/sub channel)
+    dfm:deadletter             stream   frames that could not be scored, with a reason
+    dfm:cameras                hash     camera id -> JSON description written by the reader that owns it
+    dfm:worker:NAME            string   worker heartbeat (expires when the worker dies)
+    dfm:models                 set      names of the models in the registry
+    dfm:{model:NAME}:versions  hash     version -> JSON metadata of that version
+    dfm:{model:NAME}:v7:chunks list     the artifact bytes of version 7, in chunks
+    dfm:{model:NAME}:current   string   the version that ``model rollback`` / default routing uses
+    dfm:assign                 hash     camera id -> "NAME" or "NAME@VERSION"
+    dfm:models:changed         channel  published on every registry change
+"""
+
+import re
+
+DEFAULT_PREFIX = "dfm"
+"""The prefix of every key, unless a deployment sets another (``--prefix``, ``DFM_PREFIX``)."""
+
+DEFAULT_GROUP = "dfm-workers"
+"""The consumer group the workers of one deployment share on every frame stream."""
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def valid_name(name: str) -> bool:
+    """Return True when ``name`` is usable as a camera or model id (letters, digits, ``_.-``; <= 64)."""
+    return bool(_NAME_RE.match(name))
+
+
+def check_name(name: str, what: str = "camera") -> str:
+    """Return ``name`` unchanged, or raise ``ValueError`` saying why it cannot be a key part."""
+    if not valid_name(name):
+        raise ValueError(
+            f"invalid {what} id {name!r}: use 1-64 letters, digits, '_', '.' or '-', starting with a"
+            " letter or digit (no braces, colons or spaces: they are part of the Redis key layout)"
+        )
+    return name
+
+
+def _camera_key(camera: str, what: str, prefix: str) -> str:
+    return f"{prefix}:{{{check_name(camera)}}}:{what}"
+
+
+def frames_key(camera: str, prefix: str = DEFAULT_PREFIX) -> str:
+    """Return the frame stream of ``camera``."""
+    return _camera_key(camera, "frames", prefix)
+
+
+def scores_key(camera: str, prefix: str = DEFAULT_PREFIX) -> str:
+    """Return the score stream of ``camera``."""
+    return _camera_key(camera, "scores", prefix)
+
+
+def alarm_state_key(camera: str, prefix: str = DEFAULT_PREFIX) -> str:
+    """Return the hash that holds the alarm state machine of ``camera``."""
+    return _camera_key(camera, "alarm", prefix)
+
+
+def seq_key(camera: str, prefix: str = DEFAULT_PREFIX) -> str:
+    """Return the hash that tracks the last sequence number delivered to the group for ``camera``."""
+    return _camera_key(camera, "seq", prefix)
+
+
+def alarms_key(prefix: str = DEFAULT_PREFIX) -> str:
+    """Return the stream of alarm and camera health events (all cameras)."""
+    return f"{prefix}:alarms"
+
+
+def alarms_channel(prefix: str = DEFAULT_PREFIX) -> str:
+    """Return the pub/sub channel on which every alarm event is also published."""
+    return f"{prefix}:alarms"
+
+
+def deadletter_key(prefix: str = DEFAULT_PREFIX) -> str:
+    """Return the dead-letter stream (frames that could not be scored, with a reason)."""
+    return f"{prefix}:deadletter"
+
+
+def cameras_key(prefix: str = DEFAULT_PREFIX) -> str:
+    """Return the hash of known cameras (camera id -> JSON description)."""
+    return f"{prefix}:cameras"
+
+
+def worker_heartbeat_key(worker: str, prefix: str = DEFAULT_PREFIX) -> str:
+    """Return the expiring heartbeat key of one worker process."""
+    return f"{prefix}:worker:{worker}"
+
+
+def models_key(prefix: str = DEFAULT_PREFIX) -> str:
+    """Return the set of model names in the registry."""
+    return f"{prefix}:models"
+
+
+def _model_key(name: str, what: str, prefix: str) -> str:
+    return f"{prefix}:{{model:{check_name(name, 'model')}}}:{what}"
+
+
+def model_versions_key(name: str, prefix: str = DEFAULT_PREFIX) -> str:
+    """Return the hash version -> JSON metadata of model ``name``."""
+    return _model_key(name, "versions", prefix)
+
+
+def model_chunks_key(name: str, version: int, prefix: str = DEFAULT_PREFIX) -> str:
+    """Return the list holding the artifact bytes of one model version, in chunks."""
+    return _model_key(name, f"v{int(version)}:chunks", prefix)
+
+
+def model_current_key(name: str, prefix: str = DEFAULT_PREFIX) -> str:
+    """Return the key naming the current (default) version of model ``name``."""
+    return _model_key(name, "current", prefix)
+
+
+def assignments_key(prefix: str = DEFAULT_PREFIX) -> str:
+    """Return the hash camera id -> model reference (``NAME`` or ``NAME@VERSION``)."""
+    return f"{prefix}:assign"
+
+
+def models_changed_channel(prefix: str = DEFAULT_PREFIX) -> str:
+    """Return the pub/sub channel announcing registry changes (push, rollback, assign)."""
+    return f"{prefix}:models:changed"

@@ -1,0 +1,14 @@
+"""The embedded Redis server used by the demo and by every test."""
+
+import redis
+
+from dfm_stream.embedded_redis import EmbeddedRedis
+
+
+def test_aof_server_keeps_stream_entries_across_a_kill(aof_redis_server: EmbeddedRedis) -> None:
+    client = redis.Redis.from_url(aof_redis_server.url)
+    client.xadd("s", {"msg": b"1"})
+    aof_redis_server.stop(kill=True)
+    aof_redis_server.start()
+    assert client.xlen("s") == 1
+    client.close()
