@@ -239,3 +239,19 @@ def test_trainer_accepts_reference_style_dict_batches() -> None:
     assert model.pca_model.k == 3
     with pytest.raises(ModelConfigError, match="image"):
         trainer.fit(["not a batch"])
+
+
+@pytest.mark.parametrize("score_type", ["fre", "nll"])
+def test_state_dict_in_the_reference_layout_loads_and_scores_identically(score_type: str) -> None:
+    fitted = fitted_tiny_model(score_type)
+    reference_layout = {}
+    for key, value in fitted.state_dict().items():
+        if key == "pca_model.singular_values":
+            continue  # the reference keeps these outside its state dict
+        nested = "feature_extractor." + key if key.startswith("feature_extractor.") else key
+        reference_layout[nested] = value
+    reference_layout["feature_extractor.feature_extractor.fc.weight"] = torch.zeros(10, 512)
+    fresh = tiny_model(score_type)
+    fresh.load_state_dict(reference_layout)
+    batch = image_batch(4, seed=9)
+    torch.testing.assert_close(fresh(batch).pred_score, fitted(batch).pred_score, rtol=0, atol=0)

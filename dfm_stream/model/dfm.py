@@ -9,8 +9,9 @@ state dicts line up: ``feature_extractor.*`` holds torchvision-named backbone we
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -88,6 +89,18 @@ class DFMModel(nn.Module):
             backbone, layer, pre_trained=pre_trained, weights=weights
         )
         self.feature_extractor.requires_grad_(False)
+
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+    ) -> Any:
+        """Load a state dict of ours or of the reference implementation.
+
+        The reference nests its backbone one level deeper (``feature_extractor.feature_extractor.*``),
+        keeps backbone stages past ``layer`` and does not store ``pca_model.singular_values``
+        (scoring never uses them); such a state dict is mapped onto ours, so weights and fitted
+        statistics carry over in both directions.
+        """
+        return super().load_state_dict(_from_reference_layout(state_dict, self), strict=strict, assign=assign)
 
     def train(self, mode: bool = True) -> DFMModel:
         """Set the training flag; the backbone stays in eval mode (frozen batch-norm statistics)."""
@@ -176,3 +189,23 @@ class DFMModel(nn.Module):
         anomaly_map = self.forward(batch).anomaly_map
         assert anomaly_map is not None
         return anomaly_map
+
+
+_REFERENCE_BACKBONE_PREFIX = "feature_extractor.feature_extractor."
+
+
+def _from_reference_layout(state_dict: Mapping[str, Any], model: DFMModel) -> dict[str, Any]:
+    """Map the reference implementation's state-dict layout onto ours (ours passes unchanged)."""
+    if not any(key.startswith(_REFERENCE_BACKBONE_PREFIX) for key in state_dict):
+        return dict(state_dict)
+    ours = set(model.state_dict())
+    out: dict[str, Any] = {}
+    for key, value in state_dict.items():
+        if key.startswith(_REFERENCE_BACKBONE_PREFIX):
+            key = "feature_extractor." + key[len(_REFERENCE_BACKBONE_PREFIX) :]  # noqa: PLW2901
+            if key not in ours:  # stages after ``layer`` or the classifier: not part of our backbone
+                continue
+        out[key] = value
+    if "pca_model.singular_values" not in out and "pca_model.singular_vectors" in out:
+        out["pca_model.singular_values"] = torch.empty(0)
+    return out
