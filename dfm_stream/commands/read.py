@@ -1,7 +1,218 @@
-"""The ``dfm-stream`` subcommand(s) of this module (placeholder until implemented)."""
+"""``dfm-stream read``: push camera frames into Redis Streams (one camera, or many from a config).
+
+Examples::
+
+    dfm-stream read --redis redis://127.0.0.1:6379/0 --camera line1 --source rtsp://cam/stream --fps 10
+    dfm-stream read --camera demo --source synthetic:seed=3,defect_rate=0.1 --size 128x128
+    dfm-stream read --config cameras.toml                 # every camera of the file
+    dfm-stream read --config cameras.toml --camera line1  # one camera of the file
+
+Options given on the command line override the config file for every selected camera. The
+process serves ``/metrics``, ``/healthz`` and ``/readyz`` (ready = Redis reachable and every
+camera open) and exits 0 on SIGTERM/SIGINT, with ``--duration``, or when every finite source
+(video file or folder without ``--loop``, or ``--max-frames``) is done.
+"""
 
 import argparse
+import dataclasses
+import logging
+import signal
+import threading
+from typing import Any
+
+from dfm_stream.config import CameraConfig, Config, parse_roi, parse_size
+from dfm_stream.errors import ConfigError
+from dfm_stream.metrics import add_metrics_args
+
+log = logging.getLogger(__name__)
+
+DEFAULT_METRICS_PORT = 9400
+
+# CLI option -> CameraConfig field, for options that override per-camera settings
+_OVERRIDES = {
+    "fps": "fps",
+    "size": "size",
+    "roi": "roi",
+    "jpeg_quality": "jpeg_quality",
+    "encoding": "encoding",
+    "maxlen": "maxlen",
+    "loop": "loop",
+    "backoff_initial": "backoff_initial",
+    "backoff_max": "backoff_max",
+    "open_timeout": "open_timeout",
+    "read_timeout": "read_timeout",
+    "pace": "pace",
+}
+
+
+def _arg_type(parse: Any, what: str) -> Any:
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"{what}: {e}") from e
+
+    convert.__name__ = what
+    return convert
+
+
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise ValueError(f"{text} must be >= 0")
+    return value
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise ValueError(f"{text} must be > 0")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(f"{text} must be >= 1")
+    return value
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add this module's subcommands to ``subparsers``."""
+    """Add ``dfm-stream read``."""
+    from dfm_stream.connect import add_redis_args
+
+    p = subparsers.add_parser(
+        "read",
+        help="read cameras and push their frames into Redis Streams",
+        description="Push camera frames into Redis Streams: one camera (--camera, --source) or many"
+        " (--config FILE). Exits 0 on SIGTERM/SIGINT, after --duration, or when finite sources end.",
+    )
+    g = p.add_argument_group("cameras")
+    g.add_argument("--config", help="TOML config with [[cameras]] (env DFM__... overrides it)")
+    g.add_argument("--camera", help="camera id (with --source), or ids of --config to run (comma list)")
+    g.add_argument(
+        "--source",
+        help="0 (USB index), rtsp:// or http(s):// URL, video file, image folder, or "
+        "synthetic:seed=N,defect_rate=R,fps=F,size=WxH",
+    )
+    s = p.add_argument_group("per-camera settings (override the config)")
+    s.add_argument("--fps", type=_arg_type(_non_negative, "--fps"), help="frame-rate cap; 0 = source rate")
+    s.add_argument("--size", type=_arg_type(parse_size, "--size"), help="resize frames to WxH, e.g. 256x256")
+    s.add_argument("--roi", type=_arg_type(parse_roi, "--roi"), help="crop x,y,w,h (source pixels) first")
+    s.add_argument("--jpeg-quality", type=_arg_type(int, "--jpeg-quality"), help="1-100 (default 90)")
+    s.add_argument("--encoding", choices=("jpeg", "raw"), help="frame encoding (default jpeg)")
+    s.add_argument("--maxlen", type=_arg_type(int, "--maxlen"), help="stream MAXLEN ~ (default ~10 s)")
+    s.add_argument("--loop", action="store_true", default=None, help="loop video files and folders")
+    s.add_argument("--backoff-initial", type=_arg_type(_positive, "--backoff-initial"), help="seconds")
+    s.add_argument(
+        "--backoff-max", type=_arg_type(_positive, "--backoff-max"), help="reconnect delay cap (s)"
+    )
+    s.add_argument("--open-timeout", type=_arg_type(_positive, "--open-timeout"), help="seconds (default 10)")
+    s.add_argument("--read-timeout", type=_arg_type(_positive, "--read-timeout"), help="seconds (default 5)")
+    s.add_argument(
+        "--no-pace",
+        dest="pace",
+        action="store_false",
+        default=None,
+        help="read files/folders/synthetic as fast as possible instead of in real time",
+    )
+    r = p.add_argument_group("run")
+    r.add_argument(
+        "--max-frames", type=_arg_type(_positive_int, "--max-frames"), help="per camera, then stop"
+    )
+    r.add_argument("--duration", type=_arg_type(_positive, "--duration"), help="stop after this many seconds")
+    add_redis_args(p)
+    add_metrics_args(p, default_port=DEFAULT_METRICS_PORT)
+    p.set_defaults(func=run)
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {field: getattr(args, opt) for opt, field in _OVERRIDES.items() if getattr(args, opt) is not None}
+
+
+def select_cameras(args: argparse.Namespace) -> tuple[list[CameraConfig], Config | None]:
+    """Return the cameras ``args`` ask for (one from --camera/--source, or from --config)."""
+    overrides = _overrides(args)
+    if args.config:
+        from dfm_stream.config import load_config
+
+        if args.source:
+            raise ConfigError("give either --source (with --camera) or --config, not both")
+        config = load_config(args.config)
+        cams = list(config.cameras)
+        if args.camera:
+            cams = [config.camera(c.strip()) for c in args.camera.split(",") if c.strip()]
+        if not cams:
+            raise ConfigError(f"config {args.config} has no [[cameras]]")
+        try:
+            return [dataclasses.replace(c, **overrides) for c in cams], config
+        except ConfigError as e:
+            raise ConfigError(f"command-line options: {e}") from e
+    if not args.camera or not args.source:
+        raise ConfigError("dfm-stream read needs --camera ID and --source SRC, or --config FILE")
+    try:
+        return [CameraConfig(id=args.camera, source=args.source, **overrides)], None
+    except ConfigError as e:
+        raise ConfigError(f"command-line options: {e}") from e
+
+
+def _redis_settings(args: argparse.Namespace, config: Config | None) -> Any:
+    from dfm_stream.connect import DEFAULT_URL, RedisSettings
+    from dfm_stream.keys import DEFAULT_PREFIX
+
+    settings = RedisSettings.from_args(args)
+    if config is None:
+        return settings
+    changes: dict[str, Any] = {}
+    if args.redis == DEFAULT_URL:  # neither --redis nor DFM_REDIS_URL: the file decides
+        changes["url"] = config.redis.url
+    if args.prefix == DEFAULT_PREFIX:
+        changes["prefix"] = config.redis.prefix
+    changes["cluster"] = settings.cluster or config.redis.cluster
+    return dataclasses.replace(settings, **changes)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the reader until stopped, ``--duration`` passes, or every finite camera is done."""
+    from dfm_stream.connect import connect
+    from dfm_stream.metrics import ReaderMetrics, new_registry, serve
+    from dfm_stream.reader import Reader
+    from dfm_stream.sources.base import source_kind
+
+    cameras, config = select_cameras(args)
+    for cam in cameras:
+        source_kind(cam.source)  # a typo in a file path fails now, with a clear message
+    settings = _redis_settings(args, config)
+    client = connect(settings, socket_timeout=2.0, socket_connect_timeout=2.0)
+    registry = new_registry()
+    stop = threading.Event()
+    reader = Reader(cameras, client, settings.prefix, ReaderMetrics.create(registry), stop, args.max_frames)
+    server = None
+    if args.metrics_port >= 0:
+        server = serve(registry, args.metrics_host, args.metrics_port, ready=reader.ready)
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("received %s: releasing cameras", signal.Signals(signum).name)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    timer = threading.Timer(args.duration, stop.set) if args.duration else None
+    if timer is not None:
+        timer.daemon = True
+        timer.start()
+    log.info(
+        "reading %d camera(s) into %s: %s",
+        len(cameras),
+        settings.safe_url(),
+        ", ".join(c.id for c in cameras),
+    )
+    try:
+        return reader.run()
+    finally:
+        if timer is not None:
+            timer.cancel()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if server is not None:
+            server.close()
+        client.close()

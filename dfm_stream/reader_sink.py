@@ -1,0 +1,171 @@
+"""The Redis side of a reader: frame XADDs, health events and camera registration, with backoff.
+
+One :class:`RedisSink` is shared by all cameras of a reader. While Redis is unreachable it does
+not block the cameras: :meth:`RedisSink.add_frame` returns False at once (the caller drops and
+counts the frame) until the next retry is due, and retries follow a capped exponential backoff
+with jitter; each step is logged once, not each frame. Events and registrations that could not be
+written are kept (bounded) and written when Redis answers again.
+"""
+
+import json
+import logging
+import random
+import threading
+import time
+from collections import deque
+from typing import Any
+
+import redis
+
+from dfm_stream.keys import DEFAULT_PREFIX, alarms_channel, alarms_key, cameras_key
+from dfm_stream.wire import FIELD, EventMsg
+
+log = logging.getLogger(__name__)
+
+ALARMS_MAXLEN = 10_000
+"""Approximate MAXLEN of ``{prefix}:alarms``."""
+PENDING_EVENTS = 1_000
+"""Events kept while Redis is down (the oldest are dropped beyond this)."""
+
+
+class Backoff:
+    """Capped exponential backoff with equal jitter: attempt n waits within [d/2, d], d = initial*2^n."""
+
+    def __init__(self, initial: float, maximum: float, rng: random.Random | None = None) -> None:
+        self.initial = initial
+        self.maximum = max(initial, maximum)
+        self.attempts = 0
+        self._rng = rng or random.Random()
+
+    def next(self) -> float:
+        """Return the next delay in seconds and count the attempt."""
+        delay = min(self.maximum, self.initial * 2 ** min(self.attempts, 30))
+        self.attempts += 1
+        return delay / 2 + self._rng.uniform(0, delay / 2)
+
+    def reset(self) -> None:
+        """Start again from the initial delay (after a success)."""
+        self.attempts = 0
+
+
+class RedisSink:
+    """Writes a reader's frames, events and registrations; see the module docstring."""
+
+    def __init__(self, client: Any, prefix: str = DEFAULT_PREFIX, backoff: Backoff | None = None) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.backoff = backoff or Backoff(0.2, 5.0)
+        self._lock = threading.Lock()
+        self._down_since: float | None = None
+        self._retry_at = 0.0
+        self._dropped_while_down = 0
+        self._events: deque[EventMsg] = deque(maxlen=PENDING_EVENTS)
+        self._registrations: dict[str, str] = {}
+        self._dirty: set[str] = set()
+
+    @property
+    def available(self) -> bool:
+        """Return False while the last write failed and no retry succeeded yet."""
+        return self._down_since is None
+
+    def _may_try(self) -> bool:
+        with self._lock:
+            if self._down_since is None:
+                return True
+            if time.monotonic() < self._retry_at:
+                self._dropped_while_down += 1
+                return False
+            self._retry_at = time.monotonic() + 3600  # one thread probes; the others keep dropping
+            return True
+
+    def _failed(self, error: Exception) -> None:
+        with self._lock:
+            delay = self.backoff.next()
+            self._retry_at = time.monotonic() + delay
+            self._dropped_while_down += 1
+            if self._down_since is None:
+                self._down_since = time.monotonic()
+                log.warning("Redis unreachable (%s): dropping frames, retrying in %.1f s", error, delay)
+            else:
+                log.warning(
+                    "Redis still unreachable after %.0f s (%s); %d frames dropped so far; retrying in %.1f s",
+                    time.monotonic() - self._down_since,
+                    error,
+                    self._dropped_while_down,
+                    delay,
+                )
+
+    def _succeeded(self) -> None:
+        if self._down_since is None:
+            return
+        with self._lock:
+            if self._down_since is None:
+                return
+            log.warning(
+                "Redis reachable again after %.1f s; %d frames were dropped (reason redis_unavailable)",
+                time.monotonic() - self._down_since,
+                self._dropped_while_down,
+            )
+            self._down_since = None
+            self._dropped_while_down = 0
+            self.backoff.reset()
+            self._dirty.update(self._registrations)
+        self._flush()
+
+    def add_frame(self, key: str, data: bytes, maxlen: int) -> bool:
+        """XADD one frame message with ``MAXLEN ~ maxlen``; False (drop it) while Redis is down."""
+        if not self._may_try():
+            return False
+        try:
+            self.client.xadd(key, {FIELD: data}, maxlen=maxlen, approximate=True)
+        except (redis.RedisError, OSError) as e:
+            self._failed(e)
+            return False
+        self._succeeded()
+        return True
+
+    def emit(self, event: EventMsg) -> None:
+        """Write a health event to ``{prefix}:alarms`` and publish it; keep it for later if Redis is down."""
+        with self._lock:
+            self._events.append(event)
+        if self.available:
+            self._flush()
+
+    def register(self, camera: str, description: dict[str, Any]) -> None:
+        """HSET the camera's description in ``{prefix}:cameras`` (again after an outage)."""
+        with self._lock:
+            self._registrations[camera] = json.dumps(description, sort_keys=True)
+            self._dirty.add(camera)
+        if self.available:
+            self._flush()
+
+    def _flush(self) -> None:
+        with self._lock:
+            events = list(self._events)
+            self._events.clear()
+            regs = {c: self._registrations[c] for c in self._dirty}
+            self._dirty.clear()
+        try:
+            if regs:
+                self.client.hset(cameras_key(self.prefix), mapping=regs)
+            while events:
+                data = events[0].to_bytes()
+                self.client.xadd(
+                    alarms_key(self.prefix), {FIELD: data}, maxlen=ALARMS_MAXLEN, approximate=True
+                )
+                self.client.publish(alarms_channel(self.prefix), data)
+                events.pop(0)
+        except (redis.RedisError, OSError) as e:
+            log.warning("Redis: could not write %d event(s) / registrations (%s); will retry", len(events), e)
+            with self._lock:
+                self._events.extendleft(reversed(events))
+                self._dirty.update(regs)
+            if self.available:
+                self._failed(e)
+
+    def ping(self) -> bool:
+        """Return True when Redis answers PING now."""
+        try:
+            return bool(self.client.ping())
+        except (redis.RedisError, OSError):
+            return False

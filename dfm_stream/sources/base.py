@@ -1,0 +1,176 @@
+"""The camera source interface, and the factory that turns a source string into a source.
+
+A source string is one of::
+
+    0, 1, ...                       a USB / V4L camera by index
+    rtsp://..., rtmp://..., http(s)://...   a network stream (OpenCV's FFMPEG backend)
+    /path/to/video.mp4              a video file (paced in real time, optionally looped)
+    /path/to/folder/                a folder of images (sorted by name, paced, optionally looped)
+    synthetic:                      generated parts on a conveyor belt
+    synthetic:seed=3,defect_rate=0.1,fps=10,size=256x256
+
+Every source has the same life cycle: ``open()``, then ``read()`` until it raises
+:class:`SourceFinished` (a finite source has no more frames) or :class:`SourceError` (the camera
+failed: the reader reconnects), then ``close()``. ``read()`` may block until the camera delivers;
+the reader calls it from a helper thread with a watchdog (:mod:`dfm_stream.sources.capture`).
+"""
+
+import math
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+from urllib.parse import urlsplit, urlunsplit
+
+import numpy as np
+
+from dfm_stream.errors import DfmStreamError, SourceError
+
+NETWORK_SCHEMES = ("rtsp", "rtsps", "rtmp", "rtmps", "http", "https", "udp", "tcp", "srt")
+"""URL schemes handed to OpenCV's FFMPEG backend as network streams."""
+
+DEFAULT_OPEN_TIMEOUT_S = 10.0
+DEFAULT_READ_TIMEOUT_S = 5.0
+
+
+class SourceFinished(DfmStreamError):  # noqa: N818 - a condition, not a failure
+    """A finite source (video file, image folder) has delivered its last frame."""
+
+
+class Frame(NamedTuple):
+    """One captured frame: a BGR uint8 image, its capture time (Unix ns) and extra message keys."""
+
+    image: np.ndarray
+    ts: int
+    extra: dict[str, Any] | None = None
+
+
+class Source(ABC):
+    """A camera: ``open()``, ``read()`` frames, ``close()``.
+
+    Attributes:
+        kind: ``usb``, ``network``, ``file``, ``folder`` or ``synthetic``.
+        is_live: frames arrive at the device's own pace (the reader decimates to the fps cap);
+            when False the reader paces the source itself (files, folders, synthetic).
+        finite: the source ends (raises :class:`SourceFinished`) unless looped.
+    """
+
+    kind: str = "source"
+    is_live: bool = False
+    finite: bool = False
+
+    @property
+    def fps(self) -> float:
+        """Return the source's native frame rate (0 when unknown)."""
+        return 0.0
+
+    @abstractmethod
+    def open(self) -> None:
+        """Open the camera; raise :class:`SourceError` saying why when it cannot be opened."""
+
+    @abstractmethod
+    def read(self) -> Frame:
+        """Return the next frame; raise :class:`SourceFinished` or :class:`SourceError`."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the camera (idempotent)."""
+
+    def describe(self) -> dict[str, Any]:
+        """Return a JSON-friendly description, safe to log and store (never a password)."""
+        return {"kind": self.kind, "live": self.is_live}
+
+    def __enter__(self) -> "Source":
+        self.open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass(frozen=True)
+class SourceOptions:
+    """How to open a source (what the camera's config says beyond the source string)."""
+
+    loop: bool = False
+    fps: float = 0.0
+    open_timeout: float = DEFAULT_OPEN_TIMEOUT_S
+    read_timeout: float = DEFAULT_READ_TIMEOUT_S
+
+
+def safe_url(url: str) -> str:
+    """Return ``url`` with any password replaced by ``***`` (for logs, events and the camera registry)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def source_kind(spec: str) -> str:
+    """Return the kind of source ``spec`` names, without opening anything."""
+    spec = spec.strip()
+    if not spec:
+        raise SourceError("empty camera source: give an index (0), a URL, a file, a folder or synthetic:")
+    if spec.isdigit():
+        return "usb"
+    if spec == "synthetic" or spec.startswith("synthetic:"):
+        return "synthetic"
+    scheme = urlsplit(spec).scheme.lower()
+    if scheme in NETWORK_SCHEMES:
+        return "network"
+    if len(scheme) > 1 and spec.startswith(f"{scheme}://"):
+        raise SourceError(
+            f"unsupported source URL scheme {scheme!r} in {safe_url(spec)}: use one of "
+            f"{', '.join(NETWORK_SCHEMES)}, a file, a folder, a camera index or synthetic:"
+        )
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return "folder"
+    if path.is_file():
+        return "file"
+    raise SourceError(
+        f"camera source {spec!r}: no such file or folder (a source is a camera index such as 0, an"
+        " rtsp:// / http(s):// URL, a video file, a folder of images, or synthetic:)"
+    )
+
+
+def make_source(spec: str, options: SourceOptions | None = None) -> Source:
+    """Parse ``spec`` and return the (not yet opened) source it names; raise SourceError if invalid."""
+    opts = options or SourceOptions()
+    kind = source_kind(spec)
+    spec = spec.strip()
+    if kind == "synthetic":
+        from dfm_stream.sources.synthetic import SyntheticSource
+
+        return SyntheticSource.from_spec(spec, fps=opts.fps)
+    if kind == "folder":
+        from dfm_stream.sources.folder import FolderSource
+
+        return FolderSource(Path(spec).expanduser(), loop=opts.loop, fps=opts.fps)
+    from dfm_stream.sources import opencv
+
+    if kind == "usb":
+        return opencv.UsbSource(int(spec), opts.open_timeout, opts.read_timeout)
+    if kind == "network":
+        return opencv.NetworkSource(spec, opts.open_timeout, opts.read_timeout)
+    return opencv.VideoFileSource(Path(spec).expanduser(), loop=opts.loop)
+
+
+def open_source(spec: str, options: SourceOptions | None = None) -> Source:
+    """Parse ``spec``, open the source and return it (the caller closes it)."""
+    source = make_source(spec, options)
+    source.open()
+    return source
+
+
+def now_ns() -> int:
+    """Return the current Unix time in nanoseconds (the ``ts`` of a frame captured now)."""
+    return time.time_ns()
+
+
+def valid_fps(value: float, default: float) -> float:
+    """Return ``value`` when it is a usable frame rate (finite, > 0), else ``default``."""
+    return value if math.isfinite(value) and 0 < value < 1000 else default
