@@ -91,7 +91,7 @@ class ReaderMetrics:
             Counter("dfm_reader_frames_published", "Frames written to Redis.", cam, registry=registry),
             Counter(
                 "dfm_reader_frames_dropped",
-                "Frames not published, by reason (decimated, redis_unavailable, encode_error).",
+                "Frames not published, by reason (decimated, overrun, redis_unavailable, encode_error).",
                 ["camera", "reason"],
                 registry=registry,
             ),
@@ -136,6 +136,7 @@ class WorkerMetrics:
     device_info: Gauge
     gpu_memory_bytes: Gauge
     loop_errors: Counter
+    duplicates: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> "WorkerMetrics":
@@ -240,6 +241,12 @@ class WorkerMetrics:
                 ["where"],
                 registry=r,
             ),
+            Counter(
+                "dfm_worker_duplicates_suppressed",
+                "Scores not published because the frame was already acknowledged (reclaimed elsewhere).",
+                ["camera"],
+                registry=r,
+            ),
         )
 
 
@@ -291,7 +298,9 @@ class MetricsServer:
 
     def __init__(self, server: _MetricsServer) -> None:
         self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True)
+        self._thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="metrics-http", daemon=True
+        )
         self._thread.start()
 
     @property
