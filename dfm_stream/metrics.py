@@ -56,6 +56,20 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 SCORE_RATIO_BUCKETS = (0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2, 3, 5, 10)
 """Anomaly score divided by the model's threshold: 1.0 is the alarm line."""
 
+READER_DROP_REASONS = ("decimated", "overrun", "redis_unavailable", "encode_error")
+WORKER_DROP_REASONS = ("trimmed", "stale")
+DEADLETTER_REASONS = (
+    "bad_msgpack",
+    "bad_message",
+    "unsupported_version",
+    "too_large",
+    "shape_mismatch",
+    "decode_error",
+    "max_deliveries",
+)
+ALARM_STATES = ("raised", "cleared")
+"""Known values of the ``reason``/``state`` labels; their series exist at 0 from a camera's start."""
+
 ReadyCheck = Callable[[], tuple[bool, str]]
 
 
@@ -112,6 +126,14 @@ class ReaderMetrics:
             ),
         )
 
+    def init_camera(self, camera: str) -> None:
+        """Create the camera's series at 0, so ``rate()``/``increase()`` also see its first event."""
+        for counter in (self.frames_captured, self.frames_published, self.reconnects, self.published_bytes):
+            counter.labels(camera)
+        for reason in READER_DROP_REASONS:
+            self.frames_dropped.labels(camera, reason)
+        self.camera_up.labels(camera).set(0)
+
 
 @dataclass(frozen=True)
 class WorkerMetrics:
@@ -137,6 +159,18 @@ class WorkerMetrics:
     gpu_memory_bytes: Gauge
     loop_errors: Counter
     duplicates: Counter
+
+    def init_camera(self, camera: str) -> None:
+        """Create the camera's event series at 0, so ``rate()``/``increase()`` also see the first event."""
+        for reason in WORKER_DROP_REASONS:
+            self.frames_dropped.labels(camera, reason)
+        for reason in DEADLETTER_REASONS:
+            self.deadlettered.labels(camera, reason)
+        for state in ALARM_STATES:
+            self.alarms.labels(camera, state)
+        self.redelivered.labels(camera)
+        self.duplicates.labels(camera)
+        self.alarm_active.labels(camera)
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> "WorkerMetrics":

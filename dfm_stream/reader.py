@@ -125,6 +125,7 @@ class CameraLoop:
         """Capture until stopped, until a finite source ends, or until ``max_frames`` are handled."""
         cam = self.cam
         backoff = Backoff(cam.backoff_initial, cam.backoff_max)
+        self.metrics.init_camera(cam.id)
         self._register()
         attempt = 0
         while not self.stop.is_set():

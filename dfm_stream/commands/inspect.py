@@ -1,7 +1,134 @@
-"""The ``dfm-stream`` subcommand(s) of this module (placeholder until implemented)."""
+"""``dfm-stream alarms`` and ``dfm-stream scores``: print the event and score streams as JSON lines.
+
+``--since ID`` starts after that stream entry id (default: the start of the stream, or with
+``--count N`` and no ``--since``, the last N entries); ``--follow`` keeps printing new entries until
+interrupted. Each line is the decoded message plus ``id`` (the stream entry id). The image of a
+``raised`` event is shown as ``image_bytes`` (its size), or written to ``--images DIR`` (then
+``image_file`` names the file). An entry that cannot be decoded prints ``{"id", "error"}``.
+"""
+
+from __future__ import annotations
 
 import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from dfm_stream import keys
+from dfm_stream.connect import RedisClient, RedisSettings, add_redis_args, connect
+from dfm_stream.errors import ConfigError, WireError
+from dfm_stream.wire import FIELD, EventMsg, ScoreMsg
+
+FOLLOW_BLOCK_MS = 1000
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add this module's subcommands to ``subparsers``."""
+    """Add ``alarms`` and ``scores`` to ``subparsers``."""
+    a = subparsers.add_parser("alarms", help="print alarm and health events as JSON lines")
+    _common(a)
+    a.add_argument("--images", help="write the JPEG of each raised event into this folder")
+    a.set_defaults(func=run_alarms)
+    s = subparsers.add_parser("scores", help="print a camera's scores as JSON lines")
+    s.add_argument("--camera", required=True, help="camera id")
+    _common(s)
+    s.set_defaults(func=run_scores)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--follow", "-f", action="store_true", help="keep printing new entries")
+    p.add_argument("--since", help="start after this stream entry id (default: the beginning)")
+    p.add_argument(
+        "--count",
+        type=int,
+        help="at most N entries (no --since: the last N; with --follow: the last N, then new ones)",
+    )
+    add_redis_args(p)
+
+
+def _s(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _entries(client: RedisClient, key: str, args: argparse.Namespace) -> Any:
+    """Yield ``(entry id, fields)`` of ``key`` as the options ask."""
+    if args.count is not None and args.count < 1:
+        raise ConfigError("--count must be >= 1")
+    remaining = None if args.follow else args.count
+    if args.since is None and args.count is not None:
+        rows = list(reversed(client.xrevrange(key, count=args.count)))
+        last = "0-0"
+    else:
+        rows, last = [], args.since or "0-0"
+    while True:
+        for entry_id, fields in rows:
+            last = _s(entry_id)
+            yield last, fields
+            if remaining is not None:
+                remaining -= 1
+                if remaining <= 0:
+                    return
+        if args.count is not None and args.since is None and not args.follow:
+            return
+        block = FOLLOW_BLOCK_MS if args.follow else None
+        reply = client.xread({key: last}, count=500, block=block)
+        rows = reply[0][1] if reply else []
+        if not rows and not args.follow:
+            return
+
+
+def _print(obj: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(obj, sort_keys=True) + "\n")
+    sys.stdout.flush()
+
+
+def _event_line(entry_id: str, fields: dict[bytes, bytes], images: Path | None) -> dict[str, Any]:
+    try:
+        event = EventMsg.from_bytes(fields.get(FIELD.encode(), b""))
+    except WireError as e:
+        return {"id": entry_id, "error": str(e)}
+    line = {"id": entry_id, **event.to_json_dict()}
+    if event.image is not None and images is not None:
+        path = images / f"{event.camera}_{entry_id}.jpg"
+        path.write_bytes(event.image)
+        line["image_file"] = str(path)
+    return line
+
+
+def run_alarms(args: argparse.Namespace) -> int:
+    """Print the alarm stream."""
+    settings = RedisSettings.from_args(args)
+    images = Path(args.images) if args.images else None
+    if images is not None:
+        images.mkdir(parents=True, exist_ok=True)
+    client = connect(settings)
+    try:
+        for entry_id, fields in _entries(client, keys.alarms_key(settings.prefix), args):
+            _print(_event_line(entry_id, fields, images))
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        client.close()
+    return 0
+
+
+def run_scores(args: argparse.Namespace) -> int:
+    """Print one camera's score stream."""
+    settings = RedisSettings.from_args(args)
+    try:
+        key = keys.scores_key(args.camera, settings.prefix)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    client = connect(settings)
+    try:
+        for entry_id, fields in _entries(client, key, args):
+            try:
+                line = {"id": entry_id, **ScoreMsg.from_bytes(fields.get(FIELD.encode(), b"")).__dict__}
+            except WireError as e:
+                line = {"id": entry_id, "error": str(e)}
+            _print(line)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        client.close()
+    return 0

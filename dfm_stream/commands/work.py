@@ -1,7 +1,196 @@
-"""The ``dfm-stream`` subcommand(s) of this module (placeholder until implemented)."""
+"""``dfm-stream work``: score frames from Redis Streams with DFM, publish scores and alarms."""
+
+from __future__ import annotations
 
 import argparse
+import logging
+import os
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+from dfm_stream import keys
+from dfm_stream.connect import DEFAULT_URL, RedisSettings, add_redis_args, connect
+from dfm_stream.errors import ConfigError
+from dfm_stream.metrics import add_metrics_args
+
+log = logging.getLogger(__name__)
+
+DEFAULT_METRICS_PORT = 9401
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add this module's subcommands to ``subparsers``."""
+    """Add ``work`` to ``subparsers``."""
+    p = subparsers.add_parser(
+        "work",
+        help="score frames from Redis with DFM; publish scores and alarm events",
+        description="Read frames through a Redis consumer group, score them in batches, publish one score "
+        "per frame (acked atomically with it), keep alarm state per camera. Models: --model FILE for every "
+        "camera, the cameras' models in --config, or the model registry (dfm-stream model assign).",
+    )
+    src = p.add_argument_group("what to score")
+    src.add_argument("--model", help="artifact file used for every camera (else config or registry)")
+    src.add_argument("--config", help="TOML config: cameras, their models, worker and alarm settings")
+    src.add_argument("--cameras", help="comma-separated camera ids (default: the config's, else discovered)")
+    w = p.add_argument_group("worker")
+    w.add_argument("--group", default=None, help=f"consumer group (default {keys.DEFAULT_GROUP})")
+    w.add_argument("--batch-size", type=int, default=None, help="largest model batch (default 8)")
+    w.add_argument(
+        "--max-wait-ms", type=float, default=None, help="wait after a batch's first frame (default 20)"
+    )
+    w.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N")
+    w.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
+    w.add_argument(
+        "--claim-idle", type=float, default=None, help="reclaim frames idle this long, s (default 30)"
+    )
+    w.add_argument("--max-deliveries", type=int, default=None, help="then dead-letter the frame (default 3)")
+    w.add_argument(
+        "--max-age", type=float, default=None, help="skip frames older than this at dequeue, s (off)"
+    )
+    w.add_argument("--scores-maxlen", type=int, default=10_000, help="approximate MAXLEN of score streams")
+    w.add_argument("--max-pixels", type=int, default=None, help="largest w*h accepted (default 8192*8192)")
+    w.add_argument(
+        "--burst", action="store_true", help="exit once every stream is drained and nothing pending"
+    )
+    w.add_argument("--max-frames", type=int, default=None, help="exit after reading this many frames")
+    a = p.add_argument_group("alarms")
+    a.add_argument("--alarm-k", type=int, default=None, help="raise when k of the last n are anomalous (1)")
+    a.add_argument("--alarm-n", type=int, default=None, help="window of the k-of-n rule (1)")
+    a.add_argument(
+        "--alarm-clear-after", type=int, default=None, help="consecutive normal frames to clear (5)"
+    )
+    a.add_argument(
+        "--alarm-cooldown", type=float, default=None, help="no new raise this long after a clear, s (0)"
+    )
+    add_redis_args(p)
+    add_metrics_args(p, default_port=DEFAULT_METRICS_PORT)
+    p.set_defaults(func=run)
+
+
+def _pick(*values: Any) -> Any:
+    return next((v for v in values if v is not None), None)
+
+
+def _settings(args: argparse.Namespace, config: Any) -> Any:
+    from dfm_stream.alarms import AlarmSettings
+    from dfm_stream.wire import DEFAULT_MAX_PIXELS
+    from dfm_stream.worker import WorkerSettings
+
+    wc, ac = (config.worker, config.alarms) if config is not None else (None, None)
+    cameras = None
+    if args.cameras:
+        cameras = [c.strip() for c in args.cameras.split(",") if c.strip()]
+    elif config is not None and config.cameras:
+        cameras = [c.id for c in config.cameras]
+    for camera in cameras or []:
+        if not keys.valid_name(camera):
+            raise ConfigError(f"--cameras: invalid camera id {camera!r}")
+    max_age = _pick(args.max_age, wc.max_age_s if wc else None)
+    try:
+        alarm = AlarmSettings(
+            k=_pick(args.alarm_k, ac.k if ac else None, 1),
+            n=_pick(args.alarm_n, ac.n if ac else None, 1),
+            clear_after=_pick(args.alarm_clear_after, ac.clear_after if ac else None, 5),
+            cooldown_s=_pick(args.alarm_cooldown, ac.cooldown_s if ac else None, 0.0),
+        )
+    except ValueError as e:
+        raise ConfigError(f"alarm settings: {e}") from e
+    settings = WorkerSettings(
+        cameras=cameras,
+        group=_pick(args.group, wc.group if wc else None, keys.DEFAULT_GROUP),
+        batch_size=_pick(args.batch_size, wc.batch_size if wc else None, 8),
+        max_wait_ms=_pick(args.max_wait_ms, wc.max_wait_ms if wc else None, 20.0),
+        claim_idle_s=_pick(args.claim_idle, wc.claim_idle_s if wc else None, 30.0),
+        max_deliveries=_pick(args.max_deliveries, wc.max_deliveries if wc else None, 3),
+        max_age_s=max_age or None,
+        scores_maxlen=args.scores_maxlen,
+        max_pixels=_pick(args.max_pixels, DEFAULT_MAX_PIXELS),
+        alarm=alarm,
+        burst=args.burst,
+        max_frames=args.max_frames,
+    )
+    if settings.batch_size < 1 or settings.max_wait_ms < 0 or settings.claim_idle_s <= 0:
+        raise ConfigError("--batch-size must be >= 1, --max-wait-ms >= 0 and --claim-idle > 0")
+    return settings
+
+
+def _redis_settings(args: argparse.Namespace, config: Any) -> RedisSettings:
+    settings = RedisSettings.from_args(args)
+    explicit = args.redis != DEFAULT_URL or "DFM_REDIS_URL" in os.environ
+    if config is not None and not explicit:
+        rc = config.redis
+        settings = RedisSettings(
+            url=rc.url,
+            cluster=rc.cluster or settings.cluster,
+            prefix=rc.prefix if settings.prefix == keys.DEFAULT_PREFIX else settings.prefix,
+            ca_file=settings.ca_file,
+            cert_file=settings.cert_file,
+            key_file=settings.key_file,
+            password=settings.password,
+            username=settings.username,
+        )
+    return settings
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run a worker until SIGTERM/SIGINT (or --burst / --max-frames); exit 0 after a clean drain."""
+    from dfm_stream.artifact import read_info
+    from dfm_stream.inference import Engine
+    from dfm_stream.metrics import WorkerMetrics, new_registry, serve
+    from dfm_stream.routing import ModelRouter
+    from dfm_stream.worker import Worker
+
+    config = None
+    if args.config:
+        from dfm_stream.config import load_config
+
+        config = load_config(args.config)
+    if args.model:
+        if not Path(args.model).is_file():
+            raise ConfigError(f"--model {args.model}: no such file")
+        read_info(args.model)  # fail fast on a corrupt or tampered artifact
+    settings = _settings(args, config)
+    redis_settings = _redis_settings(args, config)
+    client = connect(redis_settings)
+    engine = Engine(_pick(args.device, config.worker.device if config else None, "auto"), args.precision)
+    registry = new_registry()
+    metrics = WorkerMetrics.create(registry)
+    camera_models = {c.id: c.model for c in config.cameras if c.model} if config else {}
+    router = ModelRouter(
+        engine,
+        client,
+        redis_settings.prefix,
+        model_file=args.model,
+        camera_models=camera_models,
+        default_model=config.worker.model if config else "",
+        metrics=metrics,
+    )
+    worker = Worker(client, router, settings, redis_settings.prefix, metrics, cluster=redis_settings.cluster)
+    server = None
+    if args.metrics_port >= 0:
+        server = serve(registry, args.metrics_host, args.metrics_port, ready=worker.ready)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("signal %s: finishing the batches in flight, then exiting", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    log.info(
+        "worker %s on %s (%s, %s), group %s, redis %s",
+        worker.name,
+        engine.device,
+        engine.precision,
+        "cameras " + ",".join(settings.cameras) if settings.cameras else "cameras discovered",
+        settings.group,
+        redis_settings.safe_url(),
+    )
+    try:
+        worker.run(stop)
+    finally:
+        if server is not None:
+            server.close()
+        client.close()
+    return 0

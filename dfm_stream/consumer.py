@@ -1,0 +1,329 @@
+"""The consumer side of the frame streams: groups, reads with exact gap accounting, reclaim, stats.
+
+Every frame stream has one consumer group (default ``dfm-workers``) created idempotently at id
+``0`` with ``MKSTREAM``, so frames written before any worker started are scored too.
+
+Reading goes through a Lua script (:data:`READ_SCRIPT`, one camera per call, so it is cluster
+safe: the frame stream and the camera's seq hash share the ``{camera}`` hash tag). The script does
+a non-blocking ``XREADGROUP ... COUNT n STREAMS frames >`` and, in the same atomic step, walks the
+``seq``/``session`` of the delivered entries against the last delivered seq stored
+in ``{prefix}:{camera}:seq``. Because deliveries of new entries to a group happen in stream order
+and the script is atomic, the gap count is exact however many workers share a camera: a gap is a
+frame of the same reader session that was trimmed by ``MAXLEN`` before the group delivered it.
+Not counted (never over-counted): frames trimmed at the very end of a reader session (the next
+session starts a new count), and frames of a second reader writing the same camera at the same
+time (each session switch restarts the count). Entries whose ``msg`` cannot be unpacked are
+ignored by the accounting and handed over as they are (the worker dead-letters them). The script
+reads ``seq``/``session`` with a small msgpack scanner of its own (Redis' ``cmsgpack`` refuses the
+``bin`` type that carries the image), which stops as soon as it has both fields.
+
+Waiting for frames costs no polling: when a scripted read returns nothing, the script also
+returns the id of the newest entry of the stream, and the worker blocks on ``XREAD BLOCK`` from
+those ids (all cameras in one call on a standalone server; on a cluster one camera at a time,
+round-robin, with a short block, because keys of different cameras live in different slots).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import socket
+from dataclasses import dataclass, field
+
+import redis
+
+from dfm_stream import keys
+from dfm_stream.connect import RedisClient
+from dfm_stream.wire import FIELD
+
+log = logging.getLogger(__name__)
+
+READ_SCRIPT = """
+local function mp_read(s, p)
+  local t = string.byte(s, p)
+  if not t then return nil end
+  if t <= 0x7f then return t, p + 1 end
+  if t >= 0xe0 then return t - 256, p + 1 end
+  if t >= 0xa0 and t <= 0xbf then return string.sub(s, p + 1, p + t - 0xa0), p + 1 + t - 0xa0 end
+  if t == 0xc0 or t == 0xc2 or t == 0xc3 then return false, p + 1 end
+  if t == 0xcc then return string.byte(s, p + 1), p + 2 end
+  if t == 0xcd then return (struct.unpack('>I2', s, p + 1)), p + 3 end
+  if t == 0xce then return (struct.unpack('>I4', s, p + 1)), p + 5 end
+  if t == 0xcf then
+    local hi, lo = struct.unpack('>I4I4', s, p + 1)
+    return hi * 4294967296 + lo, p + 9
+  end
+  local fixed = {[0xd0] = 2, [0xd1] = 3, [0xd2] = 5, [0xd3] = 9, [0xca] = 5, [0xcb] = 9}
+  if fixed[t] then return false, p + fixed[t] end
+  local l, h
+  if t == 0xd9 or t == 0xc4 then l, h = string.byte(s, p + 1), 2
+  elseif t == 0xda or t == 0xc5 then l, h = struct.unpack('>I2', s, p + 1), 3
+  elseif t == 0xdb or t == 0xc6 then l, h = struct.unpack('>I4', s, p + 1), 5
+  else return nil end
+  if not l then return nil end
+  if t == 0xc4 or t == 0xc5 or t == 0xc6 then return false, p + h + l end
+  return string.sub(s, p + h, p + h + l - 1), p + h + l
+end
+local function frame_seq(s)
+  local b = string.byte(s, 1)
+  local n, p
+  if not b then return nil end
+  if b >= 0x80 and b <= 0x8f then n, p = b - 0x80, 2
+  elseif b == 0xde then n, p = struct.unpack('>I2', s, 2), 4
+  elseif b == 0xdf then n, p = struct.unpack('>I4', s, 2), 6
+  else return nil end
+  local seq, session = nil, nil
+  for _ = 1, n do
+    local k, v
+    k, p = mp_read(s, p)
+    if k == nil then return nil end
+    v, p = mp_read(s, p)
+    if v == nil then return nil end
+    if k == 'seq' then seq = v elseif k == 'session' then session = v end
+    if seq and session then break end
+  end
+  if type(seq) ~= 'number' or seq < 0 then return nil end
+  if type(session) ~= 'string' then session = '' end
+  return seq, session
+end
+local r = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', tonumber(ARGV[3]),
+                     'STREAMS', KEYS[1], '>')
+if not r then
+  local top = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+  local top_id = '0-0'
+  if top[1] then top_id = top[1][1] end
+  return {{}, 0, top_id}
+end
+local entries = r[1][2]
+local session = redis.call('HGET', KEYS[2], 'session')
+local last = tonumber(redis.call('HGET', KEYS[2], 'seq') or '-1')
+local gaps = 0
+for _, e in ipairs(entries) do
+  local fields = e[2]
+  local payload = nil
+  for i = 1, #fields, 2 do
+    if fields[i] == 'msg' then payload = fields[i + 1] end
+  end
+  if payload then
+    local ok, seq, s = pcall(frame_seq, payload)
+    if ok and seq then
+      if s ~= session then
+        session = s
+      elseif seq > last + 1 then
+        gaps = gaps + (seq - last - 1)
+      end
+      last = seq
+    end
+  end
+end
+if session then
+  redis.call('HSET', KEYS[2], 'session', session, 'seq', last)
+end
+return {entries, gaps, entries[#entries][1]}
+"""
+"""KEYS: frames stream, seq hash. ARGV: group, consumer, count. Returns {entries, gaps, last id}."""
+
+
+def _s(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def consumer_name() -> str:
+    """Return a unique, stable-per-process consumer name: ``<hostname>-<pid>-<4 hex>``."""
+    return f"{socket.gethostname()}-{os.getpid()}-{random.getrandbits(16):04x}"
+
+
+@dataclass
+class StreamEntry:
+    """One entry of a frame stream as handed to the worker (``payload`` None: no ``msg`` field)."""
+
+    camera: str
+    entry_id: str
+    payload: bytes | None
+    raw: bytes = b""
+    deliveries: int = 1
+
+    @property
+    def entry_ms(self) -> int:
+        """Milliseconds part of the entry id (when Redis accepted the frame)."""
+        return int(self.entry_id.split("-", 1)[0])
+
+
+@dataclass
+class ReadResult:
+    """What one read pass returned: entries, trimmed-gap counts per camera, and the drained cameras."""
+
+    entries: list[StreamEntry] = field(default_factory=list)
+    trimmed: dict[str, int] = field(default_factory=dict)
+    drained: set[str] = field(default_factory=set)
+
+
+@dataclass
+class ClaimResult:
+    """Entries reclaimed from idle consumers, and ids that were trimmed while pending."""
+
+    entries: list[StreamEntry] = field(default_factory=list)
+    deleted: dict[str, list[str]] = field(default_factory=dict)
+
+
+def _entry(camera: str, entry_id: bytes | str, fields: object) -> StreamEntry:
+    values: dict[str, bytes] = {}
+    if isinstance(fields, dict):
+        values = {_s(k): v for k, v in fields.items()}
+    elif isinstance(fields, list | tuple):
+        values = {_s(fields[i]): fields[i + 1] for i in range(0, len(fields) - 1, 2)}
+    payload = values.get(FIELD)
+    raw = payload if payload is not None else b"".join(_s(k).encode() + b"=" + v for k, v in values.items())
+    return StreamEntry(camera, _s(entry_id), payload, raw)
+
+
+class StreamConsumer:
+    """One worker's view of the frame streams of its cameras (one consumer of one group)."""
+
+    def __init__(
+        self,
+        client: RedisClient,
+        prefix: str = keys.DEFAULT_PREFIX,
+        group: str = keys.DEFAULT_GROUP,
+        name: str | None = None,
+        cluster: bool = False,
+    ) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.group = group
+        self.name = name or consumer_name()
+        self.cluster = cluster
+        self.cameras: list[str] = []
+        self._top: dict[str, str] = {}
+        self._rr = 0
+        self._read = client.register_script(READ_SCRIPT)
+
+    def add_cameras(self, cameras: list[str]) -> list[str]:
+        """Create the group on each new camera's stream (idempotent); return the cameras added."""
+        added = []
+        for camera in cameras:
+            if camera in self.cameras:
+                continue
+            key = keys.frames_key(camera, self.prefix)
+            try:
+                self.client.xgroup_create(key, self.group, id="0", mkstream=True)
+                log.info("created consumer group %s on %s", self.group, key)
+            except redis.ResponseError as e:
+                if "BUSYGROUP" not in str(e):
+                    raise
+            self.cameras.append(camera)
+            self._top.setdefault(camera, "0-0")
+            added.append(camera)
+        return added
+
+    def remove_camera(self, camera: str) -> None:
+        """Stop reading ``camera`` (its pending entries stay for other consumers to reclaim)."""
+        if camera in self.cameras:
+            self.cameras.remove(camera)
+
+    def read_camera(self, camera: str, count: int) -> tuple[list[StreamEntry], int]:
+        """Deliver up to ``count`` new entries of ``camera`` to this consumer; return them and the gaps."""
+        frames = keys.frames_key(camera, self.prefix)
+        seq = keys.seq_key(camera, self.prefix)
+        reply = self._read(keys=[frames, seq], args=[self.group, self.name, int(count)])
+        raw_entries, gaps, top = reply[0], int(reply[1]), _s(reply[2])
+        self._top[camera] = top
+        return [_entry(camera, e[0], e[1]) for e in raw_entries], gaps
+
+    def read(self, count: int, cameras: list[str] | None = None) -> ReadResult:
+        """Read up to ``count`` new entries in total, round-robin over ``cameras`` (default all)."""
+        result = ReadResult()
+        order = list(cameras if cameras is not None else self.cameras)
+        if not order:
+            return result
+        start = self._rr % len(order)
+        self._rr += 1
+        for camera in order[start:] + order[:start]:
+            room = count - len(result.entries)
+            if room <= 0:
+                break
+            entries, gaps = self.read_camera(camera, room)
+            if gaps:
+                result.trimmed[camera] = gaps
+            if not entries:
+                result.drained.add(camera)
+            result.entries.extend(entries)
+        return result
+
+    def wait(self, timeout_ms: int, cameras: list[str] | None = None) -> bool:
+        """Block until some camera's stream has an entry newer than the last seen one, or timeout."""
+        order = list(cameras if cameras is not None else self.cameras)
+        if not order or timeout_ms <= 0:
+            return False
+        if self.cluster:
+            camera = order[self._rr % len(order)]
+            streams = {keys.frames_key(camera, self.prefix): self._top.get(camera, "0-0")}
+            timeout_ms = min(timeout_ms, 100)
+        else:
+            streams = {keys.frames_key(c, self.prefix): self._top.get(c, "0-0") for c in order}
+        reply = self.client.xread(streams, count=1, block=max(1, int(timeout_ms)))
+        return bool(reply)
+
+    def reclaim(self, min_idle_ms: int, count: int = 100, exclude: set[str] | None = None) -> ClaimResult:
+        """XAUTOCLAIM entries idle longer than ``min_idle_ms`` on every camera; look up delivery counts."""
+        result = ClaimResult()
+        for camera in list(self.cameras):
+            key = keys.frames_key(camera, self.prefix)
+            start = "0-0"
+            for _ in range(100):  # bounded: at most 100 * count entries per pass
+                reply = self.client.xautoclaim(key, self.group, self.name, min_idle_ms, start, count=count)
+                start = _s(reply[0])
+                claimed = [_entry(camera, e[0], e[1]) for e in reply[1] if e and e[1] is not None]
+                deleted = [_s(i) for i in (reply[2] if len(reply) > 2 else [])]
+                deleted += [_s(e[0]) for e in reply[1] if e and e[1] is None]  # Redis 6.2
+                if deleted:
+                    result.deleted.setdefault(camera, []).extend(deleted)
+                claimed = [e for e in claimed if not exclude or f"{camera}:{e.entry_id}" not in exclude]
+                self._set_deliveries(key, claimed)
+                result.entries.extend(claimed)
+                if start in ("0-0", "0"):
+                    break
+        return result
+
+    def _set_deliveries(self, key: str, entries: list[StreamEntry]) -> None:
+        if not entries:
+            return
+        ids = [e.entry_id for e in entries]
+        rows = self.client.xpending_range(
+            key,
+            self.group,
+            min=min(ids, key=_id_key),
+            max=max(ids, key=_id_key),
+            count=len(ids) * 4 + 100,
+            consumername=self.name,
+        )
+        counts = {_s(r["message_id"]): int(r["times_delivered"]) for r in rows}
+        for e in entries:
+            e.deliveries = counts.get(e.entry_id, 2)
+
+    def ack(self, camera: str, entry_ids: list[str]) -> int:
+        """Acknowledge entries of ``camera`` (used for dead letters and trimmed ids; scores ack in Lua)."""
+        if not entry_ids:
+            return 0
+        return int(self.client.xack(keys.frames_key(camera, self.prefix), self.group, *entry_ids))
+
+    def group_stats(self) -> dict[str, tuple[int | None, int]]:
+        """Return ``camera -> (lag, pending)`` of this group (lag None when Redis cannot tell)."""
+        out: dict[str, tuple[int | None, int]] = {}
+        for camera in list(self.cameras):
+            groups = self.client.xinfo_groups(keys.frames_key(camera, self.prefix))
+            for g in groups:
+                if _s(g["name"]) == self.group:
+                    lag = g.get("lag")
+                    out[camera] = (None if lag is None else int(lag), int(g["pending"]))
+        return out
+
+    def heartbeat(self, ttl_s: int = 30) -> None:
+        """Refresh this worker's heartbeat key (it expires ``ttl_s`` after the worker dies)."""
+        self.client.set(keys.worker_heartbeat_key(self.name, self.prefix), b"1", ex=ttl_s)
+
+
+def _id_key(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)

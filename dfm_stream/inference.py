@@ -1,0 +1,229 @@
+"""Decode, pre-process and score frames: the model side of the worker.
+
+* Device ``auto`` is CUDA when available, else the CPU. The model always runs under
+  ``torch.inference_mode`` with channels_last tensors (faster for ResNets on CPU and GPU).
+* Precision (``--precision``): ``auto`` is fp32 on the CPU and bf16 (fp16 where bf16 is not
+  supported) on CUDA. Reduced precision is used for the **backbone only**, through autocast; the
+  pooled features are cast back to fp32 and the PCA / Gaussian score math runs in fp32. Expected
+  tolerance against fp32: fp16 within about 0.5 % relative of the fp32 score, bf16 within about
+  2 % (bf16 keeps 8 mantissa bits); a threshold calibrated in fp32 applies unchanged except for
+  frames within that margin of it. Choose ``--precision fp32`` for bit-for-bit the offline scores.
+* Decoding: JPEG frames are decoded with OpenCV in a small thread pool (OpenCV releases the GIL)
+  or, on CUDA, with ``torchvision.io.decode_jpeg(device="cuda")`` (falling back to OpenCV for a
+  batch the GPU decoder refuses). Pre-processing is :func:`dfm_stream.images.preprocess_tensor`
+  (the same rule as offline scoring), run on the model's device.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.nn import functional as F  # noqa: N812
+
+from dfm_stream.codec import decode_frame, jpeg_size
+from dfm_stream.consumer import StreamEntry
+from dfm_stream.errors import ConfigError, WireError
+from dfm_stream.images import preprocess_tensor
+from dfm_stream.model.dfm import DFMModel
+from dfm_stream.wire import DEFAULT_MAX_PIXELS, FrameMsg
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """Return the torch device for ``auto`` / ``cpu`` / ``cuda[:N]``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine (use auto or cpu)")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise ConfigError(f"unknown device {name!r}: use auto, cpu or cuda")
+    return torch.device(name)
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """Return the autocast dtype of the backbone (None: plain fp32)."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    if device.type != "cuda":
+        if precision not in ("auto", "fp32"):
+            raise ConfigError(f"--precision {precision} needs a CUDA device; on the CPU use fp32 (or auto)")
+        return None
+    if precision == "fp32":
+        return None
+    if precision == "fp16":
+        return torch.float16
+    if precision == "bf16" or torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
+
+
+@dataclass
+class DecodedFrame:
+    """A frame that decoded cleanly: its stream entry, message and RGB image (numpy HxWx3 or CUDA CHW)."""
+
+    entry: StreamEntry
+    msg: FrameMsg
+    image: np.ndarray | torch.Tensor
+
+    def rgb_numpy(self) -> np.ndarray:
+        """Return the image as an RGB uint8 HxWx3 numpy array (copied from the GPU if needed)."""
+        if isinstance(self.image, torch.Tensor):
+            return self.image.permute(1, 2, 0).contiguous().cpu().numpy()
+        return self.image
+
+
+@dataclass
+class DecodeFailure:
+    """A frame that cannot be scored: the entry and the :class:`WireError` reason."""
+
+    entry: StreamEntry
+    reason: str
+    error: str
+
+
+def parse_entry(entry: StreamEntry, max_pixels: int = DEFAULT_MAX_PIXELS) -> FrameMsg:
+    """Return the frame message of ``entry``; :class:`WireError` when it is missing or bad."""
+    if entry.payload is None:
+        raise WireError(f"camera {entry.camera}: entry {entry.entry_id} has no 'msg' field", "bad_message")
+    return FrameMsg.from_bytes(entry.payload, max_pixels=max_pixels)
+
+
+def decode_parsed(
+    entry: StreamEntry, msg: FrameMsg, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> DecodedFrame | DecodeFailure:
+    """Decode a parsed frame on the CPU; never raises for bad input."""
+    try:
+        return DecodedFrame(entry, msg, decode_frame(msg, max_pixels))
+    except WireError as e:
+        return DecodeFailure(entry, e.reason, str(e))
+
+
+ParsedFrame = tuple[StreamEntry, FrameMsg]
+
+
+class Decoder:
+    """Decodes batches of parsed frames with a thread pool (CPU) or the GPU's JPEG decoder (CUDA)."""
+
+    def __init__(self, device: torch.device, max_pixels: int = DEFAULT_MAX_PIXELS, threads: int = 2) -> None:
+        self.device = device
+        self.max_pixels = max_pixels
+        self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="decode")
+        self._gpu_jpeg = device.type == "cuda"
+
+    def decode(self, frames: list[ParsedFrame]) -> list[DecodedFrame | DecodeFailure]:
+        """Decode ``frames`` (order kept)."""
+        if self._gpu_jpeg:
+            try:
+                return self._decode_gpu(frames)
+            except Exception as e:  # the GPU decoder refused something: find the culprit on the CPU
+                log.debug("GPU JPEG decode failed for a batch (%s); decoding it with OpenCV", e)
+        if len(frames) <= 1:
+            return [decode_parsed(e, m, self.max_pixels) for e, m in frames]
+        return list(self._pool.map(lambda f: decode_parsed(f[0], f[1], self.max_pixels), frames))
+
+    def _decode_gpu(self, frames: list[ParsedFrame]) -> list[DecodedFrame | DecodeFailure]:
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        out: list[DecodedFrame | DecodeFailure | None] = [None] * len(frames)
+        jpegs: list[int] = []
+        for i, (entry, msg) in enumerate(frames):
+            if msg.enc != "jpeg" or msg.c != 3:
+                out[i] = decode_parsed(entry, msg, self.max_pixels)
+                continue
+            try:
+                w, h, _ = jpeg_size(msg.data)
+                if (w, h) != (msg.w, msg.h):
+                    raise WireError(
+                        f"camera {msg.camera}: JPEG is {w}x{h}, message says {msg.w}x{msg.h}",
+                        "shape_mismatch",
+                    )
+                jpegs.append(i)
+            except WireError as e:
+                out[i] = DecodeFailure(entry, e.reason, str(e))
+        if jpegs:
+            datas = [torch.frombuffer(bytearray(frames[i][1].data), dtype=torch.uint8) for i in jpegs]
+            images = decode_jpeg(datas, mode=ImageReadMode.RGB, device=self.device)
+            for i, image in zip(jpegs, images, strict=True):
+                out[i] = DecodedFrame(frames[i][0], frames[i][1], image)
+        return [o for o in out if o is not None]
+
+    def close(self) -> None:
+        """Stop the decoding threads."""
+        self._pool.shutdown(wait=False)
+
+
+@dataclass
+class BatchScores:
+    """Scores of one batch: ``scores`` (N,) float64 and, for ``fre``, ``maps`` (N, H', W') float32."""
+
+    scores: np.ndarray
+    maps: np.ndarray | None
+
+
+class Engine:
+    """Runs fitted DFM models on one device with one precision."""
+
+    def __init__(self, device: str = "auto", precision: str = "auto") -> None:
+        self.device = resolve_device(device)
+        self.autocast = resolve_precision(precision, self.device)
+        self.precision = "fp32" if self.autocast is None else str(self.autocast).replace("torch.", "")
+        self.precision = {"float16": "fp16", "bfloat16": "bf16"}.get(self.precision, self.precision)
+
+    def prepare(self, model: DFMModel) -> DFMModel:
+        """Move ``model`` to the device, in eval mode and channels_last."""
+        model = model.to(self.device).eval()
+        model.feature_extractor.to(memory_format=torch.channels_last)
+        return model
+
+    def to_tensor(self, images: list[np.ndarray | torch.Tensor], image_size: tuple[int, int]) -> torch.Tensor:
+        """Stack RGB images (any sizes) into one normalised ``(N, 3, H, W)`` batch on the device."""
+        tensors = [
+            img
+            if isinstance(img, torch.Tensor)
+            else torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)
+            for img in images
+        ]
+        parts: list[torch.Tensor] = []
+        i = 0
+        while i < len(tensors):  # runs of equal shape are stacked and resized together
+            j = i + 1
+            while j < len(tensors) and tensors[j].shape == tensors[i].shape:
+                j += 1
+            run = torch.stack(tensors[i:j]).to(self.device, non_blocking=True)
+            parts.append(preprocess_tensor(run, image_size))
+            i = j
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    def score(self, model: DFMModel, batch: torch.Tensor, want_maps: bool = True) -> BatchScores:
+        """Score a normalised batch: backbone (autocast if set), then fp32 pooling and PCA scoring."""
+        with torch.inference_mode():
+            x = batch.to(self.device).contiguous(memory_format=torch.channels_last)
+            if self.autocast is not None:
+                with torch.autocast(device_type=self.device.type, dtype=self.autocast):
+                    features = model.feature_extractor(x)
+            else:
+                features = model.feature_extractor(x)
+            features = features.float()
+            if model.pooling_kernel_size > 1:
+                features = F.avg_pool2d(features, kernel_size=model.pooling_kernel_size)
+            shapes = features.shape
+            result = model.score(features.reshape(shapes[0], -1), shapes)
+            scores = result.pred_score.double().cpu().numpy()
+            maps = None
+            if want_maps and result.anomaly_map is not None:
+                maps = result.anomaly_map[:, 0].float().cpu().numpy()
+        return BatchScores(scores, maps)
+
+    def gpu_memory_bytes(self) -> int:
+        """Return the GPU memory allocated by this process (0 on the CPU)."""
+        if self.device.type != "cuda":
+            return 0
+        return int(torch.cuda.memory_allocated(self.device))

@@ -1,0 +1,286 @@
+"""Publish scores and acknowledge frames atomically, step the alarms, emit events — off the model's thread.
+
+:data:`PUBLISH_SCRIPT` runs once per camera per batch (its keys — frames, scores, alarm state —
+share the camera's ``{camera}`` hash tag, so it is cluster safe). For each frame it does
+``XACK frames group id`` and **only if that returned 1** ``XADD scores MAXLEN ~ N * msg <score>``
+and steps the camera's alarm state machine (:mod:`dfm_stream.alarms`). Guarantees:
+
+* a frame is acknowledged only together with its score (one atomic script: a crash before it
+  leaves the frame pending, to be reclaimed and scored again);
+* at most one accepted score per frame id, even when a slow consumer wakes up after its frames
+  were reclaimed and scored by another worker: its XACK returns 0, its score is not written, and
+  the script reports the id as a suppressed duplicate (counted, logged at debug);
+* re-running the script after a lost reply (connection dropped) is harmless for the same reason;
+* the alarm state changes in the same atomic step as the score it is based on.
+
+The :class:`PublisherThread` owns a bounded queue, so waiting on Redis never stalls the model, and
+retries with capped exponential backoff while Redis is unavailable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import redis
+
+from dfm_stream import keys
+from dfm_stream.alarms import ALARM_LUA, AlarmSettings, overlay_jpeg, publish_event
+from dfm_stream.connect import RedisClient
+from dfm_stream.inference import DecodedFrame
+from dfm_stream.metrics import WorkerMetrics
+from dfm_stream.wire import EventMsg, ScoreMsg
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SCORES_MAXLEN = 10_000
+REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, redis.ReadOnlyError)
+
+PUBLISH_SCRIPT = (
+    "local transitions = {}\n"
+    + ALARM_LUA
+    + """
+local published = {}
+local maxlen = tonumber(ARGV[2])
+for i = 7, #ARGV, 3 do
+  local id, msg, bit = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  if redis.call('XACK', KEYS[1], ARGV[1], id) == 1 then
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', 'msg', msg)
+    table.insert(published, id)
+    if bit ~= 's' then alarm_step(bit, id) end
+  end
+end
+local active = alarm_save()
+return {published, transitions, active}
+"""
+)
+"""KEYS: frames, scores, alarm hash. ARGV: group, maxlen, k, n, clear_after, cooldown_ms, then
+(entry id, score msg bytes, '1' anomalous | '0' normal | 's' skipped) per frame.
+Returns {published ids, {{type, id, ms}...}, alarm active 0/1}."""
+
+
+@dataclass
+class ScoredItem:
+    """One frame's result on its way to Redis (``template`` gets ``scored_ts``/``latency_ms`` at publish)."""
+
+    template: ScoreMsg
+    entry_id: str
+    alarm_bit: str
+    frame: DecodedFrame | None = None
+    anomaly_map: np.ndarray | None = None
+
+    @property
+    def camera(self) -> str:
+        """The camera of the frame."""
+        return self.template.camera
+
+
+@dataclass
+class PublishResult:
+    """What one publish did: the frame ids published, the duplicates suppressed, the events sent."""
+
+    published: list[str] = field(default_factory=list)
+    duplicates: list[str] = field(default_factory=list)
+    events: list[EventMsg] = field(default_factory=list)
+
+
+class Publisher:
+    """Runs the publish script per camera and emits the alarm events it reports."""
+
+    def __init__(
+        self,
+        client: RedisClient,
+        prefix: str = keys.DEFAULT_PREFIX,
+        group: str = keys.DEFAULT_GROUP,
+        scores_maxlen: int = DEFAULT_SCORES_MAXLEN,
+        alarm: AlarmSettings | None = None,
+        metrics: WorkerMetrics | None = None,
+    ) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.group = group
+        self.scores_maxlen = int(scores_maxlen)
+        self.alarm = alarm or AlarmSettings()
+        self.metrics = metrics
+        self._script = client.register_script(PUBLISH_SCRIPT)
+
+    def publish(self, items: list[ScoredItem]) -> PublishResult:
+        """Publish + ack ``items`` (any cameras), camera by camera; raise Redis errors to the caller."""
+        result = PublishResult()
+        by_camera: dict[str, list[ScoredItem]] = {}
+        for item in items:
+            by_camera.setdefault(item.camera, []).append(item)
+        for camera, group in by_camera.items():
+            self._publish_camera(camera, group, result)
+        return result
+
+    def _publish_camera(self, camera: str, items: list[ScoredItem], result: PublishResult) -> None:
+        now_ns = time.time_ns()
+        args: list[object] = [self.group, self.scores_maxlen, *self.alarm.script_args()]
+        final: dict[str, ScoreMsg] = {}
+        for item in items:
+            msg = dataclasses.replace(
+                item.template, scored_ts=now_ns, latency_ms=max(0.0, (now_ns - item.template.ts) / 1e6)
+            )
+            final[item.entry_id] = msg
+            args += [item.entry_id, msg.to_bytes(), item.alarm_bit]
+        keys_ = [
+            keys.frames_key(camera, self.prefix),
+            keys.scores_key(camera, self.prefix),
+            keys.alarm_state_key(camera, self.prefix),
+        ]
+        published_raw, transitions, active = self._script(keys=keys_, args=args)
+        published = {_s(i) for i in published_raw}
+        by_id = {item.entry_id: item for item in items}
+        for item in items:
+            frame_id = item.template.frame_id
+            if item.entry_id in published:
+                result.published.append(frame_id)
+                self._count(final[item.entry_id])
+            else:
+                result.duplicates.append(frame_id)
+                log.debug(
+                    "frame %s was already acknowledged (reclaimed elsewhere): score not published", frame_id
+                )
+                if self.metrics:
+                    self.metrics.duplicates.labels(camera).inc()
+        for kind, entry_id, ms in transitions:
+            event = self._event(_s(kind), by_id[_s(entry_id)], final[_s(entry_id)], int(ms))
+            self._send_event(event)
+            result.events.append(event)
+            log.info(
+                "alarm %s on camera %s at frame %s (score %s)",
+                event.type,
+                camera,
+                event.frame_id,
+                event.score,
+            )
+            if self.metrics:
+                self.metrics.alarms.labels(camera, event.type).inc()
+        if self.metrics:
+            self.metrics.alarm_active.labels(camera).set(int(active))
+
+    def _send_event(self, event: EventMsg, tries: int = 12) -> None:
+        # The script already ran: retrying it would find the frames acked, so retry the event alone.
+        delay = 0.1
+        for attempt in range(tries):
+            try:
+                publish_event(self.client, event, self.prefix)
+                return
+            except REDIS_ERRORS as e:
+                if attempt == tries - 1:
+                    log.error(
+                        "camera %s: alarm event %s lost, Redis unavailable: %s", event.camera, event.type, e
+                    )
+                    return
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    def _event(self, kind: str, item: ScoredItem, msg: ScoreMsg, ms: int) -> EventMsg:
+        image = None
+        if kind == "raised" and item.frame is not None:
+            try:
+                image = overlay_jpeg(item.frame.rgb_numpy(), item.anomaly_map)
+            except Exception:  # an event without a picture beats no event
+                log.exception("camera %s: cannot draw the alarm image for %s", item.camera, msg.frame_id)
+        return EventMsg(
+            type=kind,
+            camera=msg.camera,
+            ts=time.time_ns(),
+            frame_id=msg.frame_id,
+            seq=msg.seq,
+            score=msg.score,
+            threshold=msg.threshold,
+            model=msg.model,
+            image=image,
+            since_ts=ms * 1_000_000 if kind == "cleared" and ms >= 0 else None,
+        )
+
+    def _count(self, msg: ScoreMsg) -> None:
+        m = self.metrics
+        if m is None or msg.status != "scored":
+            return
+        m.frames_scored.labels(msg.camera, msg.model).inc()
+        m.e2e_latency_seconds.labels(msg.camera).observe(msg.latency_ms / 1000.0)
+        if msg.score is not None and msg.threshold:
+            m.score_ratio.labels(msg.camera).observe(msg.score / msg.threshold)
+
+
+def _s(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class PublisherThread:
+    """A thread that publishes queued batches in order, retrying while Redis is unavailable."""
+
+    def __init__(
+        self,
+        publisher: Publisher,
+        on_done: Callable[[list[ScoredItem], PublishResult | None], None],
+        maxsize: int = 4,
+        metrics: WorkerMetrics | None = None,
+    ) -> None:
+        self.publisher = publisher
+        self.on_done = on_done
+        self.metrics = metrics
+        self.abort = threading.Event()
+        self._queue: queue.Queue[list[ScoredItem] | None] = queue.Queue(maxsize=maxsize)
+        self._thread = threading.Thread(target=self._run, name="publisher", daemon=True)
+        self._thread.start()
+
+    def submit(self, items: list[ScoredItem]) -> None:
+        """Queue ``items`` (blocks while the queue is full: backpressure on the model)."""
+        self._queue.put(items)
+
+    def idle(self) -> bool:
+        """Return True when nothing is queued (a batch being published is not counted)."""
+        return self._queue.empty()
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Publish what is queued, then stop; after ``timeout`` s give up retrying (Redis down)."""
+        self._queue.put(None)
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self.abort.set()
+            self._thread.join(10)
+
+    def _run(self) -> None:
+        while True:
+            items = self._queue.get()
+            if items is None:
+                return
+            result = self._publish_with_retry(items)
+            try:
+                self.on_done(items, result)
+            except Exception:
+                log.exception("publisher: on_done callback failed")
+
+    def _publish_with_retry(self, items: list[ScoredItem]) -> PublishResult | None:
+        delay = 0.1
+        while not self.abort.is_set():
+            try:
+                return self.publisher.publish(items)
+            except REDIS_ERRORS as e:
+                log.warning(
+                    "Redis unavailable while publishing %d scores (%s); retrying in %.1f s",
+                    len(items),
+                    e,
+                    delay,
+                )
+            except Exception:
+                log.exception("publishing %d scores failed; retrying in %.1f s", len(items), delay)
+                if self.metrics:
+                    self.metrics.loop_errors.labels("publish").inc()
+            self.abort.wait(delay)
+            delay = min(delay * 2, 5.0)
+        log.error(
+            "gave up publishing %d scores at shutdown: the frames stay pending and will be reclaimed",
+            len(items),
+        )
+        return None

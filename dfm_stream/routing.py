@@ -1,0 +1,273 @@
+"""Camera -> model: which fitted model scores each camera, and a cache of the loaded ones.
+
+Resolution order for a camera: ``--model FILE`` (every camera), the camera's ``model`` in the
+config file, the config's worker default ``model``, then the registry's assignment
+(:class:`dfm_stream.registry.ModelRegistry`). A spec is an artifact path when it names an existing
+file or ends in ``.safetensors``; otherwise it is a registry reference ``NAME[@VERSION]``.
+
+Models are cached by (name, version) or by file content hash, and models whose backbones have the
+same weights fingerprint share one backbone module. Changes are picked up at batch boundaries only:
+a background thread listens on the registry's change channel and sets a flag, with a polling
+fallback on the registry's generation counter. A version that fails to load is reported (log,
+``model_load_failures`` metric, a ``model_load_failed`` event on the alarm stream) and the camera
+keeps the model it had; it is retried after the next registry change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dfm_stream import keys
+from dfm_stream.alarms import publish_event
+from dfm_stream.artifact import FittedModel, load_artifact
+from dfm_stream.connect import RedisClient
+from dfm_stream.errors import DfmStreamError
+from dfm_stream.inference import Engine
+from dfm_stream.metrics import WorkerMetrics
+from dfm_stream.model.backbone import weights_fingerprint
+from dfm_stream.wire import EventMsg
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model ready to score: ``label`` is what score entries name (``name@version``)."""
+
+    label: str
+    name: str
+    version: str
+    fitted: FittedModel
+
+
+def is_path_spec(spec: str) -> bool:
+    """Return True when ``spec`` names an artifact file rather than a registry reference."""
+    return spec.endswith(".safetensors") or "/" in spec or Path(spec).is_file()
+
+
+class ModelRouter:
+    """Resolves and loads each camera's model; thread-compatible (used from the worker's fetch thread)."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        client: RedisClient | None = None,
+        prefix: str = keys.DEFAULT_PREFIX,
+        model_file: str | None = None,
+        camera_models: dict[str, str] | None = None,
+        default_model: str = "",
+        metrics: WorkerMetrics | None = None,
+        poll_s: float = 5.0,
+    ) -> None:
+        self.engine = engine
+        self.client = client
+        self.prefix = prefix
+        self.model_file = model_file
+        self.camera_models = dict(camera_models or {})
+        self.default_model = default_model
+        self.metrics = metrics
+        self.poll_s = poll_s
+        self._cache: dict[tuple[str, ...], LoadedModel] = {}
+        self._assigned: dict[str, LoadedModel] = {}
+        self._failed: set[tuple[str, ...]] = set()
+        self._none: set[str] = set()
+        self._backbones: dict[tuple[str, str, str], Any] = {}
+        self._changed = threading.Event()
+        self._stop = threading.Event()
+        self._registry: Any = None
+        self._generation: int | None = None
+        self._next_poll = 0.0
+        self._watcher: threading.Thread | None = None
+
+    # -- resolution --------------------------------------------------------------------------------
+
+    def spec_for(self, camera: str) -> str:
+        """Return the configured spec of ``camera`` ("" = ask the registry)."""
+        return self.model_file or self.camera_models.get(camera) or self.default_model
+
+    @property
+    def uses_registry(self) -> bool:
+        """Whether any camera may take its model from the registry."""
+        if self.model_file:
+            return False
+        specs = [*self.camera_models.values(), self.default_model]
+        return not self.default_model or any(s and not is_path_spec(s) for s in specs)
+
+    def registry(self) -> Any:
+        """Return the :class:`~dfm_stream.registry.ModelRegistry` (created on first use)."""
+        if self._registry is None:
+            if self.client is None:
+                raise DfmStreamError("no Redis client: the model registry cannot be used")
+            from dfm_stream.registry import ModelRegistry
+
+            self._registry = ModelRegistry(self.client, self.prefix)
+        return self._registry
+
+    def resolve(self, camera: str) -> LoadedModel | None:
+        """Return the model scoring ``camera`` (loading it on first use); None when it has none."""
+        if camera not in self._assigned and camera not in self._none:
+            self._update(camera)
+            if camera not in self._assigned:
+                self._none.add(camera)  # asked again after the next registry change
+        return self._assigned.get(camera)
+
+    def loaded(self) -> dict[str, LoadedModel]:
+        """Return camera -> model for the cameras resolved so far."""
+        return dict(self._assigned)
+
+    def _target(self, camera: str) -> tuple[str, ...] | None:
+        spec = self.spec_for(camera)
+        if spec and is_path_spec(spec):
+            return ("file", spec)
+        from dfm_stream.registry import ModelRef
+
+        ref = ModelRef.parse(spec) if spec else self.registry().resolve(camera)
+        if ref is None:
+            return None
+        version = ref.version if ref.version is not None else self.registry().current(ref.name)
+        return ("registry", ref.name, str(version))
+
+    def _update(self, camera: str) -> bool:
+        """Re-resolve ``camera``; return True when its model changed."""
+        target = self._target(camera)
+        if target is None:
+            if camera not in self._assigned:
+                log.debug("camera %s has no model assigned: its frames wait in the stream", camera)
+            return False
+        if target in self._failed:
+            return False
+        try:
+            model = self._load(target)
+        except Exception as e:  # any failure to load keeps the previous model
+            self._failed.add(target)
+            self._report_failure(camera, target, e)
+            return False
+        previous = self._assigned.get(camera)
+        if previous is not None and previous.label == model.label:
+            return False
+        self._assigned[camera] = model
+        self._publish_info(camera, previous, model)
+        log.info("camera %s is scored by %s", camera, model.label)
+        return True
+
+    def _load(self, target: tuple[str, ...]) -> LoadedModel:
+        if target[0] == "file":
+            data = Path(target[1]).read_bytes()
+            key = ("file", hashlib.sha256(data).hexdigest())
+            if key not in self._cache:
+                fitted = self._prepare(load_artifact(data, device="cpu"))
+                version = fitted.info.content_hash[:8]
+                name = Path(target[1]).stem or "model"
+                self._cache[key] = LoadedModel(f"{name}@{version}", name, version, fitted)
+            return self._cache[key]
+        if target not in self._cache:
+            _, name, version = target
+            data = self.registry().get_bytes(name, int(version))
+            self._cache[target] = LoadedModel(
+                f"{name}@{version}", name, version, self._prepare(load_artifact(data))
+            )
+        return self._cache[target]
+
+    def _prepare(self, fitted: FittedModel) -> FittedModel:
+        model = fitted.model
+        fp = weights_fingerprint(model.feature_extractor.state_dict())
+        key = (model.backbone, model.layer, fp)
+        shared = self._backbones.get(key)
+        if shared is not None:
+            model.feature_extractor = shared  # one backbone for models with the same weights
+        model = self.engine.prepare(model)
+        self._backbones.setdefault(key, model.feature_extractor)
+        return FittedModel(model, fitted.info)
+
+    def _report_failure(self, camera: str, target: tuple[str, ...], error: Exception) -> None:
+        label = "@".join(target[1:]) if target[0] == "registry" else target[1]
+        keeps = self._assigned.get(camera)
+        log.error(
+            "camera %s: cannot load model %s (%s); %s",
+            camera,
+            label,
+            error,
+            f"keeping {keeps.label}" if keeps else "its frames wait until a loadable model is assigned",
+        )
+        if self.metrics:
+            self.metrics.model_load_failures.labels(label).inc()
+        if self.client is not None:
+            event = EventMsg(
+                type="model_load_failed",
+                camera=camera,
+                ts=time.time_ns(),
+                model=label,
+                reason="load_error",
+                message=str(error)[:500],
+            )
+            try:
+                publish_event(self.client, event, self.prefix)
+            except Exception:
+                log.exception("could not publish the model_load_failed event of camera %s", camera)
+
+    def _publish_info(self, camera: str, previous: LoadedModel | None, model: LoadedModel) -> None:
+        if self.metrics is None:
+            return
+        if previous is not None:
+            info = previous.fitted.info
+            with contextlib.suppress(KeyError):
+                self.metrics.model_info.remove(camera, previous.name, previous.version, info.backbone)
+        self.metrics.model_info.labels(camera, model.name, model.version, model.fitted.info.backbone).set(1)
+
+    # -- change detection ---------------------------------------------------------------------------
+
+    def start_watch(self) -> None:
+        """Listen for registry changes in a background thread (no-op when no camera uses the registry)."""
+        if not self.uses_registry or self.client is None or self._watcher is not None:
+            return
+        self._watcher = threading.Thread(target=self._watch, name="model-watch", daemon=True)
+        self._watcher.start()
+
+    def _watch(self) -> None:
+        delay = 0.5
+        while not self._stop.is_set():
+            try:
+                pubsub = self.client.pubsub()  # type: ignore[union-attr]
+                pubsub.subscribe(self.registry().changes_channel)
+                delay = 0.5
+                while not self._stop.is_set():
+                    message = pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5)
+                    if message is not None:
+                        self._changed.set()
+                pubsub.close()
+            except Exception as e:  # the polling fallback covers the gap
+                log.debug("model change subscription lost (%s); retrying in %.1f s", e, delay)
+                self._stop.wait(delay)
+                delay = min(delay * 2, 10.0)
+
+    def refresh(self, cameras: list[str], force: bool = False) -> list[str]:
+        """At a batch boundary: re-resolve ``cameras`` if the registry changed; return the ones switched."""
+        now = time.monotonic()
+        if not force and not self._changed.is_set():
+            if not self.uses_registry or now < self._next_poll:
+                return []
+            self._next_poll = now + self.poll_s
+            generation = self.registry().generation()
+            if generation == self._generation:
+                return []
+            self._generation = generation
+        self._changed.clear()
+        self._failed.clear()
+        self._none.clear()
+        switched = [c for c in cameras if self._update(c)]
+        used = {id(m) for m in self._assigned.values()}
+        self._cache = {k: m for k, m in self._cache.items() if id(m) in used}
+        return switched
+
+    def close(self) -> None:
+        """Stop the change listener."""
+        self._stop.set()
+        if self._watcher is not None:
+            self._watcher.join(2)

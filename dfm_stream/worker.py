@@ -1,0 +1,498 @@
+"""The worker loop: frames from Redis -> batches -> model -> scores, acks and alarms back to Redis.
+
+Three threads keep the model busy:
+
+* **fetch** (:meth:`Worker._fetch_loop`): reads the frame streams (:mod:`dfm_stream.consumer`),
+  reclaims idle entries, skips stale frames, dead-letters bad ones, batches per model
+  (:mod:`dfm_stream.batcher`), decodes and pre-processes each batch, and queues it (depth 2, so
+  the next batch is ready while the model runs the current one);
+* **model** (the thread that calls :meth:`Worker.run`): scores queued batches;
+* **publisher** (:class:`dfm_stream.publisher.PublisherThread`): publishes + acks atomically and
+  emits alarm events, so waiting on Redis never stalls the model.
+
+Stopping (``stop`` event, SIGTERM): reading stops, every frame already read is scored, published
+and acked, then :meth:`Worker.run` returns. ``burst`` mode stops by itself once every stream is
+drained and nothing is pending in the group; ``max_frames`` stops after that many frames were read.
+Redis errors: capped exponential backoff, then resume; nothing is acked that was not published.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import redis
+
+from dfm_stream import keys
+from dfm_stream.alarms import AlarmSettings
+from dfm_stream.artifact import normalize_score
+from dfm_stream.batcher import DEFAULT_BATCH_SIZE, DEFAULT_MAX_WAIT_MS, Batcher
+from dfm_stream.connect import RedisClient
+from dfm_stream.consumer import StreamConsumer, StreamEntry
+from dfm_stream.deadletter import send_to_deadletter
+from dfm_stream.errors import WireError
+from dfm_stream.inference import DecodedFrame, DecodeFailure, Decoder, Engine, parse_entry
+from dfm_stream.metrics import WorkerMetrics
+from dfm_stream.publisher import (
+    DEFAULT_SCORES_MAXLEN,
+    REDIS_ERRORS,
+    Publisher,
+    PublisherThread,
+    PublishResult,
+    ScoredItem,
+)
+from dfm_stream.routing import LoadedModel, ModelRouter
+from dfm_stream.wire import DEFAULT_MAX_PIXELS, FrameMsg, ScoreMsg, make_frame_id
+
+log = logging.getLogger(__name__)
+
+IDLE_BLOCK_MS = 500
+"""Longest single wait for new frames (bounds how long a stop request waits)."""
+
+
+@dataclass
+class WorkerSettings:
+    """Everything that shapes a worker's behaviour (the CLI flags of ``dfm-stream work``)."""
+
+    cameras: list[str] | None = None
+    group: str = keys.DEFAULT_GROUP
+    batch_size: int = DEFAULT_BATCH_SIZE
+    max_wait_ms: float = DEFAULT_MAX_WAIT_MS
+    claim_idle_s: float = 30.0
+    max_deliveries: int = 3
+    max_age_s: float | None = None
+    scores_maxlen: int = DEFAULT_SCORES_MAXLEN
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    alarm: AlarmSettings = field(default_factory=AlarmSettings)
+    burst: bool = False
+    max_frames: int | None = None
+    discover_interval_s: float = 5.0
+    stats_interval_s: float = 5.0
+    heartbeat_interval_s: float = 10.0
+
+
+@dataclass
+class WorkerStats:
+    """Counts of one :meth:`Worker.run` (the metrics say the same, per camera)."""
+
+    read: int = 0
+    scored: int = 0
+    skipped: int = 0
+    duplicates: int = 0
+    deadlettered: int = 0
+    trimmed: int = 0
+    redelivered: int = 0
+    batches: int = 0
+    events: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PreparedBatch:
+    """A decoded, pre-processed batch bound to one model version."""
+
+    model: LoadedModel
+    frames: list[DecodedFrame]
+    tensor: object
+    started: float
+
+
+class Worker:
+    """One worker process's pipeline; build it, then call :meth:`run` (optionally with a stop event)."""
+
+    def __init__(
+        self,
+        client: RedisClient,
+        router: ModelRouter,
+        settings: WorkerSettings | None = None,
+        prefix: str = keys.DEFAULT_PREFIX,
+        metrics: WorkerMetrics | None = None,
+        cluster: bool = False,
+        name: str | None = None,
+    ) -> None:
+        self.client = client
+        self.router = router
+        self.engine: Engine = router.engine
+        self.settings = settings or WorkerSettings()
+        self.prefix = prefix
+        self.metrics = metrics
+        self.consumer = StreamConsumer(client, prefix, self.settings.group, name, cluster)
+        self.name = self.consumer.name
+        self.stats = WorkerStats()
+        self.publisher = Publisher(
+            client, prefix, self.settings.group, self.settings.scores_maxlen, self.settings.alarm, metrics
+        )
+        self.decoder = Decoder(self.engine.device, self.settings.max_pixels)
+        self.batcher: Batcher[tuple[StreamEntry, FrameMsg, LoadedModel]] = Batcher(
+            self.settings.batch_size, self.settings.max_wait_ms
+        )
+        self._ready: queue.Queue[PreparedBatch | None] = queue.Queue(maxsize=2)
+        self._inflight: set[str] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._timers: dict[str, float] = {}
+        self._warned_uncalibrated: set[str] = set()
+        self._redis_ok = False
+        if metrics:
+            metrics.device_info.labels(str(self.engine.device)).set(1)
+
+    # -- public --------------------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event | None = None) -> WorkerStats:
+        """Run until ``stop`` is set (or burst/max_frames ends it); every frame read gets published."""
+        self._stop = stop or threading.Event()
+        self.router.start_watch()
+        pub = PublisherThread(self.publisher, self._published, metrics=self.metrics)
+        fetch = threading.Thread(target=self._fetch_main, name="fetch", daemon=True)
+        fetch.start()
+        try:
+            while True:
+                batch = self._ready.get()
+                if batch is None:
+                    break
+                items = self._score_batch(batch)
+                if items:
+                    pub.submit(items)
+        finally:
+            self._stop.set()
+            fetch.join(30)
+            pub.close()
+            self.router.close()
+            self.decoder.close()
+        log.info(
+            "worker %s stopped: %d read, %d scored, %d skipped, %d dead-lettered, %d duplicates suppressed",
+            self.name,
+            self.stats.read,
+            self.stats.scored,
+            self.stats.skipped,
+            self.stats.deadlettered,
+            self.stats.duplicates,
+        )
+        return self.stats
+
+    def ready(self) -> tuple[bool, str]:
+        """Answer ``/readyz``: Redis reachable and a model loaded for at least one camera."""
+        try:
+            self.client.ping()
+        except Exception as e:
+            return False, f"Redis unreachable: {e}"
+        models = self.router.loaded()
+        if not models:
+            return False, "no model loaded yet (no camera with a model)"
+        return True, f"{len(models)} camera(s) with a model: " + ", ".join(
+            sorted({m.label for m in models.values()})
+        )
+
+    # -- model thread ------------------------------------------------------------------------------
+
+    def _score_batch(self, batch: PreparedBatch) -> list[ScoredItem]:
+        model = batch.model
+        info = model.fitted.info
+        t0 = time.perf_counter()
+        try:
+            result = self.engine.score(model.fitted.model, batch.tensor, want_maps=info.score_type == "fre")
+        except Exception:
+            log.exception(
+                "model %s failed on a batch of %d frames: left pending", model.label, len(batch.frames)
+            )
+            self._count_error("inference")
+            self._forget([f.entry for f in batch.frames])
+            return []
+        if self.metrics:
+            self.metrics.inference_seconds.labels(model.label).observe(time.perf_counter() - t0)
+            self.metrics.batch_size.labels(model.label).observe(len(batch.frames))
+            self.metrics.gpu_memory_bytes.set(self.engine.gpu_memory_bytes())
+        if info.threshold is None and model.label not in self._warned_uncalibrated:
+            self._warned_uncalibrated.add(model.label)
+            log.warning("model %s has no threshold (not calibrated): no frame will be anomalous", model.label)
+        self.stats.batches += 1
+        items = []
+        for i, frame in enumerate(batch.frames):
+            score = float(result.scores[i])
+            anomalous = info.threshold is not None and score > info.threshold
+            msg = frame.msg
+            template = ScoreMsg(
+                camera=msg.camera if msg.camera == frame.entry.camera else frame.entry.camera,
+                frame_id=make_frame_id(frame.entry.camera, frame.entry.entry_id),
+                seq=msg.seq,
+                ts=msg.ts,
+                scored_ts=0,
+                score=score,
+                score_norm=normalize_score(score, info),
+                threshold=info.threshold,
+                anomalous=anomalous,
+                model=model.label,
+                latency_ms=0.0,
+                session=msg.session,
+                worker=self.name,
+            )
+            amap = result.maps[i] if anomalous and result.maps is not None else None
+            items.append(
+                ScoredItem(
+                    template,
+                    frame.entry.entry_id,
+                    "1" if anomalous else "0",
+                    frame if anomalous else None,
+                    amap,
+                )
+            )
+        return items
+
+    # -- publisher thread --------------------------------------------------------------------------
+
+    def _published(self, items: list[ScoredItem], result: PublishResult | None) -> None:
+        if result is not None:
+            duplicates = set(result.duplicates)
+            self.stats.duplicates += len(duplicates)
+            self.stats.scored += sum(
+                1 for i in items if i.alarm_bit != "s" and i.template.frame_id not in duplicates
+            )
+            self.stats.events += [f"{e.type}:{e.camera}:{e.frame_id}" for e in result.events]
+        self._forget_ids([i.template.frame_id for i in items])
+
+    # -- fetch thread ------------------------------------------------------------------------------
+
+    def _fetch_main(self) -> None:
+        try:
+            self._fetch_loop()
+        except Exception:
+            log.exception("the fetch loop died")
+            self._count_error("fetch")
+        finally:
+            self._flush_batches()
+            self._ready.put(None)
+
+    def _fetch_loop(self) -> None:
+        delay = 0.1
+        while not self._stop.is_set():
+            try:
+                self._fetch_once()
+                delay = 0.1
+                if not self._redis_ok:
+                    self._redis_ok = True
+                    log.info("worker %s connected to Redis", self.name)
+            except REDIS_ERRORS as e:
+                self._redis_ok = False
+                log.warning("Redis unavailable (%s); retrying in %.1f s", e, delay)
+                self._stop.wait(delay)
+                delay = min(delay * 2, 5.0)
+            except redis.ResponseError as e:
+                if "NOGROUP" in str(e):  # the server lost its data (restart without persistence)
+                    log.warning("consumer group missing (%s): creating it again", e)
+                    cameras, self.consumer.cameras = list(self.consumer.cameras), []
+                    self.consumer.add_cameras(cameras)
+                else:
+                    self._loop_error("fetch", delay)
+                    delay = min(delay * 2, 5.0)
+            except Exception:
+                self._loop_error("fetch", delay)
+                delay = min(delay * 2, 5.0)
+
+    def _loop_error(self, where: str, delay: float) -> None:
+        log.exception("unexpected error in the %s loop; retrying in %.1f s", where, delay)
+        self._count_error(where)
+        self._stop.wait(delay)
+
+    def _fetch_once(self) -> None:
+        self._housekeeping()
+        cameras = [c for c in self.consumer.cameras if self.router.resolve(c) is not None]
+        room = self.batcher.room()
+        if self.settings.max_frames is not None:
+            room = min(room, self.settings.max_frames - self.stats.read)
+            if room <= 0:
+                self._stop.set()
+                return
+        result = self.consumer.read(room, cameras)
+        for camera, gaps in result.trimmed.items():
+            self._drop(camera, "trimmed", gaps)
+        self._take(result.entries)
+        self._dispatch(self.batcher.ready())
+        if len(result.entries) >= room:
+            return
+        if self.settings.burst and not result.entries and not len(self.batcher) and self._drained(cameras):
+            log.info("burst mode: every stream is drained and nothing is pending; stopping")
+            self._stop.set()
+            return
+        deadline = self.batcher.deadline()
+        wait_ms = IDLE_BLOCK_MS if deadline is None else (deadline - time.monotonic()) * 1000
+        if wait_ms > 0:
+            if cameras:
+                self.consumer.wait(int(min(wait_ms, IDLE_BLOCK_MS)), cameras)
+            else:
+                self._stop.wait(min(wait_ms, IDLE_BLOCK_MS) / 1000)
+        self._dispatch(self.batcher.ready())
+
+    def _drained(self, cameras: list[str]) -> bool:
+        with self._lock:
+            if self._inflight:
+                return False
+        if not self._ready.empty():
+            return False
+        stats = self.consumer.group_stats()
+        return all(stats.get(c, (0, 0))[1] == 0 for c in cameras)
+
+    def _take(self, entries: list[StreamEntry], claimed: bool = False) -> None:
+        """Route new entries: dead letters, stale skips, or into the batcher."""
+        skipped: list[ScoredItem] = []
+        now_ns = time.time_ns()
+        for entry in entries:
+            self.stats.read += 1
+            if claimed and entry.deliveries > self.settings.max_deliveries:
+                self._dead_letter(entry, "max_deliveries", f"delivered {entry.deliveries} times")
+                continue
+            try:
+                msg = parse_entry(entry, self.settings.max_pixels)
+            except WireError as e:
+                self._dead_letter(entry, e.reason, str(e))
+                continue
+            model = self.router.resolve(entry.camera)
+            if model is None:  # its model went away: leave it pending for another worker to reclaim
+                continue
+            frame_id = make_frame_id(entry.camera, entry.entry_id)
+            with self._lock:
+                self._inflight.add(frame_id)
+            max_age = self.settings.max_age_s
+            if max_age and now_ns - msg.ts > max_age * 1e9:
+                skipped.append(self._skipped(entry, msg, model))
+                continue
+            self.batcher.add(model.label, (entry, msg, model))
+        if skipped:
+            self.stats.skipped += len(skipped)
+            self._publish_direct(skipped)
+
+    def _skipped(self, entry: StreamEntry, msg: FrameMsg, model: LoadedModel) -> ScoredItem:
+        self._drop(entry.camera, "stale", 1)
+        template = ScoreMsg(
+            camera=entry.camera,
+            frame_id=make_frame_id(entry.camera, entry.entry_id),
+            seq=msg.seq,
+            ts=msg.ts,
+            scored_ts=0,
+            score=None,
+            score_norm=None,
+            threshold=model.fitted.info.threshold,
+            anomalous=False,
+            model=model.label,
+            latency_ms=0.0,
+            status="skipped",
+            session=msg.session,
+            worker=self.name,
+        )
+        return ScoredItem(template, entry.entry_id, "s")
+
+    def _publish_direct(self, items: list[ScoredItem]) -> None:
+        try:
+            result = self.publisher.publish(items)
+        except Exception:
+            self._forget_ids([i.template.frame_id for i in items])  # left pending: reclaimed later
+            raise
+        self._published(items, result)
+
+    def _dispatch(self, batches: list) -> None:
+        for batch in batches:
+            model = batch.items[0][2]  # the version resolved when the batch's frames were read
+            t0 = time.perf_counter()
+            decoded = self.decoder.decode([(e, m) for e, m, _ in batch.items])
+            good = [d for d in decoded if isinstance(d, DecodedFrame)]
+            for bad in (d for d in decoded if isinstance(d, DecodeFailure)):
+                self._dead_letter(bad.entry, bad.reason, bad.error)
+            if not good:
+                continue
+            tensor = self.engine.to_tensor([g.image for g in good], model.fitted.info.image_size)
+            if self.metrics:
+                self.metrics.decode_seconds.observe(time.perf_counter() - t0)
+                now_ms = time.time() * 1000
+                for g in good:
+                    self.metrics.queue_wait_seconds.labels(g.entry.camera).observe(
+                        max(0.0, now_ms - g.entry.entry_ms) / 1000
+                    )
+            self._ready.put(PreparedBatch(model, good, tensor, time.monotonic()))
+
+    def _flush_batches(self) -> None:
+        try:
+            self._dispatch(self.batcher.ready(flush=True))
+        except Exception:
+            log.exception("could not prepare the last batches at shutdown: they stay pending")
+            self._count_error("fetch")
+
+    def _dead_letter(self, entry: StreamEntry, reason: str, error: str) -> None:
+        send_to_deadletter(self.client, entry, reason, error, self.settings.group, self.prefix, self.name)
+        self.stats.deadlettered += 1
+        self._forget([entry])
+        if self.metrics:
+            self.metrics.deadlettered.labels(entry.camera, reason).inc()
+
+    def _drop(self, camera: str, reason: str, n: int) -> None:
+        if reason == "trimmed":
+            self.stats.trimmed += n
+        if self.metrics and n:
+            self.metrics.frames_dropped.labels(camera, reason).inc(n)
+
+    def _forget(self, entries: list[StreamEntry]) -> None:
+        self._forget_ids([make_frame_id(e.camera, e.entry_id) for e in entries])
+
+    def _forget_ids(self, frame_ids: list[str]) -> None:
+        with self._lock:
+            self._inflight.difference_update(frame_ids)
+
+    def _count_error(self, where: str) -> None:
+        if self.metrics:
+            self.metrics.loop_errors.labels(where).inc()
+
+    # -- housekeeping (fetch thread) ---------------------------------------------------------------
+
+    def _due(self, name: str, interval: float) -> bool:
+        now = time.monotonic()
+        if now < self._timers.get(name, 0.0):
+            return False
+        self._timers[name] = now + interval
+        return True
+
+    def _housekeeping(self) -> None:
+        s = self.settings
+        if self._due("discover", s.discover_interval_s):
+            self._discover()
+        if self.router.refresh(self.consumer.cameras):
+            log.info("model routing changed")
+        if self._due("heartbeat", s.heartbeat_interval_s):
+            self.consumer.heartbeat()
+        if self._due("reclaim", max(0.05, s.claim_idle_s / 2)) and self._timers.get("started"):
+            self._reclaim()
+        self._timers.setdefault("started", time.monotonic())
+        if self.metrics and self._due("stats", s.stats_interval_s):
+            for camera, (lag, pending) in self.consumer.group_stats().items():
+                if lag is not None:
+                    self.metrics.stream_lag.labels(camera).set(lag)
+                self.metrics.stream_pending.labels(camera).set(pending)
+
+    def _discover(self) -> None:
+        if self.settings.cameras is not None:
+            wanted = list(self.settings.cameras)
+        else:
+            wanted = sorted(
+                k.decode() if isinstance(k, bytes) else k
+                for k in self.client.hkeys(keys.cameras_key(self.prefix))
+            )
+            wanted = [c for c in wanted if keys.valid_name(c)]
+        added = self.consumer.add_cameras(wanted)
+        for camera in added if self.metrics else ():
+            self.metrics.init_camera(camera)
+        if added:
+            log.info("worker %s reads cameras %s", self.name, ", ".join(added))
+
+    def _reclaim(self) -> None:
+        with self._lock:
+            exclude = set(self._inflight)
+        result = self.consumer.reclaim(int(self.settings.claim_idle_s * 1000), exclude=exclude)
+        for camera, ids in result.deleted.items():
+            self.consumer.ack(camera, ids)
+            self._drop(camera, "trimmed", len(ids))
+        if result.entries:
+            log.info("reclaimed %d idle frames from other consumers", len(result.entries))
+            self.stats.redelivered += len(result.entries)
+            if self.metrics:
+                for e in result.entries:
+                    self.metrics.redelivered.labels(e.camera).inc()
+            self._take(result.entries, claimed=True)

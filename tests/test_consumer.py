@@ -1,0 +1,63 @@
+"""The consumer side of the frame streams: group creation, exact trimmed-gap accounting, reclaim."""
+
+import numpy as np
+from worker_helpers import push_frame
+
+from dfm_stream import keys
+from dfm_stream.consumer import StreamConsumer
+
+IMG = np.full((16, 16, 3), 128, np.uint8)
+
+
+def test_group_created_at_zero_delivers_frames_pushed_before_any_worker(redis_client):
+    ids = [push_frame(redis_client, "c1", IMG, seq) for seq in range(3)]
+    consumer = StreamConsumer(redis_client, name="a")
+    assert consumer.add_cameras(["c1"]) == ["c1"]
+    assert consumer.add_cameras(["c1"]) == []  # idempotent
+    StreamConsumer(redis_client, name="b").add_cameras(["c1"])  # BUSYGROUP is fine
+    result = consumer.read(10)
+    assert [e.entry_id for e in result.entries] == ids
+    assert result.trimmed == {}
+    assert consumer.read(10).entries == []
+
+
+def test_trimmed_frames_are_counted_exactly_across_consumers(redis_client):
+    a = StreamConsumer(redis_client, name="a")
+    b = StreamConsumer(redis_client, name="b")
+    a.add_cameras(["c1"])
+    b.add_cameras(["c1"])
+    for seq in range(3):
+        push_frame(redis_client, "c1", IMG, seq)
+    assert len(a.read(10).entries) == 3
+    for seq in range(3, 10):  # exact MAXLEN 3: seqs 3..6 are trimmed before anyone reads them
+        push_frame(redis_client, "c1", IMG, seq, maxlen=3)
+    first = b.read(1)
+    rest = a.read(10)
+    assert len(first.entries) + len(rest.entries) == 3
+    assert first.trimmed == {"c1": 4}
+    assert rest.trimmed == {}
+    # consecutive frames read alternately by two consumers never look like gaps
+    for seq in range(10, 16):
+        push_frame(redis_client, "c1", IMG, seq)
+    assert sum(c.read(1).trimmed.get("c1", 0) for c in (a, b, a, b, a, b)) == 0
+    # a new reader session starts its own count
+    push_frame(redis_client, "c1", IMG, 100, session="s2")
+    assert b.read(5).trimmed == {}
+
+
+def test_reclaim_takes_idle_entries_with_delivery_counts(redis_client):
+    dead = StreamConsumer(redis_client, name="dead")
+    live = StreamConsumer(redis_client, name="live")
+    dead.add_cameras(["c1"])
+    live.add_cameras(["c1"])
+    ids = [push_frame(redis_client, "c1", IMG, seq) for seq in range(4)]
+    assert len(dead.read(10).entries) == 4
+    redis_client.xdel(keys.frames_key("c1"), ids[0])  # trimmed while pending
+    result = live.reclaim(min_idle_ms=0)
+    assert sorted(e.entry_id for e in result.entries) == sorted(ids[1:])
+    assert all(e.deliveries == 2 for e in result.entries)
+    assert result.deleted == {"c1": [ids[0]]}
+    again = live.reclaim(min_idle_ms=0, exclude={f"c1:{ids[1]}"})
+    assert sorted(e.entry_id for e in again.entries) == sorted(ids[2:])
+    assert {e.deliveries for e in again.entries} == {3}
+    assert live.group_stats()["c1"][1] == 3
