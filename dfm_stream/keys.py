@@ -21,6 +21,7 @@ Layout (default prefix ``dfm``)::
     dfm:{model:NAME}:current   string   the version that ``model rollback`` / default routing uses
     dfm:assign                 hash     camera id -> "NAME" or "NAME@VERSION"
     dfm:models:changed         channel  published on every registry change
+    dfm:models:generation      string   counter bumped on every registry change (polling fallback)
 """
 
 import re
@@ -130,3 +131,8 @@ def assignments_key(prefix: str = DEFAULT_PREFIX) -> str:
 def models_changed_channel(prefix: str = DEFAULT_PREFIX) -> str:
     """Return the pub/sub channel announcing registry changes (push, rollback, assign)."""
     return f"{prefix}:models:changed"
+
+
+def registry_generation_key(prefix: str = DEFAULT_PREFIX) -> str:
+    """Return the counter bumped (INCR) on every registry change, for workers that poll."""
+    return f"{prefix}:models:generation"

@@ -1,7 +1,171 @@
-"""The ``dfm-stream`` subcommand(s) of this module (placeholder until implemented)."""
+"""``dfm-stream model ...``: push, list, show, roll back, assign and pull models in the Redis registry.
+
+Every subcommand takes the common Redis options (``--redis``, ``--cluster``, TLS, ``--prefix``) and
+``--json`` for machine-readable output. Importing torch is left to ``push``, which validates the
+artifact before storing it.
+"""
+
+from __future__ import annotations
 
 import argparse
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from dfm_stream.connect import RedisSettings, add_redis_args, connect
+from dfm_stream.errors import RedisConnectError, RegistryError
+from dfm_stream.registry import ModelRef, ModelRegistry
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add this module's subcommands to ``subparsers``."""
+    """Add ``model`` and its subcommands to ``subparsers``."""
+    parser = subparsers.add_parser(
+        "model", help="manage the model registry in Redis (push, assign, rollback)"
+    )
+    sub = parser.add_subparsers(dest="model_command", metavar="ACTION", required=True)
+
+    p = _sub(sub, "push", "store an artifact as the next version of a model and make it current", cmd_push)
+    p.add_argument("--name", required=True, help="model name (letters, digits, '_', '.', '-')")
+    p.add_argument("--file", required=True, type=Path, help="artifact file written by `dfm-stream fit`")
+
+    _sub(sub, "list", "list the models, their current version and the cameras using them", cmd_list)
+
+    p = _sub(sub, "show", "show every version of a model and the cameras assigned to it (JSON)", cmd_show)
+    p.add_argument("name", help="model name")
+
+    p = _sub(sub, "rollback", "make an older version current (default: the one before current)", cmd_rollback)
+    p.add_argument("name", help="model name")
+    p.add_argument("--to", type=int, default=None, metavar="VERSION", help="the version to make current")
+
+    p = _sub(
+        sub, "assign", "route a camera to a model (NAME: its current version; NAME@V: pinned)", cmd_assign
+    )
+    p.add_argument("--camera", required=True, help="camera id")
+    p.add_argument("--model", required=True, help="NAME or NAME@VERSION")
+
+    p = _sub(sub, "unassign", "remove a camera's model assignment", cmd_unassign)
+    p.add_argument("--camera", required=True, help="camera id")
+
+    p = _sub(sub, "pull", "write a stored version back to a file (checksum verified)", cmd_pull)
+    p.add_argument("ref", metavar="NAME[@VERSION]", help="model, optionally pinned (default: current)")
+    p.add_argument("--out", required=True, type=Path, help="file to write")
+
+
+def _sub(
+    sub: argparse._SubParsersAction, name: str, text: str, func: Callable[[argparse.Namespace], int]
+) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=text, description=text)
+    add_redis_args(p)
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.set_defaults(func=func)
+    return p
+
+
+def _registry(args: argparse.Namespace) -> ModelRegistry:
+    settings = RedisSettings.from_args(args)
+    client = connect(settings)
+    try:
+        client.ping()
+    except redis.RedisError as e:
+        raise RedisConnectError(f"cannot reach Redis at {settings.safe_url()}: {e}") from e
+    return ModelRegistry(client, prefix=settings.prefix)
+
+
+def _emit(args: argparse.Namespace, data: Any, text: str) -> int:
+    print(json.dumps(data, sort_keys=True) if args.json else text)
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    """Validate ``--file`` and store it as the next version of ``--name``."""
+    try:
+        data = args.file.read_bytes()
+    except OSError as e:
+        raise RegistryError(f"cannot read artifact {args.file}: {e.strerror or e}") from e
+    info = _registry(args).push(args.name, data, source=str(args.file))
+    text = (
+        f"pushed {info.name} version {info.version} (now current): {info.size} bytes in {info.chunks}"
+        f" chunk(s), sha256 {info.sha256}, content hash {info.content_hash}"
+    )
+    return _emit(args, info.to_dict(), text)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    """Print every model with its versions, current version and assigned cameras."""
+    reg = _registry(args)
+    assignments = reg.assignments()
+    rows = []
+    for name in reg.names():
+        versions = [v.version for v in reg.versions(name)]
+        cameras = sorted(cam for cam, ref in assignments.items() if ref.name == name)
+        rows.append({"name": name, "current": reg.current(name), "versions": versions, "cameras": cameras})
+    lines = [f"{'MODEL':<24} {'CURRENT':>7} {'VERSIONS':<16} CAMERAS"]
+    for r in rows:
+        versions_text = ",".join(str(v) for v in r["versions"])
+        lines.append(f"{r['name']:<24} {r['current']:>7} {versions_text:<16} {','.join(r['cameras']) or '-'}")
+    if not rows:
+        lines = ["no models in the registry: push one with `dfm-stream model push --name NAME --file FILE`"]
+    return _emit(args, rows, "\n".join(lines))
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    """Print a model's versions, current version and cameras as JSON."""
+    data = _registry(args).show(args.name)
+    return _emit(args, data, json.dumps(data, indent=2, sort_keys=True))
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    """Make an older (or any stored) version of a model current."""
+    reg = _registry(args)
+    previous = reg.current(args.name)
+    current = reg.rollback(args.name, args.to)
+    text = f"{args.name}: current version is now {current} (was {previous})"
+    return _emit(args, {"name": args.name, "current": current, "previous": previous}, text)
+
+
+def cmd_assign(args: argparse.Namespace) -> int:
+    """Route a camera to a model reference."""
+    reg = _registry(args)
+    ref = ModelRef.parse(args.model)
+    reg.assign(args.camera, ref)
+    resolved = reg.resolve(args.camera)
+    pinned = "pinned" if ref.version is not None else "follows the current version"
+    text = f"camera {args.camera} -> {ref} ({pinned}; now {resolved})"
+    return _emit(args, {"camera": args.camera, "model": str(ref), "resolved": str(resolved)}, text)
+
+
+def cmd_unassign(args: argparse.Namespace) -> int:
+    """Remove a camera's assignment."""
+    _registry(args).unassign(args.camera)
+    return _emit(args, {"camera": args.camera, "model": None}, f"camera {args.camera} unassigned")
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    """Write a stored version to ``--out`` after checking its checksum."""
+    reg = _registry(args)
+    ref = ModelRef.parse(args.ref)
+    version = ref.version if ref.version is not None else reg.current(ref.name)
+    data = reg.get_bytes(ref.name, version)
+    _write_atomic(args.out, data)
+    info = reg.version_info(ref.name, version)
+    text = f"wrote {args.out}: {ref.name}@{version}, {len(data)} bytes, sha256 {info.sha256}"
+    return _emit(args, {**info.to_dict(), "file": str(args.out)}, text)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp: str | None = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        Path(tmp).replace(path)
+    except OSError as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        raise RegistryError(f"cannot write {path}: {e.strerror or e}") from e
