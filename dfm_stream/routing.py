@@ -77,6 +77,7 @@ class ModelRouter:
         self._cache: dict[tuple[str, ...], LoadedModel] = {}
         self._assigned: dict[str, LoadedModel] = {}
         self._failed: set[tuple[str, ...]] = set()
+        self._corrupt: set[tuple[str, ...]] = set()
         self._none: set[str] = set()
         self._backbones: dict[tuple[str, str, str], Any] = {}
         self._changed = threading.Event()
@@ -147,6 +148,8 @@ class ModelRouter:
             model = self._load(target)
         except Exception as e:  # any failure to load keeps the previous model
             self._failed.add(target)
+            if isinstance(e, DfmStreamError):  # bad content, not a passing fault (e.g. Redis down)
+                self._corrupt.add(target)
             self._report_failure(camera, target, e)
             return False
         previous = self._assigned.get(camera)
@@ -259,7 +262,9 @@ class ModelRouter:
                 return []
             self._generation = generation
         self._changed.clear()
-        self._failed.clear()
+        # A registry version's bytes never change, so a version that was corrupt stays refused
+        # (no repeated events on unrelated changes); a file may have been fixed: retry it.
+        self._failed = {t for t in self._failed if t[0] == "registry" and t in self._corrupt}
         self._none.clear()
         switched = [c for c in cameras if self._update(c)]
         used = {id(m) for m in self._assigned.values()}
