@@ -87,8 +87,14 @@ class EmbeddedRedis:
 
     def start(self, timeout: float = 10.0) -> "EmbeddedRedis":
         """Start the server and wait until it accepts connections."""
+        # Its own session: a Ctrl-C in the terminal reaches our processes, not the server, so the
+        # server outlives them and they can still publish their last results while shutting down.
         self.proc = subprocess.Popen(
-            self.command(), cwd=self.dir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            self.command(),
+            cwd=self.dir,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -192,6 +192,10 @@ def run(args: argparse.Namespace) -> int:
         server = serve(registry, args.metrics_host, args.metrics_port, ready=reader.ready)
 
     def on_signal(signum: int, _frame: object) -> None:
+        # A repeated signal must not call Event.set() again: the handler may interrupt the main
+        # thread while it holds the Event's lock, and a second set() would deadlock on it.
+        if stop.is_set():
+            return
         log.info("received %s: releasing cameras", signal.Signals(signum).name)
         stop.set()
 

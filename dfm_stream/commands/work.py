@@ -173,6 +173,10 @@ def run(args: argparse.Namespace) -> int:
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
+        # A repeated signal must not call Event.set() again: the handler may interrupt the main
+        # thread while it holds the Event's lock, and a second set() would deadlock on it.
+        if stop.is_set():
+            return
         log.info("signal %s: finishing the batches in flight, then exiting", signal.Signals(signum).name)
         stop.set()
 
