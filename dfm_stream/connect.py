@@ -6,6 +6,7 @@ environment (``DFM_REDIS_PASSWORD``) or a file (``--redis-password-file``), and 
 """
 
 import argparse
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +71,25 @@ class RedisSettings:
             password=password,
             username=os.environ.get("DFM_REDIS_USERNAME") or None,
         )
+
+
+def settings_with_config(args: argparse.Namespace, config_redis: object | None) -> RedisSettings:
+    """Return settings from the command line, completed by a config file's ``[redis]`` section.
+
+    The command line (or its environment variables) wins where it was given: the file's ``url``
+    applies unless ``--redis``/``DFM_REDIS_URL`` is set, its ``prefix`` unless ``--prefix``/
+    ``DFM_PREFIX`` is set, and ``cluster`` is on when either turns it on. Readers and workers use
+    this one rule, so they always agree on the server and the keys.
+    """
+    settings = RedisSettings.from_args(args)
+    if config_redis is None:
+        return settings
+    changes: dict[str, object] = {"cluster": settings.cluster or bool(config_redis.cluster)}  # type: ignore[attr-defined]
+    if args.redis == DEFAULT_URL and "DFM_REDIS_URL" not in os.environ:
+        changes["url"] = config_redis.url  # type: ignore[attr-defined]
+    if args.prefix == DEFAULT_PREFIX and "DFM_PREFIX" not in os.environ:
+        changes["prefix"] = config_redis.prefix  # type: ignore[attr-defined]
+    return dataclasses.replace(settings, **changes)
 
 
 def add_redis_args(parser: argparse.ArgumentParser) -> None:

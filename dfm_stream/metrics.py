@@ -10,6 +10,7 @@ The names are a contract: the Grafana dashboard and the alert rules in ``deploy/
 
 import json
 import logging
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -359,16 +360,18 @@ def serve(
 
 
 def add_metrics_args(parser: "object", default_port: int) -> None:
-    """Add ``--metrics-host`` / ``--metrics-port`` to an argparse parser."""
+    """Add ``--metrics-host`` / ``--metrics-port`` (env ``DFM_METRICS_HOST``/``DFM_METRICS_PORT``)."""
     g = parser.add_argument_group("metrics")  # type: ignore[attr-defined]
     g.add_argument(
         "--metrics-host",
-        default="127.0.0.1",
-        help="address of /metrics, /healthz, /readyz (default %(default)s; 0.0.0.0 in containers)",
+        default=os.environ.get("DFM_METRICS_HOST", "127.0.0.1"),
+        help="address of /metrics, /healthz, /readyz (env DFM_METRICS_HOST; default %(default)s;"
+        " 0.0.0.0 in containers)",
     )
     g.add_argument(
         "--metrics-port",
         type=int,
-        default=default_port,
-        help="port of /metrics, /healthz, /readyz (default %(default)s; 0 picks a free port, -1 disables)",
+        default=int(os.environ.get("DFM_METRICS_PORT", default_port)),
+        help="port of /metrics, /healthz, /readyz (env DFM_METRICS_PORT; default %(default)s;"
+        " 0 picks a free port, -1 disables)",
     )

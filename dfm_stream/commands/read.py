@@ -156,25 +156,9 @@ def select_cameras(args: argparse.Namespace) -> tuple[list[CameraConfig], Config
         raise ConfigError(f"command-line options: {e}") from e
 
 
-def _redis_settings(args: argparse.Namespace, config: Config | None) -> Any:
-    from dfm_stream.connect import DEFAULT_URL, RedisSettings
-    from dfm_stream.keys import DEFAULT_PREFIX
-
-    settings = RedisSettings.from_args(args)
-    if config is None:
-        return settings
-    changes: dict[str, Any] = {}
-    if args.redis == DEFAULT_URL:  # neither --redis nor DFM_REDIS_URL: the file decides
-        changes["url"] = config.redis.url
-    if args.prefix == DEFAULT_PREFIX:
-        changes["prefix"] = config.redis.prefix
-    changes["cluster"] = settings.cluster or config.redis.cluster
-    return dataclasses.replace(settings, **changes)
-
-
 def run(args: argparse.Namespace) -> int:
     """Run the reader until stopped, ``--duration`` passes, or every finite camera is done."""
-    from dfm_stream.connect import connect
+    from dfm_stream.connect import connect, settings_with_config
     from dfm_stream.metrics import ReaderMetrics, new_registry, serve
     from dfm_stream.reader import Reader
     from dfm_stream.sources.base import source_kind
@@ -182,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
     cameras, config = select_cameras(args)
     for cam in cameras:
         source_kind(cam.source)  # a typo in a file path fails now, with a clear message
-    settings = _redis_settings(args, config)
+    settings = settings_with_config(args, config.redis if config else None)
     client = connect(settings, socket_timeout=2.0, socket_connect_timeout=2.0)
     registry = new_registry()
     stop = threading.Event()

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import threading
 from pathlib import Path
 from typing import Any
 
 from dfm_stream import keys
-from dfm_stream.connect import DEFAULT_URL, RedisSettings, add_redis_args, connect
+from dfm_stream.connect import add_redis_args, connect, settings_with_config
 from dfm_stream.errors import ConfigError
 from dfm_stream.metrics import add_metrics_args
 
@@ -115,24 +114,6 @@ def _settings(args: argparse.Namespace, config: Any) -> Any:
     return settings
 
 
-def _redis_settings(args: argparse.Namespace, config: Any) -> RedisSettings:
-    settings = RedisSettings.from_args(args)
-    explicit = args.redis != DEFAULT_URL or "DFM_REDIS_URL" in os.environ
-    if config is not None and not explicit:
-        rc = config.redis
-        settings = RedisSettings(
-            url=rc.url,
-            cluster=rc.cluster or settings.cluster,
-            prefix=rc.prefix if settings.prefix == keys.DEFAULT_PREFIX else settings.prefix,
-            ca_file=settings.ca_file,
-            cert_file=settings.cert_file,
-            key_file=settings.key_file,
-            password=settings.password,
-            username=settings.username,
-        )
-    return settings
-
-
 def run(args: argparse.Namespace) -> int:
     """Run a worker until SIGTERM/SIGINT (or --burst / --max-frames); exit 0 after a clean drain."""
     from dfm_stream.artifact import read_info
@@ -151,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--model {args.model}: no such file")
         read_info(args.model)  # fail fast on a corrupt or tampered artifact
     settings = _settings(args, config)
-    redis_settings = _redis_settings(args, config)
+    redis_settings = settings_with_config(args, config.redis if config else None)
     client = connect(redis_settings)
     engine = Engine(_pick(args.device, config.worker.device if config else None, "auto"), args.precision)
     registry = new_registry()
