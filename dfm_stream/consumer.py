@@ -40,10 +40,32 @@ from dfm_stream.wire import FIELD
 log = logging.getLogger(__name__)
 
 READ_SCRIPT = """
-local function mp_read(s, p)
+local mp_read
+local function mp_skip_items(s, p, count, depth)
+  if depth > 16 then return nil end
+  for _ = 1, count do
+    local v
+    v, p = mp_read(s, p, depth + 1)
+    if v == nil then return nil end
+  end
+  return false, p
+end
+mp_read = function(s, p, depth)
+  depth = depth or 0
   local t = string.byte(s, p)
   if not t then return nil end
   if t <= 0x7f then return t, p + 1 end
+  if t >= 0x80 and t <= 0x8f then return mp_skip_items(s, p + 1, 2 * (t - 0x80), depth) end
+  if t >= 0x90 and t <= 0x9f then return mp_skip_items(s, p + 1, t - 0x90, depth) end
+  if t == 0xdc then return mp_skip_items(s, p + 3, struct.unpack('>I2', s, p + 1), depth) end
+  if t == 0xdd then return mp_skip_items(s, p + 5, struct.unpack('>I4', s, p + 1), depth) end
+  if t == 0xde then return mp_skip_items(s, p + 3, 2 * struct.unpack('>I2', s, p + 1), depth) end
+  if t == 0xdf then return mp_skip_items(s, p + 5, 2 * struct.unpack('>I4', s, p + 1), depth) end
+  local fixext = {[0xd4] = 3, [0xd5] = 4, [0xd6] = 6, [0xd7] = 10, [0xd8] = 18}
+  if fixext[t] then return false, p + fixext[t] end
+  if t == 0xc7 then return false, p + 3 + string.byte(s, p + 1) end
+  if t == 0xc8 then return false, p + 4 + struct.unpack('>I2', s, p + 1) end
+  if t == 0xc9 then return false, p + 6 + struct.unpack('>I4', s, p + 1) end
   if t >= 0xe0 then return t - 256, p + 1 end
   if t >= 0xa0 and t <= 0xbf then return string.sub(s, p + 1, p + t - 0xa0), p + 1 + t - 0xa0 end
   if t == 0xc0 or t == 0xc2 or t == 0xc3 then return false, p + 1 end

@@ -1,5 +1,6 @@
 """The consumer side of the frame streams: group creation, exact trimmed-gap accounting, reclaim."""
 
+import msgpack
 import numpy as np
 from worker_helpers import push_frame
 
@@ -61,3 +62,23 @@ def test_reclaim_takes_idle_entries_with_delivery_counts(redis_client):
     assert sorted(e.entry_id for e in again.entries) == sorted(ids[2:])
     assert {e.deliveries for e in again.entries} == {3}
     assert live.group_stats()["c1"][1] == 3
+
+
+def test_nested_keys_before_seq_do_not_look_like_trimmed_frames(redis_client):
+    consumer = StreamConsumer(redis_client, name="a")
+    consumer.add_cameras(["c1"])
+    extras = [
+        {},
+        {"meta": {"line": 7, "tags": ["a", {"b": 1}]}},  # map and nested array before seq
+        {"roi": [1, 2, 3, 4]},
+        {"ext": msgpack.ExtType(5, b"abcdefgh"), "blob": msgpack.ExtType(9, b"x" * 300)},
+    ]
+    for seq, extra in enumerate(extras):
+        body = {**extra, "v": 1, "camera": "c1", "seq": seq, "session": "s", "ts": 1, "enc": "raw"}
+        body.update({"w": 16, "h": 16, "c": 3, "data": IMG.tobytes()})
+        redis_client.xadd(keys.frames_key("c1"), {"msg": msgpack.packb(body, use_bin_type=True)})
+    read = [consumer.read(1) for _ in extras]
+    assert [len(r.entries) for r in read] == [1, 1, 1, 1]
+    assert all(r.trimmed == {} for r in read)
+    push_frame(redis_client, "c1", IMG, 6, session="s")  # seqs 4 and 5 never arrived
+    assert consumer.read(1).trimmed == {"c1": 2}
