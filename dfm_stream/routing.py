@@ -158,6 +158,8 @@ class ModelRouter:
         self._assigned[camera] = model
         self._publish_info(camera, previous, model)
         log.info("camera %s is scored by %s", camera, model.label)
+        if previous is not None:
+            self._event("model_switched", camera, model.label, message=f"switched from {previous.label}")
         return True
 
     def _load(self, target: tuple[str, ...]) -> LoadedModel:
@@ -201,19 +203,17 @@ class ModelRouter:
         )
         if self.metrics:
             self.metrics.model_load_failures.labels(label).inc()
-        if self.client is not None:
-            event = EventMsg(
-                type="model_load_failed",
-                camera=camera,
-                ts=time.time_ns(),
-                model=label,
-                reason="load_error",
-                message=str(error)[:500],
-            )
-            try:
-                publish_event(self.client, event, self.prefix)
-            except Exception:
-                log.exception("could not publish the model_load_failed event of camera %s", camera)
+        self._event("model_load_failed", camera, label, reason="load_error", message=str(error)[:500])
+
+    def _event(self, kind: str, camera: str, model: str, **fields: str) -> None:
+        """Put a model event on the alarm stream, where operators see camera and defect events."""
+        if self.client is None:
+            return
+        event = EventMsg(type=kind, camera=camera, ts=time.time_ns(), model=model, **fields)
+        try:
+            publish_event(self.client, event, self.prefix)
+        except Exception:
+            log.exception("could not publish the %s event of camera %s", kind, camera)
 
     def _publish_info(self, camera: str, previous: LoadedModel | None, model: LoadedModel) -> None:
         if self.metrics is None:

@@ -187,6 +187,17 @@ def test_switches_during_a_stream_score_every_frame_once_by_the_assigned_version
     assert set(scores) == set(feed.sent), "every frame written is scored, and nothing else"
     in_order = [scores[fid].model for fid in sorted(scores, key=lambda f: feed.sent[f].seq)]
     assert _collapse(in_order) == ["m@1", "m@2", "m@3", "m@2", "m@1"], in_order
+    switches = [
+        (e.model, e.message)
+        for e in (EventMsg.from_bytes(f[FIELD.encode()]) for _, f in redis_client.xrange(keys.alarms_key()))
+        if e.type == "model_switched" and e.camera == "cam1"
+    ]
+    assert switches == [
+        ("m@2", "switched from m@1"),
+        ("m@3", "switched from m@2"),
+        ("m@2", "switched from m@3"),
+        ("m@1", "switched from m@2"),
+    ]
     for fid, label in after_ack.items():
         assert scores[fid].model == label, f"{fid} was written after the switch to {label} was acknowledged"
     _check_scores_match_versions(registry, feed, scores, {"m@1", "m@2", "m@3"})
