@@ -13,14 +13,10 @@ import subprocess
 import pytest
 import redis
 from conftest import REPO, Processes, wait_until
+from stream_helpers import check_reader_survives_server_restart
 from tools import require_tool
 
-from dfm_stream.config import CameraConfig
 from dfm_stream.embedded_redis import free_port
-from dfm_stream.keys import alarms_key, frames_key
-from dfm_stream.metrics import ReaderMetrics, new_registry
-from dfm_stream.reader import Reader
-from dfm_stream.wire import EventMsg, FrameMsg
 
 SYSTEM_PYTHON = "/usr/bin/python3"
 """Debian's Python, where python3-gi and the gst-rtsp-server typelib are installed."""
@@ -73,10 +69,6 @@ def _kill(*processes: subprocess.Popen[bytes]) -> None:
         proc.wait(5)
 
 
-def _events(client: redis.Redis) -> list[EventMsg]:
-    return [EventMsg.from_bytes(f[b"msg"]) for _, f in client.xrange(alarms_key())]
-
-
 def _setups(procs: Processes, server: subprocess.Popen[bytes]) -> list[str]:
     return [line for line in procs.log(server).splitlines() if line.startswith("setup ")]
 
@@ -88,54 +80,17 @@ def test_rtsp_camera_reconnects_after_the_server_restarts(
     python = _require_gst_rtsp_server()
     ffmpeg = require_tool("ffmpeg")
     ports = (free_port(), free_port())
-    server, publisher = _start_camera(procs, python, ffmpeg, ports, "1")
-    cam = CameraConfig(
-        id="rtsp",
-        source=f"rtsp://127.0.0.1:{ports[0]}/cam",
-        size=(80, 60),
-        read_timeout=2.0,
-        open_timeout=5.0,
-        backoff_initial=0.1,
-        backoff_max=0.5,
-    )
-    registry = new_registry(process_metrics=False)
-    reader = Reader([cam], redis_client, metrics=ReaderMetrics.create(registry))
-    reader.start()
-    try:
-        wait_until(lambda: redis_client.xlen(frames_key("rtsp")) >= 10, 30, what="frames from the camera")
-        first = FrameMsg.from_bytes(redis_client.xrange(frames_key("rtsp"), count=1)[0][1][b"msg"])
-        assert (first.w, first.h, first.camera) == (80, 60, "rtsp")
-        # the reader may have asked before the server had video (camera_down, then camera_up)
-        start = _events(redis_client)
-        assert start[-1].type == "camera_up"
-        n0 = len(start)
-        setups = _setups(procs, server)
+    running = [_start_camera(procs, python, ffmpeg, ports, "1")]
+
+    def check_tcp() -> None:
+        setups = _setups(procs, running[0][0])
         assert setups and all("RTP/AVP/TCP" in s for s in setups), f"RTSP over TCP by default: {setups}"
 
-        _kill(server, publisher)
-        wait_until(
-            lambda: [e.type for e in _events(redis_client)[n0:]] == ["camera_down"],
-            20,
-            what="camera_down after the RTSP server died",
-        )
-        assert registry.get_sample_value("dfm_camera_up", {"camera": "rtsp"}) == 0
-        before = redis_client.xlen(frames_key("rtsp"))
-
-        server, publisher = _start_camera(procs, python, ffmpeg, ports, "2")
-        wait_until(
-            lambda: [e.type for e in _events(redis_client)[n0:]] == ["camera_down", "camera_up"],
-            30,
-            what="camera_up after the RTSP server came back",
-        )
-        wait_until(
-            lambda: redis_client.xlen(frames_key("rtsp")) >= before + 10, 30, what="frames after reconnect"
-        )
-        up = _events(redis_client)[-1]
-        assert up.since_ts is not None and up.since_ts <= up.ts
-        assert registry.get_sample_value("dfm_camera_up", {"camera": "rtsp"}) == 1
-        assert registry.get_sample_value("dfm_reader_reconnects_total", {"camera": "rtsp"}) >= 1
-    finally:
-        reader.close()
-    msgs = [FrameMsg.from_bytes(f[b"msg"]) for _, f in redis_client.xrange(frames_key("rtsp"))]
-    assert [m.seq for m in msgs] == list(range(len(msgs))), "seq keeps counting across the reconnect"
-    assert len({m.session for m in msgs}) == 1, "one reader session across the reconnect"
+    check_reader_survives_server_restart(
+        redis_client,
+        "rtsp",
+        f"rtsp://127.0.0.1:{ports[0]}/cam",
+        kill_server=lambda: _kill(*running[-1]),
+        restart_server=lambda: running.append(_start_camera(procs, python, ffmpeg, ports, "2")),
+        while_up=check_tcp,
+    )
