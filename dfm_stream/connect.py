@@ -46,9 +46,9 @@ class RedisSettings:
         parts = urlsplit(self.url)
         if parts.password is None:
             return self.url
-        user = parts.username or ""
-        host = parts.hostname or ""
-        netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+        # rebuild from the raw netloc: parts.port raises on a non-numeric port, and this must not
+        _, _, hostport = parts.netloc.rpartition("@")
+        netloc = f"{parts.username or ''}:***@{hostport}"
         return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
     @classmethod

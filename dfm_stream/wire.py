@@ -182,6 +182,17 @@ def split_frame_id(frame_id: str) -> tuple[str, str]:
     return camera, entry_id
 
 
+SCORE_STATUSES = ("scored", "skipped")
+
+
+def _status(value: str, what: str) -> str:
+    if value not in SCORE_STATUSES:
+        raise WireError(
+            f"{what}: 'status' must be one of {SCORE_STATUSES}, got {value!r}", reason="bad_message"
+        )
+    return value
+
+
 @dataclass(frozen=True)
 class ScoreMsg:
     """The result for one frame, as a worker writes it to ``{prefix}:{camera}:scores``.
@@ -228,8 +239,8 @@ class ScoreMsg:
             threshold=_finite(_get(obj, "threshold", num, what, None), "threshold", what),
             anomalous=_get(obj, "anomalous", bool, what),
             model=_get(obj, "model", str, what),
-            latency_ms=float(_get(obj, "latency_ms", num, what)),
-            status=_get(obj, "status", str, what, "scored"),
+            latency_ms=_finite(_get(obj, "latency_ms", num, what), "latency_ms", what),
+            status=_status(_get(obj, "status", str, what, "scored"), what),
             session=_get(obj, "session", str, what, ""),
             worker=_get(obj, "worker", str, what, ""),
         )
