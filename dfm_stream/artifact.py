@@ -11,9 +11,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import struct
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,10 +27,22 @@ from safetensors.torch import save as st_save
 
 from dfm_stream.errors import ArtifactError, DfmStreamError
 from dfm_stream.images import IMAGENET_MEAN, IMAGENET_STD
+from dfm_stream.model.backbone import SUPPORTED_BACKBONES, SUPPORTED_LAYERS
 from dfm_stream.model.dfm import DFMModel
 
 FORMAT_VERSION = 1
 _META_KEY = "dfm_stream"
+
+#: Largest image side (px) an artifact may ask for. Workers resize every frame to ``image_size`` and
+#: batch it as float32, so this bounds what one artifact can make them allocate (4096 x 4096 x 3 x 4
+#: bytes = 192 MiB per image); the content hash is a checksum, not a signature, so a forged artifact
+#: asking for 100000 x 100000 px (~120 GB) must be refused here, not by the worker's allocator.
+MAX_IMAGE_SIDE = 4096
+#: Smallest image side (px): below this a ResNet's deeper layers have no spatial extent left.
+MIN_IMAGE_SIDE = 16
+#: Largest average-pooling kernel a model may use.
+MAX_POOLING_KERNEL = 64
+_REPR_MAX = 60
 
 
 @dataclass(frozen=True)
@@ -79,22 +93,133 @@ class ArtifactInfo:
         return data
 
     @classmethod
-    def from_json_dict(cls, data: dict[str, Any]) -> ArtifactInfo:
-        """Rebuild from :meth:`to_json_dict` output; unknown or missing fields are an error."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            msg = f"unknown metadata fields {unknown}"
+    def from_json_dict(cls, data: Any, source: str = "<metadata>") -> ArtifactInfo:
+        """Rebuild from :meth:`to_json_dict` output, checking every field's type and range.
+
+        Unknown, missing or out-of-range fields raise :class:`ArtifactError` naming ``source``, the
+        field and its (truncated) value; values are not coerced, so the content hash still matches.
+        """
+        if not isinstance(data, dict):
+            msg = f"artifact {source}: metadata is not a JSON object: re-export it with dfm-stream"
             raise ArtifactError(msg)
-        try:
-            values = dict(data)
-            for key in ("image_size", "mean", "std"):
-                if key in values:
-                    values[key] = tuple(values[key])
-            return cls(**values)
-        except TypeError as e:
-            msg = f"bad metadata: {e}"
-            raise ArtifactError(msg) from e
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(fields))
+        if unknown:
+            msg = (
+                f"artifact {source}: unknown metadata fields {_short(unknown)}: re-export it with dfm-stream"
+            )
+            raise ArtifactError(msg)
+        required = (n for n, f in fields.items() if f.default is dataclasses.MISSING)
+        missing = sorted(n for n in required if n not in data)
+        if missing:
+            msg = f"artifact {source}: missing metadata fields {missing}: re-export it with dfm-stream"
+            raise ArtifactError(msg)
+        for name, value in data.items():
+            reason = _VALIDATORS[name](value)
+            if reason:
+                raise _bad_field(name, value, reason, source)
+        values = dict(data)
+        for key in ("image_size", "mean", "std"):
+            if key in values:
+                values[key] = tuple(values[key])
+        info = cls(**values)
+        _check_consistency(info, source)
+        return info
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= _REPR_MAX else text[: _REPR_MAX - 3] + "..."
+
+
+def _bad_field(name: str, value: Any, reason: str, source: str) -> ArtifactError:
+    msg = f"artifact {source}: bad metadata field {name}={_short(value)}: {reason}; re-export it"
+    return ArtifactError(msg)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    """Tell whether ``value`` is a finite int or float (JSON may carry NaN / Infinity; bools are not)."""
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+def _int_in(low: int, high: int | None = None) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        if _is_int(value) and value >= low and (high is None or value <= high):
+            return None
+        return (
+            f"must be an integer in [{low}, {high}]" if high is not None else f"must be an integer >= {low}"
+        )
+
+    return check
+
+
+def _one_of(options: tuple[str, ...]) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        return None if isinstance(value, str) and value in options else f"must be one of {', '.join(options)}"
+
+    return check
+
+
+def _string(value: Any) -> str | None:
+    return None if isinstance(value, str) else "must be a string"
+
+
+def _optional_number(value: Any) -> str | None:
+    return None if value is None or _is_number(value) else "must be null or a finite number"
+
+
+def _positive_number(value: Any) -> str | None:
+    return None if _is_number(value) and value > 0 else "must be a finite number > 0"
+
+
+def _image_size(value: Any) -> str | None:
+    pair = isinstance(value, list | tuple) and len(value) == 2 and all(_is_int(v) for v in value)
+    if pair and all(MIN_IMAGE_SIDE <= v <= MAX_IMAGE_SIDE for v in value):
+        return None
+    return f"must be two integers in [{MIN_IMAGE_SIDE}, {MAX_IMAGE_SIDE}]"
+
+
+def _rgb(positive: bool) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        triple = isinstance(value, list | tuple) and len(value) == 3 and all(_is_number(v) for v in value)
+        if triple and (not positive or all(v > 0 for v in value)):
+            return None
+        return "must be three finite numbers" + (" > 0" if positive else "")
+
+    return check
+
+
+_VALIDATORS: dict[str, Callable[[Any], str | None]] = {
+    "backbone": _one_of(tuple(SUPPORTED_BACKBONES)),
+    "layer": _one_of(SUPPORTED_LAYERS),
+    "pooling_kernel_size": _int_in(1, MAX_POOLING_KERNEL),
+    "image_size": _image_size,
+    "score_type": _one_of(("fre", "nll")),
+    "n_comps": _positive_number,
+    "n_components": _int_in(0),
+    "n_train": _int_in(0),
+    "weights_id": _string,
+    "mean": _rgb(positive=False),
+    "std": _rgb(positive=True),
+    "threshold": _optional_number,
+    "score_min": _optional_number,
+    "score_max": _optional_number,
+    "created_at": _string,
+    "library_version": _string,
+    "content_hash": _string,
+    "format_version": _int_in(1),
+}
+
+
+def _check_consistency(info: ArtifactInfo, source: str) -> None:
+    """Relations between fields that each look fine on their own."""
+    if info.n_comps > 1 and info.n_components != int(info.n_comps):
+        reason = f"n_comps={info.n_comps} keeps exactly {int(info.n_comps)} components"
+        raise _bad_field("n_components", info.n_components, reason, source)
 
 
 class FittedModel(NamedTuple):
@@ -175,8 +300,9 @@ def _read_header(data: bytes, source: str) -> dict[str, Any]:
     try:
         header = json.loads(data[8 : 8 + header_len])
         meta = json.loads(header["__metadata__"][_META_KEY])
-    except (ValueError, KeyError, TypeError) as e:
-        msg = f"{source} is not a dfm-stream artifact (no '{_META_KEY}' metadata)"
+    except (ValueError, KeyError, TypeError, RecursionError) as e:
+        # ValueError covers JSONDecodeError and UnicodeDecodeError; RecursionError a deeply nested header.
+        msg = f"{source} is not a dfm-stream artifact (no readable '{_META_KEY}' metadata)"
         raise ArtifactError(msg) from e
     if not isinstance(meta, dict):
         msg = f"{source}: metadata is not a JSON object"
@@ -184,20 +310,76 @@ def _read_header(data: bytes, source: str) -> dict[str, Any]:
     return meta
 
 
+_BASIC_BLOCK_BACKBONES = ("resnet18", "resnet34")
+
+
+def _feature_dim(info: ArtifactInfo) -> int:
+    """Length of the feature vector the backbone produces for ``info.image_size`` (torchvision ResNets).
+
+    The stem halves the side twice (7x7/2 conv, 3x3/2 max-pool), each of layer2..4 halves it once
+    (3x3/2 conv, padding 1); then ``avg_pool2d`` divides it by the kernel (floor). The channel
+    count doubles per layer from 64, times 4 for bottleneck backbones.
+    """
+    depth = SUPPORTED_LAYERS.index(info.layer)
+    sides = []
+    for image_side in info.image_size:
+        side = (image_side - 1) // 2 + 1  # conv1
+        for _ in range(1 + depth):  # maxpool, then the stride-2 layers past layer1
+            side = (side - 1) // 2 + 1
+        sides.append(side // info.pooling_kernel_size if info.pooling_kernel_size > 1 else side)
+    channels = 64 * 2**depth * (1 if info.backbone in _BASIC_BLOCK_BACKBONES else 4)
+    return channels * sides[0] * sides[1]
+
+
+def _check_tensors(tensors: dict[str, torch.Tensor], info: ArtifactInfo, source: str) -> None:
+    """Check the fitted statistics' shapes against each other and the metadata (cheap, no model built)."""
+    k = info.n_components
+    dim = _feature_dim(info)
+    expected: dict[str, tuple[int, ...]] = {
+        "pca_model.mean": (dim,),
+        "pca_model.singular_vectors": (dim, k),
+        "pca_model.singular_values": (k,),
+        "pca_model.num_components": (1,),
+    }
+    if info.score_type == "nll":
+        rank = tensors["gaussian_model.sigma_mat"].shape if "gaussian_model.sigma_mat" in tensors else ()
+        rank_value = rank[0] if len(rank) == 1 and rank[0] > 0 else -1
+        expected |= {
+            "gaussian_model.mean_vec": (k,),
+            "gaussian_model.u_mat": (k, rank_value),
+            "gaussian_model.sigma_mat": (rank_value,),
+        }
+    for name, shape in expected.items():
+        tensor = tensors.get(name)
+        if tensor is None or tuple(tensor.shape) != shape or tensor.dtype != torch.float32:
+            got = "missing" if tensor is None else f"{tensor.dtype} {tuple(tensor.shape)}"
+            msg = (
+                f"artifact {source} does not match its own settings: tensor {name} is {got}, "
+                f"expected float32 {shape} for {info.backbone}/{info.layer} at {info.image_size} px "
+                f"with {k} components: re-export it"
+            )
+            raise ArtifactError(msg)
+    if float(tensors["pca_model.num_components"][0]) != k:
+        value = float(tensors["pca_model.num_components"][0])
+        msg = (
+            f"artifact {source} does not match its own settings: tensor pca_model.num_components "
+            f"holds {value}, metadata n_components {k}: re-export it"
+        )
+        raise ArtifactError(msg)
+
+
 def _decode(data: bytes, source: str) -> tuple[dict[str, torch.Tensor], ArtifactInfo]:
     meta = _read_header(data, source)
     version = meta.get("format_version")
+    if not _is_int(version):
+        raise _bad_field("format_version", version, f"must be the integer {FORMAT_VERSION}", source)
     if version != FORMAT_VERSION:
         msg = (
-            f"artifact {source} has format_version {version}; this dfm-stream "
+            f"artifact {source} has format_version {_short(version)}; this dfm-stream "
             f"({_library_version()}) reads version {FORMAT_VERSION}: re-fit or upgrade dfm-stream"
         )
         raise ArtifactError(msg)
-    try:
-        info = ArtifactInfo.from_json_dict(meta)
-    except ArtifactError as e:
-        msg = f"artifact {source}: {e}"
-        raise ArtifactError(msg) from e
+    info = ArtifactInfo.from_json_dict(meta, source)
     try:
         tensors = st_load(data)
     except Exception as e:
@@ -206,6 +388,7 @@ def _decode(data: bytes, source: str) -> tuple[dict[str, torch.Tensor], Artifact
     if _content_hash(tensors, info) != info.content_hash:
         msg = f"artifact {source} failed its content hash check: it was modified or corrupted after saving"
         raise ArtifactError(msg)
+    _check_tensors(tensors, info, source)
     return tensors, info
 
 
@@ -251,6 +434,9 @@ def update_calibration(
     path: str | Path, threshold: float, score_min: float | None, score_max: float | None
 ) -> ArtifactInfo:
     """Rewrite the artifact at ``path`` with a new threshold and score statistics; return the new info."""
+    for name, value in (("threshold", threshold), ("score_min", score_min), ("score_max", score_max)):
+        if value is not None and not math.isfinite(float(value)):
+            raise _bad_field(name, value, "must be a finite number", str(path))
     data, source = _read_bytes(path)
     tensors, info = _decode(data, source)
     new_info = dataclasses.replace(
