@@ -147,6 +147,43 @@ return {entries, gaps, entries[#entries][1]}
 """KEYS: frames stream, seq hash. ARGV: group, consumer, count. Returns {entries, gaps, last id}."""
 
 
+LAG_COUNT_CAP = 10_000
+"""Most entries :data:`LAG_SCRIPT` counts one by one (a larger lag is reported as this number).
+
+Counting walks the undelivered entries inside Redis (there is no rank query on a stream), so its
+cost grows with the lag: 0 and "everything undelivered" (XLEN) cost O(1), anything in between
+O(lag) up to this cap, once per camera per stats interval."""
+
+LAG_SCRIPT = """
+local function older(a, b)
+  local ams, aseq = string.match(a, '^(%d+)-(%d+)$')
+  local bms, bseq = string.match(b, '^(%d+)-(%d+)$')
+  if tonumber(ams) ~= tonumber(bms) then return tonumber(ams) < tonumber(bms) end
+  return tonumber(aseq) < tonumber(bseq)
+end
+if redis.call('EXISTS', KEYS[1]) == 0 then return {-1, 0} end
+local last, pending = nil, 0
+for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+  local name, id, n = nil, nil, 0
+  for i = 1, #g, 2 do
+    if g[i] == 'name' then name = g[i + 1]
+    elseif g[i] == 'last-delivered-id' then id = g[i + 1]
+    elseif g[i] == 'pending' then n = g[i + 1] end
+  end
+  if name == ARGV[1] then last, pending = id, n end
+end
+if not last then return {-1, 0} end
+local top = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+if not top[1] or not older(last, top[1][1]) then return {0, pending} end
+local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
+if older(last, first[1][1]) then
+  return {math.min(redis.call('XLEN', KEYS[1]), tonumber(ARGV[2])), pending}
+end
+return {#redis.call('XRANGE', KEYS[1], '(' .. last, '+', 'COUNT', tonumber(ARGV[2])), pending}
+"""
+"""KEYS: frames stream. ARGV: group, cap. Returns {lag (-1: no stream or group), pending}."""
+
+
 def _s(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -183,7 +220,7 @@ class ReadResult:
 
 @dataclass
 class ClaimResult:
-    """Entries reclaimed from idle consumers, and ids that were trimmed while pending."""
+    """Entries reclaimed from idle consumers, and ids that were trimmed while pending (acknowledged)."""
 
     entries: list[StreamEntry] = field(default_factory=list)
     deleted: dict[str, list[str]] = field(default_factory=dict)
@@ -220,6 +257,7 @@ class StreamConsumer:
         self._top: dict[str, str] = {}
         self._rr = 0
         self._read = client.register_script(READ_SCRIPT)
+        self._lag = client.register_script(LAG_SCRIPT)
 
     def add_cameras(self, cameras: list[str]) -> list[str]:
         """Create the group on each new camera's stream (idempotent); return the cameras added."""
@@ -227,17 +265,32 @@ class StreamConsumer:
         for camera in cameras:
             if camera in self.cameras:
                 continue
-            key = keys.frames_key(camera, self.prefix)
-            try:
-                self.client.xgroup_create(key, self.group, id="0", mkstream=True)
-                log.info("created consumer group %s on %s", self.group, key)
-            except redis.ResponseError as e:
-                if "BUSYGROUP" not in str(e):
-                    raise
+            self._create_group(camera)
             self.cameras.append(camera)
             self._top.setdefault(camera, "0-0")
             added.append(camera)
         return added
+
+    def discover(self, cameras: list[str] | None = None) -> list[str]:
+        """Add ``cameras``, or (None) every valid camera id registered by the readers; return those added."""
+        if cameras is None:
+            cameras = sorted(_s(k) for k in self.client.hkeys(keys.cameras_key(self.prefix)))
+            cameras = [c for c in cameras if keys.valid_name(c)]
+        return self.add_cameras(list(cameras))
+
+    def ensure_groups(self) -> None:
+        """Create the group again on every camera's stream where it is missing (Redis lost its data)."""
+        for camera in list(self.cameras):
+            self._create_group(camera)
+
+    def _create_group(self, camera: str) -> None:
+        key = keys.frames_key(camera, self.prefix)
+        try:
+            self.client.xgroup_create(key, self.group, id="0", mkstream=True)
+            log.info("created consumer group %s on %s", self.group, key)
+        except redis.ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
 
     def remove_camera(self, camera: str) -> None:
         """Stop reading ``camera`` (its pending entries stay for other consumers to reclaim)."""
@@ -288,41 +341,58 @@ class StreamConsumer:
         return bool(reply)
 
     def reclaim(self, min_idle_ms: int, count: int = 100, exclude: set[str] | None = None) -> ClaimResult:
-        """XAUTOCLAIM entries idle longer than ``min_idle_ms`` on every camera; look up delivery counts."""
+        """Claim entries idle longer than ``min_idle_ms`` on every camera, except frame ids in ``exclude``.
+
+        ``XPENDING ... IDLE`` lists the idle entries (any owner, this consumer's own included: a frame
+        left pending after a failed batch is taken again); those in ``exclude`` (the worker's frames
+        in flight) are never touched, so their idle time and delivery count stay as they are.
+        ``XAUTOCLAIM`` is not used: it drops every trimmed entry from the group's pending list
+        whoever holds it and however short its idle time, which would make a worker's own frames in
+        flight look already acknowledged (their scores suppressed as duplicates). The rest go through
+        ``XCLAIM``; an id it does not return whose entry is gone from the stream (trimmed while
+        pending) is acknowledged and reported in ``deleted``, one it does not return for another
+        reason (acknowledged meanwhile) is not. Bounded: at most 100 * ``count`` pending entries per
+        camera per pass.
+        """
         result = ClaimResult()
         for camera in list(self.cameras):
             key = keys.frames_key(camera, self.prefix)
-            start = "0-0"
-            for _ in range(100):  # bounded: at most 100 * count entries per pass
-                reply = self.client.xautoclaim(key, self.group, self.name, min_idle_ms, start, count=count)
-                start = _s(reply[0])
-                claimed = [_entry(camera, e[0], e[1]) for e in reply[1] if e and e[1] is not None]
-                deleted = [_s(i) for i in (reply[2] if len(reply) > 2 else [])]
-                deleted += [_s(e[0]) for e in reply[1] if e and e[1] is None]  # Redis 6.2
-                if deleted:
-                    result.deleted.setdefault(camera, []).extend(deleted)
-                claimed = [e for e in claimed if not exclude or f"{camera}:{e.entry_id}" not in exclude]
-                self._set_deliveries(key, claimed)
-                result.entries.extend(claimed)
-                if start in ("0-0", "0"):
+            start = "-"
+            for _ in range(100):
+                rows = self.client.xpending_range(key, self.group, start, "+", count, idle=int(min_idle_ms))
+                if not rows:
+                    break
+                start = "(" + _s(rows[-1]["message_id"])
+                wanted = {
+                    _s(r["message_id"]): int(r["times_delivered"])
+                    for r in rows
+                    if not exclude or f"{camera}:{_s(r['message_id'])}" not in exclude
+                }
+                if wanted:
+                    self._claim(camera, key, int(min_idle_ms), wanted, result)
+                if len(rows) < count:
                     break
         return result
 
-    def _set_deliveries(self, key: str, entries: list[StreamEntry]) -> None:
-        if not entries:
+    def _claim(
+        self, camera: str, key: str, min_idle_ms: int, wanted: dict[str, int], result: ClaimResult
+    ) -> None:
+        reply = self.client.xclaim(key, self.group, self.name, min_idle_ms, list(wanted))
+        got = [_entry(camera, e[0], e[1]) for e in reply if e and e[0] is not None and e[1] is not None]
+        for entry in got:
+            entry.deliveries = wanted.get(entry.entry_id, 1) + 1
+        result.entries.extend(got)
+        missing = set(wanted) - {e.entry_id for e in got}
+        if not missing:
             return
-        ids = [e.entry_id for e in entries]
-        rows = self.client.xpending_range(
-            key,
-            self.group,
-            min=min(ids, key=_id_key),
-            max=max(ids, key=_id_key),
-            count=len(ids) * 4 + 100,
-            consumername=self.name,
-        )
-        counts = {_s(r["message_id"]): int(r["times_delivered"]) for r in rows}
-        for e in entries:
-            e.deliveries = counts.get(e.entry_id, 2)
+        pipe = self.client.pipeline(transaction=False)
+        ordered = sorted(missing, key=_id_key)
+        for entry_id in ordered:
+            pipe.xrange(key, entry_id, entry_id, count=1)
+        gone = [i for i, rows in zip(ordered, pipe.execute(), strict=True) if not rows]
+        if gone:  # Redis 7 dropped them from the pending list already; 6.2 claimed them for us
+            self.client.xack(key, self.group, *gone)
+            result.deleted.setdefault(camera, []).extend(gone)
 
     def ack(self, camera: str, entry_ids: list[str]) -> int:
         """Acknowledge entries of ``camera`` (used for dead letters and trimmed ids; scores ack in Lua)."""
@@ -330,15 +400,21 @@ class StreamConsumer:
             return 0
         return int(self.client.xack(keys.frames_key(camera, self.prefix), self.group, *entry_ids))
 
-    def group_stats(self) -> dict[str, tuple[int | None, int]]:
-        """Return ``camera -> (lag, pending)`` of this group (lag None when Redis cannot tell)."""
-        out: dict[str, tuple[int | None, int]] = {}
+    def group_stats(self) -> dict[str, tuple[int, int]]:
+        """Return ``camera -> (lag, pending)`` of this group (lag: entries not yet delivered to it).
+
+        The lag is counted by :data:`LAG_SCRIPT`, not taken from ``XINFO GROUPS`` (Redis 6.2 has
+        no ``lag`` there, and Redis 7.0 leaves it too high for good once entries were trimmed
+        before the group read them). It is at most :data:`LAG_COUNT_CAP`; a camera whose stream
+        or group does not exist (yet) is left out.
+        """
+        out: dict[str, tuple[int, int]] = {}
         for camera in list(self.cameras):
-            groups = self.client.xinfo_groups(keys.frames_key(camera, self.prefix))
-            for g in groups:
-                if _s(g["name"]) == self.group:
-                    lag = g.get("lag")
-                    out[camera] = (None if lag is None else int(lag), int(g["pending"]))
+            lag, pending = self._lag(
+                keys=[keys.frames_key(camera, self.prefix)], args=[self.group, LAG_COUNT_CAP]
+            )
+            if int(lag) >= 0:
+                out[camera] = (int(lag), int(pending))
         return out
 
     def heartbeat(self, ttl_s: int = 30) -> None:

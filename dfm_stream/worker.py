@@ -22,6 +22,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import redis
@@ -268,11 +269,10 @@ class Worker:
         delay = 0.1
         while not self._stop.is_set():
             try:
+                if not self._redis_ok:
+                    self._connected()
                 self._fetch_once()
                 delay = 0.1
-                if not self._redis_ok:
-                    self._redis_ok = True
-                    log.info("worker %s connected to Redis", self.name)
             except REDIS_ERRORS as e:
                 self._redis_ok = False
                 log.warning("Redis unavailable (%s); retrying in %.1f s", e, delay)
@@ -281,14 +281,21 @@ class Worker:
             except redis.ResponseError as e:
                 if "NOGROUP" in str(e):  # the server lost its data (restart without persistence)
                     log.warning("consumer group missing (%s): creating it again", e)
-                    cameras, self.consumer.cameras = list(self.consumer.cameras), []
-                    self.consumer.add_cameras(cameras)
+                    self.consumer.ensure_groups()
                 else:
                     self._loop_error("fetch", delay)
                     delay = min(delay * 2, 5.0)
             except Exception:
                 self._loop_error("fetch", delay)
                 delay = min(delay * 2, 5.0)
+
+    def _connected(self) -> None:
+        """Ping Redis; once it answers, log it, make sure the groups exist and look for cameras now."""
+        self.client.ping()
+        self.consumer.ensure_groups()
+        self._timers.pop("discover", None)
+        self._redis_ok = True
+        log.info("worker %s connected to Redis", self.name)
 
     def _loop_error(self, where: str, delay: float) -> None:
         log.exception("unexpected error in the %s loop; retrying in %.1f s", where, delay)
@@ -443,40 +450,32 @@ class Worker:
 
     # -- housekeeping (fetch thread) ---------------------------------------------------------------
 
-    def _due(self, name: str, interval: float) -> bool:
+    def _every(self, name: str, interval: float, action: Callable[[], object]) -> None:
+        """Run ``action`` when ``name`` is due; only a run that did not raise waits ``interval`` again."""
         now = time.monotonic()
         if now < self._timers.get(name, 0.0):
-            return False
+            return
+        action()
         self._timers[name] = now + interval
-        return True
 
     def _housekeeping(self) -> None:
         s = self.settings
-        if self._due("discover", s.discover_interval_s):
-            self._discover()
+        self._every("discover", s.discover_interval_s, self._discover)
         if self.router.refresh(self.consumer.cameras):
             log.info("model routing changed")
-        if self._due("heartbeat", s.heartbeat_interval_s):
-            self.consumer.heartbeat()
-        if self._due("reclaim", max(0.05, s.claim_idle_s / 2)) and self._timers.get("started"):
-            self._reclaim()
-        self._timers.setdefault("started", time.monotonic())
-        if self.metrics and self._due("stats", s.stats_interval_s):
-            for camera, (lag, pending) in self.consumer.group_stats().items():
-                if lag is not None:
-                    self.metrics.stream_lag.labels(camera).set(lag)
-                self.metrics.stream_pending.labels(camera).set(pending)
+        self._every("heartbeat", s.heartbeat_interval_s, self.consumer.heartbeat)
+        self._timers.setdefault("reclaim", time.monotonic() + max(0.05, s.claim_idle_s / 2))
+        self._every("reclaim", max(0.05, s.claim_idle_s / 2), self._reclaim)
+        if self.metrics:
+            self._every("stats", s.stats_interval_s, self._group_stats)
+
+    def _group_stats(self) -> None:
+        for camera, (lag, pending) in self.consumer.group_stats().items() if self.metrics else ():
+            self.metrics.stream_lag.labels(camera).set(lag)
+            self.metrics.stream_pending.labels(camera).set(pending)
 
     def _discover(self) -> None:
-        if self.settings.cameras is not None:
-            wanted = list(self.settings.cameras)
-        else:
-            wanted = sorted(
-                k.decode() if isinstance(k, bytes) else k
-                for k in self.client.hkeys(keys.cameras_key(self.prefix))
-            )
-            wanted = [c for c in wanted if keys.valid_name(c)]
-        added = self.consumer.add_cameras(wanted)
+        added = self.consumer.discover(self.settings.cameras)
         for camera in added if self.metrics else ():
             self.metrics.init_camera(camera)
         if added:
@@ -486,8 +485,7 @@ class Worker:
         with self._lock:
             exclude = set(self._inflight)
         result = self.consumer.reclaim(int(self.settings.claim_idle_s * 1000), exclude=exclude)
-        for camera, ids in result.deleted.items():
-            self.consumer.ack(camera, ids)
+        for camera, ids in result.deleted.items():  # never one in flight here: the publish acks those
             self._drop(camera, "trimmed", len(ids))
         if result.entries:
             log.info("reclaimed %d idle frames from other consumers", len(result.entries))

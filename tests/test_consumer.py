@@ -82,3 +82,36 @@ def test_nested_keys_before_seq_do_not_look_like_trimmed_frames(redis_client):
     assert all(r.trimmed == {} for r in read)
     push_frame(redis_client, "c1", IMG, 6, session="s")  # seqs 4 and 5 never arrived
     assert consumer.read(1).trimmed == {"c1": 2}
+
+
+def test_reclaim_leaves_trimmed_frames_in_flight_to_their_publish(redis_client):
+    busy = StreamConsumer(redis_client, name="busy")
+    other = StreamConsumer(redis_client, name="other")
+    busy.add_cameras(["c1"])
+    other.add_cameras(["c1"])
+    ids = [push_frame(redis_client, "c1", IMG, seq) for seq in range(3)]
+    assert len(busy.read(10).entries) == 3
+    redis_client.xdel(keys.frames_key("c1"), ids[0], ids[1])  # trimmed while the worker still scores them
+    own = busy.reclaim(min_idle_ms=0, exclude={f"c1:{i}" for i in ids})
+    assert own.entries == [] and own.deleted == {}
+    theirs = other.reclaim(min_idle_ms=60_000)  # not idle long enough: not touched, trimmed or not
+    assert theirs.entries == [] and theirs.deleted == {}
+    assert busy.ack("c1", ids) == 3  # so the publish still acknowledges (and scores) every frame
+
+
+def test_group_stats_counts_the_entries_not_yet_delivered(redis_client):
+    consumer = StreamConsumer(redis_client, name="a")
+    consumer.add_cameras(["c1"])
+    assert consumer.group_stats() == {"c1": (0, 0)}
+    ids = [push_frame(redis_client, "c1", IMG, seq) for seq in range(5)]
+    assert consumer.group_stats() == {"c1": (5, 0)}
+    assert len(consumer.read(2).entries) == 2
+    assert consumer.group_stats() == {"c1": (3, 2)}
+    redis_client.xdel(keys.frames_key("c1"), *ids[:3])  # the last delivered entry is gone
+    assert consumer.group_stats() == {"c1": (2, 2)}
+    for seq in range(5, 15):  # everything the group has not read is trimmed away but 3 entries
+        push_frame(redis_client, "c1", IMG, seq, maxlen=3)
+    assert consumer.group_stats()["c1"][0] == 3
+    while consumer.read(10).entries:
+        pass
+    assert consumer.group_stats()["c1"][0] == 0

@@ -145,6 +145,14 @@ def test_bad_arguments_are_rejected_by_the_parser(
             "backoff_max",
         ),
         (["--config", "/no/such.toml"], "cannot read config file /no/such.toml"),
+        # the whole source string is checked at start, not only its kind
+        (
+            ["--camera", "c", "--source", "synthetic:sed=1"],
+            "camera c: synthetic source: bad parameter 'sed=1'",
+        ),
+        (["--camera", "c", "--source", "synthetic:seed=-1"], "camera c: synthetic source: seed=-1"),
+        (["--camera", "c", "--source", "synthetic:fps=fast"], "camera c: synthetic source: fps='fast'"),
+        (["--camera", "c", "--source", "synthetic:size=8x8"], "camera c: synthetic source: size '8x8'"),
     ],
 )
 def test_bad_settings_are_clear_errors(
@@ -160,3 +168,17 @@ def test_unknown_config_key_names_key_and_file(tmp_path: Path, capsys: pytest.Ca
     assert main(["read", "--config", str(cfg), "--metrics-port", "-1"]) == 2
     err = capsys.readouterr().err
     assert "'framerate'" in err and str(cfg) in err
+
+
+def test_a_bad_source_string_in_a_config_names_the_camera(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = tmp_path / "cams.toml"
+    cfg.write_text(
+        '[[cameras]]\nid = "a"\nsource = "synthetic:"\n[[cameras]]\nid = "b"\nsource = "synthetic:rate=1"\n'
+    )
+    assert (
+        main(["read", "--config", str(cfg), "--redis", "redis://127.0.0.1:1/0", "--metrics-port", "-1"]) == 2
+    )
+    err = capsys.readouterr().err
+    assert "camera b:" in err and "'rate=1'" in err

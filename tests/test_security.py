@@ -40,7 +40,7 @@ DFM_COMMANDS = (
     # reader: frames, health events, camera registration
     " xadd publish hset"
     # worker: consumer group, scripted read / publish + ack, reclaim, stats, heartbeat
-    " xgroup|create xreadgroup xread xrevrange xack xautoclaim xpending xinfo|groups"
+    " xgroup|create xreadgroup xread xrevrange xack xclaim xpending xinfo|groups exists"
     " evalsha eval script|load time hget hmget hkeys set get"
     # model registry (push, assign, worker lookups and change notifications)
     " subscribe lrange rpush sadd smembers del incrby multi exec watch"

@@ -21,7 +21,7 @@ import threading
 from typing import Any
 
 from dfm_stream.config import CameraConfig, Config, parse_roi, parse_size
-from dfm_stream.errors import ConfigError
+from dfm_stream.errors import ConfigError, SourceError
 from dfm_stream.metrics import add_metrics_args
 
 log = logging.getLogger(__name__)
@@ -156,24 +156,29 @@ def select_cameras(args: argparse.Namespace) -> tuple[list[CameraConfig], Config
         raise ConfigError(f"command-line options: {e}") from e
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run the reader until stopped, ``--duration`` passes, or every finite camera is done."""
-    from dfm_stream.connect import connect, settings_with_config
-    from dfm_stream.metrics import ReaderMetrics, new_registry, serve
-    from dfm_stream.reader import Reader
-    from dfm_stream.sources.base import source_kind
+def check_sources(cameras: list[CameraConfig]) -> None:
+    """Parse every camera's source string now, without opening it: a typo is an error at start.
 
-    cameras, config = select_cameras(args)
+    A missing file or folder, an unknown URL scheme, an unknown ``synthetic:`` option or a bad
+    value raise :class:`SourceError` naming the camera; a network camera that is merely
+    unreachable is not checked here (the reader keeps retrying it).
+    """
+    from dfm_stream.sources.base import SourceOptions, make_source
+
     for cam in cameras:
-        source_kind(cam.source)  # a typo in a file path fails now, with a clear message
-    settings = settings_with_config(args, config.redis if config else None)
-    client = connect(settings, socket_timeout=2.0, socket_connect_timeout=2.0)
-    registry = new_registry()
+        try:
+            make_source(cam.source, SourceOptions(cam.loop, cam.fps, cam.open_timeout, cam.read_timeout))
+        except SourceError as e:
+            raise SourceError(f"camera {cam.id}: {e}") from e
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the reader until stopped, ``--duration`` passes, or every finite camera is done.
+
+    The SIGTERM/SIGINT handlers are installed first, so a signal during start-up (importing
+    OpenCV, checking the sources) ends the process with 0 too.
+    """
     stop = threading.Event()
-    reader = Reader(cameras, client, settings.prefix, ReaderMetrics.create(registry), stop, args.max_frames)
-    server = None
-    if args.metrics_port >= 0:
-        server = serve(registry, args.metrics_host, args.metrics_port, ready=reader.ready)
 
     def on_signal(signum: int, _frame: object) -> None:
         # A repeated signal must not call Event.set() again: the handler may interrupt the main
@@ -184,6 +189,29 @@ def run(args: argparse.Namespace) -> int:
         stop.set()
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return _run(args, stop)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _run(args: argparse.Namespace, stop: threading.Event) -> int:
+    from dfm_stream.connect import connect, settings_with_config
+    from dfm_stream.metrics import ReaderMetrics, new_registry, serve
+    from dfm_stream.reader import Reader
+
+    cameras, config = select_cameras(args)
+    check_sources(cameras)
+    settings = settings_with_config(args, config.redis if config else None)
+    if stop.is_set():
+        return 0
+    client = connect(settings, socket_timeout=2.0, socket_connect_timeout=2.0)
+    registry = new_registry()
+    reader = Reader(cameras, client, settings.prefix, ReaderMetrics.create(registry), stop, args.max_frames)
+    server = None
+    if args.metrics_port >= 0:
+        server = serve(registry, args.metrics_host, args.metrics_port, ready=reader.ready)
     timer = threading.Timer(args.duration, stop.set) if args.duration else None
     if timer is not None:
         timer.daemon = True
@@ -199,8 +227,6 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if timer is not None:
             timer.cancel()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
         if server is not None:
             server.close()
         client.close()

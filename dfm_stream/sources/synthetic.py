@@ -7,6 +7,7 @@ knows which frames carry a defect (:meth:`SyntheticSource.defect_at`). Each fram
 carries the extra keys ``defect`` (bool), ``defect_type`` (when defective) and ``part`` (index).
 """
 
+import math
 from typing import Any
 
 import numpy as np
@@ -44,8 +45,10 @@ class SyntheticSource(Source):
     ) -> None:
         if not 0.0 <= defect_rate <= 1.0:
             raise SourceError(f"synthetic source: defect_rate={defect_rate} must be within [0, 1]")
-        if cycle < 1 or fps <= 0:
-            raise SourceError(f"synthetic source: cycle={cycle} must be >= 1 and fps={fps} > 0")
+        if cycle < 1 or not 0 < fps < math.inf:
+            raise SourceError(f"synthetic source: cycle={cycle} must be >= 1 and fps={fps} > 0 (finite)")
+        if seed < 0:
+            raise SourceError(f"synthetic source: seed={seed} must be >= 0")
         self.seed = int(seed)
         self.defect_rate = float(defect_rate)
         self._fps = float(fps)
