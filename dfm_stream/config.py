@@ -176,7 +176,7 @@ class WorkerConfig:
     batch_size: int = _f(8, "largest model batch")
     max_wait_ms: float = _f(20.0, "longest wait after a batch's first frame before running it")
     device: str = _f("auto", "auto (CUDA if available), cpu, cuda, cuda:N")
-    claim_idle_s: float = _f(30.0, "reclaim frames pending this long at a dead consumer (XAUTOCLAIM)")
+    claim_idle_s: float = _f(30.0, "reclaim frames pending this long at a dead or stuck consumer (XCLAIM)")
     max_deliveries: int = _f(3, "deliveries after which a frame goes to the dead-letter stream")
     max_age_s: float = _f(0.0, "skip frames older than this at dequeue; 0 = never skip")
     model: str = _f("", "default model for cameras without one: NAME[@VERSION] or an artifact path")

@@ -102,20 +102,73 @@ def _settings(args: argparse.Namespace, config: Any) -> Any:
         max_wait_ms=_pick(args.max_wait_ms, wc.max_wait_ms if wc else None, 20.0),
         claim_idle_s=_pick(args.claim_idle, wc.claim_idle_s if wc else None, 30.0),
         max_deliveries=_pick(args.max_deliveries, wc.max_deliveries if wc else None, 3),
-        max_age_s=max_age or None,
+        max_age_s=None if max_age is None or max_age == 0 else max_age,
         scores_maxlen=args.scores_maxlen,
         max_pixels=_pick(args.max_pixels, DEFAULT_MAX_PIXELS),
         alarm=alarm,
         burst=args.burst,
         max_frames=args.max_frames,
     )
-    if settings.batch_size < 1 or settings.max_wait_ms < 0 or settings.claim_idle_s <= 0:
-        raise ConfigError("--batch-size must be >= 1, --max-wait-ms >= 0 and --claim-idle > 0")
+    _check_ranges(settings)
     return settings
 
 
+def _check_ranges(settings: Any) -> None:
+    """Refuse settings that would silently skip, drop or never retry frames."""
+    rules = (
+        ("--batch-size", settings.batch_size, settings.batch_size >= 1, "must be >= 1"),
+        ("--max-wait-ms", settings.max_wait_ms, settings.max_wait_ms >= 0, "must be >= 0"),
+        ("--claim-idle", settings.claim_idle_s, settings.claim_idle_s > 0, "must be > 0 seconds"),
+        ("--max-deliveries", settings.max_deliveries, settings.max_deliveries >= 1, "must be >= 1"),
+        (
+            "--max-age",
+            settings.max_age_s,
+            settings.max_age_s is None or settings.max_age_s > 0,
+            "must be > 0 seconds (leave it out to never skip frames)",
+        ),
+        (
+            "--scores-maxlen",
+            settings.scores_maxlen,
+            settings.scores_maxlen >= 100,
+            "must be >= 100 (the score stream would throw scores away before anyone reads them)",
+        ),
+        ("--max-pixels", settings.max_pixels, settings.max_pixels >= 1, "must be >= 1"),
+    )
+    for flag, value, ok, rule in rules:
+        if not ok:
+            raise ConfigError(f"{flag} {value}: {rule}")
+
+
+def _install_stop_handlers(stop: threading.Event, message: str) -> dict[int, Any]:
+    """Make SIGTERM/SIGINT set ``stop``; return the previous handlers (to restore them)."""
+
+    def on_signal(signum: int, _frame: object) -> None:
+        # A repeated signal must not call Event.set() again: the handler may interrupt the main
+        # thread while it holds the Event's lock, and a second set() would deadlock on it.
+        if stop.is_set():
+            return
+        log.info("signal %s: %s", signal.Signals(signum).name, message)
+        stop.set()
+
+    return {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+
 def run(args: argparse.Namespace) -> int:
-    """Run a worker until SIGTERM/SIGINT (or --burst / --max-frames); exit 0 after a clean drain."""
+    """Run a worker until SIGTERM/SIGINT (or --burst / --max-frames); exit 0 after a clean drain.
+
+    The signal handlers are installed first, so a SIGTERM while torch is still being imported or
+    the model loaded ends the process with 0 as soon as that step is done.
+    """
+    stop = threading.Event()
+    previous = _install_stop_handlers(stop, "finishing the batches in flight, then exiting")
+    try:
+        return _run(args, stop)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _run(args: argparse.Namespace, stop: threading.Event) -> int:
     from dfm_stream.artifact import read_info
     from dfm_stream.inference import Engine
     from dfm_stream.metrics import WorkerMetrics, new_registry, serve
@@ -133,6 +186,8 @@ def run(args: argparse.Namespace) -> int:
         read_info(args.model)  # fail fast on a corrupt or tampered artifact
     settings = _settings(args, config)
     redis_settings = settings_with_config(args, config.redis if config else None)
+    if stop.is_set():
+        return 0
     client = connect(redis_settings)
     engine = Engine(_pick(args.device, config.worker.device if config else None, "auto"), args.precision)
     registry = new_registry()
@@ -149,20 +204,8 @@ def run(args: argparse.Namespace) -> int:
     )
     worker = Worker(client, router, settings, redis_settings.prefix, metrics, cluster=redis_settings.cluster)
     server = None
-    if args.metrics_port >= 0:
+    if args.metrics_port >= 0 and not stop.is_set():
         server = serve(registry, args.metrics_host, args.metrics_port, ready=worker.ready)
-    stop = threading.Event()
-
-    def on_signal(signum: int, _frame: object) -> None:
-        # A repeated signal must not call Event.set() again: the handler may interrupt the main
-        # thread while it holds the Event's lock, and a second set() would deadlock on it.
-        if stop.is_set():
-            return
-        log.info("signal %s: finishing the batches in flight, then exiting", signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
     log.info(
         "worker %s on %s (%s, %s), group %s, redis %s",
         worker.name,
@@ -173,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
         redis_settings.safe_url(),
     )
     try:
-        worker.run(stop)
+        worker.run(stop)  # returns at once when a signal came during start-up
     finally:
         if server is not None:
             server.close()
