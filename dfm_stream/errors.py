@@ -63,3 +63,7 @@ class SourceError(DfmStreamError):
 
 class RegistryError(DfmStreamError):
     """A model registry operation failed (unknown model or version, bad artifact)."""
+
+
+class BackendError(DfmStreamError):
+    """A backbone execution backend (onnxruntime, openvino, compile) is not installed or cannot run."""

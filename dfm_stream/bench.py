@@ -1,0 +1,276 @@
+"""``dfm-stream bench``: how fast the model could go, and how close the service comes, in one run.
+
+Stages (same device, backbone, image size and batch size throughout):
+
+=========  ===================================================================================
+backbone   bare feature extractor on pre-made tensors, as the worker runs it: the ceiling
+dfm        features + PCA score through the worker's ``Engine.score``
+backends   the backbone under each :mod:`~dfm_stream.fastpath` backend, scores checked vs fp32
+pipeline   JPEG frames in Redis -> ``dfm-stream work`` -> scores, rate from the score stream
+transport  the same frames through the worker's consumer/decoder/publisher with no model
+latency    real-time paced frames at 50 % and 80 % of the pipeline's capacity: p50/p95/p99
+fit        fitting on 1,000 generated 256x256 images in a fresh process: time and peak RSS
+=========  ===================================================================================
+
+Repeats are interleaved (repeat 1 of every stage, then repeat 2 ...), so slow drifts of a noisy
+machine touch every stage alike; ratios are taken within each repeat, then summarised. The
+result is a JSON document (:func:`run_bench`), shown by :mod:`dfm_stream.bench_report`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dfm_stream.bench_env import CpuWindow, LoadSampler, machine_info
+from dfm_stream.bench_result import Runs, build_document
+from dfm_stream.errors import ConfigError
+from dfm_stream.fastpath import BACKENDS
+
+log = logging.getLogger(__name__)
+
+STAGES: tuple[str, ...] = ("backbone", "dfm", "backends", "pipeline", "transport", "latency", "fit")
+DEFAULT_STAGES: tuple[str, ...] = ("backbone", "dfm", "pipeline", "transport", "latency")
+STREAM_STAGES = frozenset({"pipeline", "transport", "latency"})
+
+
+@dataclass
+class BenchSettings:
+    """Everything a bench run depends on (written into the JSON as ``settings``)."""
+
+    device: str = "auto"
+    backbone: str = "resnet50"
+    layer: str = "layer3"
+    image_size: int = 256
+    batch_size: int = 8
+    repeats: int = 3
+    duration: float = 20.0
+    stages: tuple[str, ...] = DEFAULT_STAGES
+    backends: tuple[str, ...] = BACKENDS
+    backend: str = "auto"
+    max_wait_ms: float = 20.0
+    workers: int = 1
+    cameras: int = 2
+    loads: tuple[float, ...] = (0.5, 0.8)
+    transport_frames: int = 10_000
+    fit_images: int = 1000
+    fit_image_size: int = 256
+    redis_url: str | None = None
+    quick: bool = False
+    workdir: str | None = None
+
+    def check(self) -> None:
+        """Raise :class:`ConfigError` for settings that cannot run."""
+        unknown = [s for s in self.stages if s not in STAGES]
+        if unknown or not self.stages:
+            raise ConfigError(f"--stages: unknown {unknown or 'none given'}; choose from {', '.join(STAGES)}")
+        for name, value in (("batch-size", self.batch_size), ("repeats", self.repeats)):
+            if value < 1:
+                raise ConfigError(f"--{name} must be >= 1, got {value}")
+        if self.duration <= 0 or self.image_size < 32 or self.workers < 1 or self.cameras < 1:
+            raise ConfigError("--duration must be > 0, --image-size >= 32, --workers and --cameras >= 1")
+        unknown = [b for b in self.backends if b not in BACKENDS]
+        if unknown:
+            raise ConfigError(f"--backends: unknown {unknown}; choose from {', '.join(BACKENDS)}")
+        if any(not 0 < x < 1.5 for x in self.loads):
+            raise ConfigError(f"--loads must be fractions of capacity in (0, 1.5), got {self.loads}")
+
+    @classmethod
+    def quick_defaults(cls) -> dict[str, Any]:
+        """Tiny settings that prove the harness end to end in well under a minute (figures meaningless)."""
+        return {
+            "backbone": "resnet18",
+            "layer": "layer2",
+            "image_size": 64,
+            "batch_size": 4,
+            "repeats": 1,
+            "duration": 0.5,
+            "backends": ("eager", "channels_last", "fused", "mkldnn", "onnxruntime", "openvino"),
+            "transport_frames": 200,
+            "fit_images": 16,
+            "fit_image_size": 64,
+            "quick": True,
+        }
+
+
+def run_bench(settings: BenchSettings, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run the chosen stages and return the result document (see ``docs/scaling.md``)."""
+    from dfm_stream import bench_model
+
+    settings.check()
+    say = progress or (lambda text: log.info("%s", text))
+    started = time.time()
+    machine = machine_info()
+    engine = bench_model.make_engine(settings.device, settings.backend)
+    say(f"building the bench model ({settings.backbone}/{settings.layer}, {settings.image_size} px)")
+    bench = bench_model.make_bench_model(
+        settings.backbone, settings.layer, settings.image_size, settings.batch_size, engine.device
+    )
+    stages = bench_model.ModelStages(bench, engine)
+    if "backends" in settings.stages:
+        say(f"preparing backends {', '.join(settings.backends)} (export / compile)")
+        stages.prepare_backends(list(settings.backends))
+    runs = Runs()
+    server_version = None
+    run_window = CpuWindow()
+    with LoadSampler() as sampler, _workdir(settings) as workdir:
+        with _stream_setup(settings, bench, engine, workdir) as setup:
+            server_version = setup.server_version if setup else None
+            for rep in range(settings.repeats):
+                _run_repeat(settings, stages, setup, runs, rep, say)
+        if "fit" in settings.stages:
+            for rep in range(settings.repeats):
+                say(f"[{rep + 1}/{settings.repeats}] fit: {settings.fit_images} images")
+                window = CpuWindow()
+                result = bench_model.run_fit(
+                    workdir, settings.fit_images, settings.fit_image_size, settings.batch_size,
+                    settings.backbone, settings.layer, settings.device,
+                )  # fmt: skip
+                runs.add("fit_seconds", result["seconds"], result, foreign=window.foreign_cores())
+    machine["load_average_1min_during_run"] = sampler.summary()
+    machine["foreign_cpu_cores_during_run"] = run_window.foreign_cores()
+    return build_document(settings, runs, stages, engine, server_version, started, machine)
+
+
+def _run_repeat(
+    settings: BenchSettings, stages: Any, setup: Any, runs: Runs, rep: int, say: Callable[[str], None]
+) -> None:
+    from dfm_stream import bench_stream
+
+    tag = f"[{rep + 1}/{settings.repeats}]"
+    chosen = settings.stages
+    pids = setup.pids if setup else []
+    if "backbone" in chosen:
+        window = CpuWindow(pids)
+        rate = stages.backbone(settings.duration)
+        runs.add("backbone", rate.rate, rate.as_dict(), foreign=window.foreign_cores())
+        say(f"{tag} backbone: {runs.last('backbone'):.1f} img/s")
+    if "dfm" in chosen:
+        window = CpuWindow(pids)
+        rate = stages.dfm(settings.duration)
+        runs.add("dfm", rate.rate, rate.as_dict(), foreign=window.foreign_cores())
+        say(f"{tag} dfm: {runs.last('dfm'):.1f} img/s")
+    if "backends" in chosen:
+        for name in stages.prepared_backends():
+            window = CpuWindow(pids)
+            rate = stages.backend_rate(name, settings.duration)
+            runs.add(f"backend:{name}", rate.rate, rate.as_dict(), foreign=window.foreign_cores())
+            say(f"{tag} backend {name}: {rate.rate:.1f} img/s (best call {rate.best_rate:.1f})")
+    if "pipeline" in chosen:
+        rate = runs.last("backbone", "dfm") or stages.dfm(min(settings.duration, 3.0)).rate
+        n = _backlog_size(settings, rate)
+        window = CpuWindow(pids)
+        result = bench_stream.pipeline_run(setup.stream, rep, n, rate)
+        runs.add("pipeline", result["rate"], result, foreign=window.foreign_cores())
+        say(f"{tag} pipeline: {result['rate']:.1f} img/s ({n} frames)")
+    if "transport" in chosen:
+        window = CpuWindow(pids)
+        result = bench_stream.transport_run(setup.stream, rep, settings.transport_frames)
+        runs.add("transport", result["rate"], result, foreign=window.foreign_cores())
+        say(f"{tag} transport: {result['rate']:.0f} frames/s")
+    if "latency" in chosen:
+        capacity = runs.last("pipeline", "dfm", "backbone") or stages.dfm(min(settings.duration, 3.0)).rate
+        window = CpuWindow(pids)
+        result = bench_stream.latency_run(
+            setup.stream, rep, capacity, list(settings.loads), settings.duration
+        )
+        foreign = window.foreign_cores()
+        for key, level in result.items():
+            runs.add(f"latency{key}_p99_ms", level["p99_ms"] or 0.0, level, foreign=foreign)
+            say(f"{tag} latency at {key}%: p50 {level['p50_ms']:.0f} ms, p99 {level['p99_ms']:.0f} ms")
+
+
+def _backlog_size(settings: BenchSettings, rate: float) -> int:
+    warm = 2 * settings.batch_size * settings.workers
+    n = warm + round(rate * settings.duration)
+    return max(n, warm + 4 * settings.batch_size * settings.workers)
+
+
+@contextlib.contextmanager
+def _workdir(settings: BenchSettings) -> Iterator[Path]:
+    if settings.workdir:
+        path = Path(settings.workdir)
+        path.mkdir(parents=True, exist_ok=True)
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="dfm-bench-") as tmp:
+        yield Path(tmp)
+
+
+@dataclass
+class _Setup:
+    stream: Any
+    server_version: str | None
+    pids: list[int]
+
+
+@contextlib.contextmanager
+def _stream_setup(settings: BenchSettings, bench: Any, engine: Any, workdir: Path) -> Iterator[_Setup | None]:
+    if not STREAM_STAGES & set(settings.stages):
+        yield None
+        return
+    import redis
+
+    from dfm_stream.artifact import ArtifactInfo, save_artifact
+    from dfm_stream.bench_model import engine_backend, synthetic_frames
+    from dfm_stream.bench_stream import StreamSetup, make_templates
+    from dfm_stream.embedded_redis import EmbeddedRedis
+
+    server = None if settings.redis_url else EmbeddedRedis().start()
+    url = settings.redis_url or server.url  # type: ignore[union-attr]
+    client = redis.Redis.from_url(url)
+    try:
+        artifact = workdir / "bench-model.dfm"
+        save_artifact(
+            artifact, bench.model, ArtifactInfo.for_model(bench.model, bench.image_size, bench.n_train)
+        )
+        cameras = [f"bench{i}" for i in range(settings.cameras)]
+        frames = synthetic_frames(16, settings.image_size, seed=11, defect_every=5)
+        stream = StreamSetup(
+            client=client,
+            url=url,
+            base_prefix=f"dfm-bench-{secrets.token_hex(4)}",
+            cameras=cameras,
+            templates=make_templates(frames, cameras),
+            artifact=artifact,
+            logdir=workdir / "logs",
+            worker_args=worker_args(settings, engine_backend(engine)),
+            workers=settings.workers,
+            batch_size=settings.batch_size,
+        )
+        pids = [server.proc.pid] if server is not None and server.proc is not None else []
+        yield _Setup(stream, str(client.info("server").get("redis_version")), pids)
+    finally:
+        client.close()
+        if server is not None:
+            server.close()
+
+
+def worker_args(settings: BenchSettings, backend: str) -> list[str]:
+    """Return the ``dfm-stream work`` options the bench passes (those this build's worker accepts)."""
+    args = ["--batch-size", str(settings.batch_size), "--max-wait-ms", f"{settings.max_wait_ms:g}"]
+    args += ["--device", settings.device]
+    accepted = _work_options()
+    if "--backend" in accepted:
+        args += ["--backend", backend]
+    if "--metrics-port" in accepted:
+        args += ["--metrics-port", "0"]
+    return args
+
+
+def _work_options() -> set[str]:
+    from dfm_stream.cli import build_parser
+
+    parser = build_parser()
+    for action in parser._subparsers._group_actions:  # type: ignore[union-attr]
+        work = getattr(action, "choices", {}).get("work")
+        if work is not None:
+            return {opt for a in work._actions for opt in a.option_strings}
+    return set()
