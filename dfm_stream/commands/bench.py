@@ -28,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="measure throughput and latency of the model, the pipeline and the transport",
         description="Measure, in one run and with the same backbone and batch size: the bare backbone "
         "(the ceiling), DFM scoring, the full Redis -> worker -> scores pipeline, the transport with no "
-        "model, and end-to-end latency at 50%% and 80%% of capacity; optionally every backbone backend "
+        "model, and end-to-end latency at 50% and 80% of capacity; optionally every backbone backend "
         "(--stages backends) and fitting (--stages fit). Prints a table and writes JSON.",
     )
     p.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"), help="default: auto")
