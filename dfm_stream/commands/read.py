@@ -16,13 +16,13 @@ camera open) and exits 0 on SIGTERM/SIGINT, with ``--duration``, or when every f
 import argparse
 import dataclasses
 import logging
-import signal
 import threading
 from typing import Any
 
 from dfm_stream.config import CameraConfig, Config, parse_roi, parse_size
 from dfm_stream.errors import ConfigError, SourceError
 from dfm_stream.metrics import add_metrics_args
+from dfm_stream.signals import stop_on_signals
 
 log = logging.getLogger(__name__)
 
@@ -178,22 +178,8 @@ def run(args: argparse.Namespace) -> int:
     The SIGTERM/SIGINT handlers are installed first, so a signal during start-up (importing
     OpenCV, checking the sources) ends the process with 0 too.
     """
-    stop = threading.Event()
-
-    def on_signal(signum: int, _frame: object) -> None:
-        # A repeated signal must not call Event.set() again: the handler may interrupt the main
-        # thread while it holds the Event's lock, and a second set() would deadlock on it.
-        if stop.is_set():
-            return
-        log.info("received %s: releasing cameras", signal.Signals(signum).name)
-        stop.set()
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
+    with stop_on_signals(threading.Event(), "releasing cameras") as stop:
         return _run(args, stop)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def _run(args: argparse.Namespace, stop: threading.Event) -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import threading
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ from dfm_stream import keys
 from dfm_stream.connect import add_redis_args, connect, settings_with_config
 from dfm_stream.errors import ConfigError
 from dfm_stream.metrics import add_metrics_args
+from dfm_stream.signals import stop_on_signals
 
 log = logging.getLogger(__name__)
 
@@ -139,33 +139,14 @@ def _check_ranges(settings: Any) -> None:
             raise ConfigError(f"{flag} {value}: {rule}")
 
 
-def _install_stop_handlers(stop: threading.Event, message: str) -> dict[int, Any]:
-    """Make SIGTERM/SIGINT set ``stop``; return the previous handlers (to restore them)."""
-
-    def on_signal(signum: int, _frame: object) -> None:
-        # A repeated signal must not call Event.set() again: the handler may interrupt the main
-        # thread while it holds the Event's lock, and a second set() would deadlock on it.
-        if stop.is_set():
-            return
-        log.info("signal %s: %s", signal.Signals(signum).name, message)
-        stop.set()
-
-    return {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-
-
 def run(args: argparse.Namespace) -> int:
     """Run a worker until SIGTERM/SIGINT (or --burst / --max-frames); exit 0 after a clean drain.
 
     The signal handlers are installed first, so a SIGTERM while torch is still being imported or
     the model loaded ends the process with 0 as soon as that step is done.
     """
-    stop = threading.Event()
-    previous = _install_stop_handlers(stop, "finishing the batches in flight, then exiting")
-    try:
+    with stop_on_signals(threading.Event(), "finishing the batches in flight, then exiting") as stop:
         return _run(args, stop)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def _run(args: argparse.Namespace, stop: threading.Event) -> int:
