@@ -52,16 +52,18 @@ SCORE_RTOL = 1e-3
 """The largest relative difference of a DFM score to fp32 eager that a backend may show."""
 
 AUTO_ORDER: dict[str, tuple[str, ...]] = {
-    "cpu": ("onnxruntime", "fused", "channels_last"),
+    "cpu": ("onnxruntime", "openvino", "fused", "channels_last"),
     "cuda": ("channels_last",),
 }
 """What ``auto`` means, per device type: the first of these that is installed and builds.
 
-Measured with ``dfm-stream bench --stages backbone,backends`` (resnet50/layer3, 256 px, batch 8,
-2-core AMD EPYC, interleaved): ONNX Runtime about 1.6x channels_last eager, the batch-norm-folded
-``fused`` about 1.15x, contiguous ``eager`` about 0.75x; every backend within 2e-6 relative of
-fp32 eager scores. ONNX Runtime is an optional extra, so a base install gets ``fused``. On CUDA,
-channels_last with autocast is the path (ONNX Runtime and OpenVINO here are CPU builds)."""
+Measured with ``dfm-stream bench --stages backbone,backends`` and interleaved per-call timings
+(resnet50/layer3, 256 px, batch 8, fp32, 2-core AMD EPYC), relative to channels_last eager:
+ONNX Runtime and OpenVINO about 1.4-1.7x (and they lose far less than torch's OpenMP kernels when
+other processes compete for the cores), torch.compile about 1.2x (but minutes of compiling at
+start), ``fused`` about 1.1-1.15x, contiguous ``eager`` about 0.75x; every backend within 2e-6
+relative of fp32 eager scores. The runtimes are optional extras, so a base install gets
+``fused``. On CUDA, channels_last with autocast is the path (the runtimes here are CPU builds)."""
 
 _MODULES = {"onnxruntime": ("onnxruntime",), "openvino": ("openvino",)}
 _EXTRAS = {"onnxruntime": "onnx", "openvino": "openvino"}
