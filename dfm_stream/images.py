@@ -110,15 +110,19 @@ def collect_image_paths(inputs: Sequence[str | Path]) -> list[Path]:
 
 def read_image(path: str | Path) -> np.ndarray:
     """Read an image file as BGR uint8 ``HxWx3``; :class:`ImageReadError` naming the file if it fails."""
-    path = Path(path)
+    return _decode_file(Path(path), cv2.IMREAD_COLOR, "image")
+
+
+def _decode_file(path: Path, flag: int, what: str) -> np.ndarray:
+    """Read and decode one image file with ``flag``; :class:`ImageReadError` naming the file."""
     try:
         data = np.fromfile(path, dtype=np.uint8)
     except OSError as e:
-        msg = f"cannot read image {path}: {e.strerror or e}"
+        msg = f"cannot read {what} {path}: {e.strerror or e}"
         raise ImageReadError(msg) from e
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    image = cv2.imdecode(data, flag) if data.size else None
     if image is None:
-        msg = f"cannot decode image {path}: the file is empty, truncated or not an image"
+        msg = f"cannot decode {what} {path}: the file is empty, truncated or not an image"
         raise ImageReadError(msg)
     return image
 
@@ -182,14 +186,6 @@ def mvtec_test_set(root: str | Path) -> list[MvtecSample]:
 
 def read_mask(path: str | Path, image_size: tuple[int, int]) -> np.ndarray:
     """Read a ground-truth mask as a boolean ``image_size`` array (nearest-neighbour resize)."""
-    try:
-        data = np.fromfile(Path(path), dtype=np.uint8)
-    except OSError as e:
-        msg = f"cannot read mask {path}: {e.strerror or e}"
-        raise ImageReadError(msg) from e
-    mask = cv2.imdecode(data, cv2.IMREAD_GRAYSCALE) if data.size else None
-    if mask is None:
-        msg = f"cannot decode mask {path}"
-        raise ImageReadError(msg)
+    mask = _decode_file(Path(path), cv2.IMREAD_GRAYSCALE, "mask")
     height, width = image_size
     return cv2.resize(mask, (width, height), interpolation=cv2.INTER_NEAREST) > 127
