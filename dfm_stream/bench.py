@@ -103,12 +103,13 @@ class BenchSettings:
 def run_bench(settings: BenchSettings, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run the chosen stages and return the result document (see ``docs/scaling.md``)."""
     from dfm_stream import bench_model
+    from dfm_stream.inference import Engine
 
     settings.check()
     say = progress or (lambda text: log.info("%s", text))
     started = time.time()
     machine = machine_info()
-    engine = bench_model.make_engine(settings.device, settings.backend)
+    engine = Engine(settings.device, "auto", settings.backend, batch_size=settings.batch_size)
     say(f"building the bench model ({settings.backbone}/{settings.layer}, {settings.image_size} px)")
     bench = bench_model.make_bench_model(
         settings.backbone, settings.layer, settings.image_size, settings.batch_size, engine.device
@@ -219,7 +220,7 @@ def _stream_setup(settings: BenchSettings, bench: Any, engine: Any, workdir: Pat
     import redis
 
     from dfm_stream.artifact import ArtifactInfo, save_artifact
-    from dfm_stream.bench_model import engine_backend, synthetic_frames
+    from dfm_stream.bench_model import synthetic_frames
     from dfm_stream.bench_stream import StreamSetup, make_templates
     from dfm_stream.embedded_redis import EmbeddedRedis
 
@@ -241,7 +242,7 @@ def _stream_setup(settings: BenchSettings, bench: Any, engine: Any, workdir: Pat
             templates=make_templates(frames, cameras),
             artifact=artifact,
             logdir=workdir / "logs",
-            worker_args=worker_args(settings, engine_backend(engine)),
+            worker_args=worker_args(settings, engine.backend),
             workers=settings.workers,
             batch_size=settings.batch_size,
         )
@@ -254,23 +255,8 @@ def _stream_setup(settings: BenchSettings, bench: Any, engine: Any, workdir: Pat
 
 
 def worker_args(settings: BenchSettings, backend: str) -> list[str]:
-    """Return the ``dfm-stream work`` options the bench passes (those this build's worker accepts)."""
-    args = ["--batch-size", str(settings.batch_size), "--max-wait-ms", f"{settings.max_wait_ms:g}"]
-    args += ["--device", settings.device]
-    accepted = _work_options()
-    if "--backend" in accepted:
-        args += ["--backend", backend]
-    if "--metrics-port" in accepted:
-        args += ["--metrics-port", "0"]
-    return args
-
-
-def _work_options() -> set[str]:
-    from dfm_stream.cli import build_parser
-
-    parser = build_parser()
-    for action in parser._subparsers._group_actions:  # type: ignore[union-attr]
-        work = getattr(action, "choices", {}).get("work")
-        if work is not None:
-            return {opt for a in work._actions for opt in a.option_strings}
-    return set()
+    """Return the ``dfm-stream work`` options the bench passes: the in-process stages' settings."""
+    return [
+        *("--batch-size", str(settings.batch_size), "--max-wait-ms", f"{settings.max_wait_ms:g}"),
+        *("--device", settings.device, "--backend", backend, "--metrics-port", "0"),
+    ]

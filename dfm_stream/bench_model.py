@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import inspect
 import json
 import logging
 import statistics
@@ -82,26 +81,6 @@ def make_bench_model(
     return BenchModel(model, size, batch, check.to(device), n_train)
 
 
-def make_engine(device: str, backend: str) -> Engine:
-    """Return the worker's :class:`Engine`, with ``backend`` when this build's Engine takes one."""
-    if "backend" in inspect.signature(Engine).parameters:
-        return Engine(device=device, precision="auto", backend=backend)  # type: ignore[call-arg]
-    return Engine(device=device, precision="auto")
-
-
-def prepare_model(engine: Engine, model: DFMModel, bench: BenchModel) -> DFMModel:
-    """Call ``engine.prepare`` as the worker does (with the image size where it takes one)."""
-    params = inspect.signature(engine.prepare).parameters
-    if "image_size" in params:
-        return engine.prepare(model, image_size=bench.image_size)  # type: ignore[call-arg]
-    return engine.prepare(model)
-
-
-def engine_backend(engine: Engine) -> str:
-    """Return the backbone backend the engine runs (an Engine that does not say runs channels_last)."""
-    return str(getattr(engine, "backend", "channels_last"))
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -163,11 +142,9 @@ class ModelStages:
         self.bench = bench
         self.engine = engine
         self.device = engine.device
-        self.backend = engine_backend(engine)
-        self._runner = fastpath.build_backbone_runner(
-            bench.model.feature_extractor, self.backend, bench.batch
-        )
-        self._engine_model = prepare_model(engine, copy.deepcopy(bench.model), bench)
+        self._engine_model = engine.prepare(copy.deepcopy(bench.model), bench.image_size)
+        self._runner = engine.runner(self._engine_model.feature_extractor, bench.image_size)
+        self.backend = self._runner.backend
         self._backends: dict[str, fastpath.BackboneRunner] = {}
         self.backend_info: dict[str, dict[str, Any]] = {}
 

@@ -168,6 +168,12 @@ class CameraConfig(ReaderConfig):
         return max(50, math.ceil(10 * (rate if rate > 0 else 30.0)))
 
 
+WORKER_PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+"""Backbone precisions (:data:`dfm_stream.inference.PRECISIONS`, spelled out: no torch import here)."""
+WORKER_BACKENDS = ("auto", "eager", "channels_last", "fused", "mkldnn", "compile", "onnxruntime", "openvino")
+"""``auto`` and every :data:`dfm_stream.fastpath.BACKENDS` name (spelled out for the same reason)."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class WorkerConfig:
     """``[worker]``: how workers consume frames."""
@@ -176,6 +182,8 @@ class WorkerConfig:
     batch_size: int = _f(8, "largest model batch")
     max_wait_ms: float = _f(20.0, "longest wait after a batch's first frame before running it")
     device: str = _f("auto", "auto (CUDA if available), cpu, cuda, cuda:N")
+    precision: str = _f("auto", "backbone precision: auto (fp32 on CPU, bf16/fp16 on CUDA), fp32, fp16, bf16")
+    backend: str = _f("auto", "backbone runtime: auto (the fastest installed) or a name, see work --help")
     claim_idle_s: float = _f(30.0, "reclaim frames pending this long at a dead or stuck consumer (XCLAIM)")
     max_deliveries: int = _f(3, "deliveries after which a frame goes to the dead-letter stream")
     max_age_s: float = _f(0.0, "skip frames older than this at dequeue; 0 = never skip")
@@ -188,8 +196,16 @@ class WorkerConfig:
         _check(self.max_deliveries >= 1, f"max_deliveries={self.max_deliveries} must be >= 1")
         _check(self.max_age_s >= 0, f"max_age_s={self.max_age_s} must be >= 0 (0 = off)")
         _check(
-            bool(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device)),
-            f"device={self.device!r} must be auto, cpu, mps, cuda or cuda:N",
+            bool(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device)),
+            f"device={self.device!r} must be auto, cpu, cuda or cuda:N",
+        )
+        _check(
+            self.precision in WORKER_PRECISIONS,
+            f"precision={self.precision!r} must be one of {', '.join(WORKER_PRECISIONS)}",
+        )
+        _check(
+            self.backend in WORKER_BACKENDS,
+            f"backend={self.backend!r} must be one of {', '.join(WORKER_BACKENDS)}",
         )
 
 

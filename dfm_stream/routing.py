@@ -187,7 +187,7 @@ class ModelRouter:
         shared = self._backbones.get(key)
         if shared is not None:
             model.feature_extractor = shared  # one backbone for models with the same weights
-        model = self.engine.prepare(model)
+        model = self.engine.prepare(model, fitted.info.image_size)
         self._backbones.setdefault(key, model.feature_extractor)
         return FittedModel(model, fitted.info)
 

@@ -81,6 +81,8 @@ def test_unknown_keys_name_the_key_and_the_file(tmp_path: Path, text: str, needl
         ('[[cameras]]\nid = "a"\nsource = "0"\n[[cameras]]\nid = "a"\nsource = "1"\n', "repeated: a"),
         ("[alarms]\nk = 3\nn = 2\n", "1 <= k <= n"),
         ("[worker]\ndevice = 'gpu'\n", "device='gpu'"),
+        ("[worker]\nbackend = 'tensorrt'\n", "backend='tensorrt' must be one of auto, eager"),
+        ("[worker]\nprecision = 'int8'\n", "precision='int8'"),
         ("[reader\n", "not valid TOML"),
     ],
 )
