@@ -89,19 +89,24 @@ class EmbeddedRedis:
         """Start the server and wait until it accepts connections."""
         # Its own session: a Ctrl-C in the terminal reaches our processes, not the server, so the
         # server outlives them and they can still publish their last results while shutting down.
-        self.proc = subprocess.Popen(
-            self.command(),
-            cwd=self.dir,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+        with open(self.dir / "redis.stderr", "wb") as stderr:  # start-up errors go there, not to the log
+            self.proc = subprocess.Popen(
+                self.command(),
+                cwd=self.dir,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                log_text = (self.dir / "redis.log").read_text(errors="replace")[-2000:]
+                output = "".join(
+                    (self.dir / name).read_text(errors="replace")[-2000:]
+                    for name in ("redis.log", "redis.stderr")
+                    if (self.dir / name).exists()
+                ).strip()
                 raise DfmStreamError(
-                    f"redis-server exited at start (code {self.proc.returncode}): {log_text}"
+                    f"{self.binary} exited at start (code {self.proc.returncode}): {output or 'no output'}"
                 )
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.2):
                 return self

@@ -1,8 +1,10 @@
 """The embedded Redis server used by the demo and by every test."""
 
+import pytest
 import redis
 
 from dfm_stream.embedded_redis import EmbeddedRedis
+from dfm_stream.errors import DfmStreamError
 
 
 def test_aof_server_keeps_stream_entries_across_a_kill(aof_redis_server: EmbeddedRedis) -> None:
@@ -12,3 +14,12 @@ def test_aof_server_keeps_stream_entries_across_a_kill(aof_redis_server: Embedde
     aof_redis_server.start()
     assert client.xlen("s") == 1
     client.close()
+
+
+def test_a_server_that_cannot_start_says_why() -> None:
+    server = EmbeddedRedis(extra_args=["--no-such-directive", "x"])
+    try:
+        with pytest.raises(DfmStreamError, match=r"(?s)exited at start \(code 1\): .*no-such-directive"):
+            server.start()
+    finally:
+        server.close()
