@@ -265,8 +265,8 @@ class WorkerMetrics:
             ),
             Gauge(
                 "dfm_worker_device_info",
-                "1 for the device the worker runs the model on.",
-                ["device"],
+                "1 for the device, backbone precision and backbone backend the worker runs the model with.",
+                ["device", "precision", "backend"],
                 registry=r,
             ),
             Gauge("dfm_worker_gpu_memory_bytes", "GPU memory allocated by the worker.", registry=r),

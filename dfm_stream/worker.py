@@ -136,8 +136,7 @@ class Worker:
         self._timers: dict[str, float] = {}
         self._warned_uncalibrated: set[str] = set()
         self._redis_ok = False
-        if metrics:
-            metrics.device_info.labels(str(self.engine.device)).set(1)
+        self._report_device()
 
     # -- public --------------------------------------------------------------------------------------
 
@@ -468,6 +467,14 @@ class Worker:
         self._every("reclaim", max(0.05, s.claim_idle_s / 2), self._reclaim)
         if self.metrics:
             self._every("stats", s.stats_interval_s, self._group_stats)
+            self._every("device", s.stats_interval_s, self._report_device)
+
+    def _report_device(self) -> None:
+        """Publish where the model runs; ``auto`` may have fallen back to another backend since."""
+        if self.metrics:
+            e = self.engine
+            self.metrics.device_info.clear()
+            self.metrics.device_info.labels(str(e.device), e.precision, e.backend).set(1)
 
     def _group_stats(self) -> None:
         for camera, (lag, pending) in self.consumer.group_stats().items() if self.metrics else ():

@@ -341,9 +341,9 @@ def models_and_processes() -> list[Panel]:
         ),
         table(
             "Worker devices",
-            "The device each worker runs the model on.",
-            "max by (instance, device) (dfm_worker_device_info)",
-            ["instance", "device"],
+            "The device, backbone precision and backbone backend each worker runs the model with.",
+            "max by (instance, device, precision, backend) (dfm_worker_device_info)",
+            ["instance", "device", "precision", "backend"],
         ),
         timeseries(
             "Worker errors",
