@@ -12,9 +12,9 @@ Every backend computes in fp32 (OpenVINO's default lowers the precision on some 
 pinned to ``f32``) and must keep DFM scores within :data:`SCORE_RTOL` relative of fp32 eager:
 :func:`max_relative_difference` is how ``dfm-stream bench --stages backends`` checks it.
 
-The optional runtimes are optional dependencies (``pip install dfm-stream[onnx]`` /
-``[openvino]``); :func:`available_backends` lists what this install can run, and asking for one
-that is missing is a :class:`~dfm_stream.errors.BackendError` naming the package to install.
+ONNX Runtime is a dependency of dfm-stream; OpenVINO is optional (``pip install
+dfm-stream[openvino]``). :func:`available_backends` lists what this install can run; asking for
+one that is missing is a :class:`~dfm_stream.errors.BackendError` naming the package to install.
 """
 
 from __future__ import annotations
@@ -57,13 +57,14 @@ AUTO_ORDER: dict[str, tuple[str, ...]] = {
 }
 """What ``auto`` means, per device type: the first of these that is installed and builds.
 
-Measured with ``dfm-stream bench --stages backbone,backends`` and interleaved per-call timings
-(resnet50/layer3, 256 px, batch 8, fp32, 2-core AMD EPYC), relative to channels_last eager:
-ONNX Runtime and OpenVINO about 1.4-1.7x (and they lose far less than torch's OpenMP kernels when
-other processes compete for the cores), torch.compile about 1.2x (but minutes of compiling at
-start), ``fused`` about 1.1-1.15x, contiguous ``eager`` about 0.75x; every backend within 2e-6
-relative of fp32 eager scores. The runtimes are optional extras, so a base install gets
-``fused``. On CUDA, channels_last with autocast is the path (the runtimes here are CPU builds)."""
+Measured with ``dfm-stream bench --stages backends`` (resnet50/layer3, 256 px, batch 8, fp32,
+quiet 2-core AMD EPYC, 3 repeats), relative to channels_last eager: ONNX Runtime 1.59x, OpenVINO
+1.54x, torch.compile 1.28x (but about 30 s of compiling per model load), ``fused`` 1.14x,
+``mkldnn`` 1.12x, contiguous ``eager`` 0.70x; every backend within 2e-6 relative of fp32 eager
+scores (docs/bench/cpu-2core-resnet50-layer3.json). ONNX Runtime is installed with dfm-stream;
+where it is missing (or cannot export a backbone) ``auto`` falls back to OpenVINO, then
+``fused``. On CUDA, channels_last with autocast is the path (the runtimes here are CPU builds).
+"""
 
 _MODULES = {"onnxruntime": ("onnxruntime",), "openvino": ("openvino",)}
 _EXTRAS = {"onnxruntime": "onnx", "openvino": "openvino"}

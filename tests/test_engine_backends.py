@@ -110,3 +110,10 @@ def test_worker_processes_on_two_backends_publish_the_same_scores(redis_client, 
         assert abs(got.score - ref.score) <= fastpath.SCORE_RTOL * abs(ref.score), (seq, got.score, ref.score)
         assert got.anomalous == ref.anomalous
     assert sum(s.anomalous for s in by_seq["fused"].values()) == 3  # the defects, and only them
+
+
+def test_auto_is_onnx_runtime_on_the_cpu_of_a_plain_install() -> None:
+    # ONNX Runtime is a dependency (the fastest CPU backend measured), so a worker started with
+    # the defaults runs it; the torch flavours are only the fall-backs.
+    assert fastpath.auto_candidates("cpu")[0] == "onnxruntime"
+    assert inference.Engine("cpu").backend == "onnxruntime"
