@@ -55,6 +55,7 @@ class BenchSettings:
     stages: tuple[str, ...] = DEFAULT_STAGES
     backends: tuple[str, ...] = BACKENDS
     backend: str = "auto"
+    precision: str = "auto"
     max_wait_ms: float = 20.0
     workers: int = 1
     cameras: int = 2
@@ -109,7 +110,7 @@ def run_bench(settings: BenchSettings, progress: Callable[[str], None] | None = 
     say = progress or (lambda text: log.info("%s", text))
     started = time.time()
     machine = machine_info()
-    engine = Engine(settings.device, "auto", settings.backend, batch_size=settings.batch_size)
+    engine = Engine(settings.device, settings.precision, settings.backend, batch_size=settings.batch_size)
     say(f"building the bench model ({settings.backbone}/{settings.layer}, {settings.image_size} px)")
     bench = bench_model.make_bench_model(
         settings.backbone, settings.layer, settings.image_size, settings.batch_size, engine.device
@@ -258,5 +259,6 @@ def worker_args(settings: BenchSettings, backend: str) -> list[str]:
     """Return the ``dfm-stream work`` options the bench passes: the in-process stages' settings."""
     return [
         *("--batch-size", str(settings.batch_size), "--max-wait-ms", f"{settings.max_wait_ms:g}"),
-        *("--device", settings.device, "--backend", backend, "--metrics-port", "0"),
+        *("--device", settings.device, "--backend", backend, "--precision", settings.precision),
+        *("--metrics-port", "0"),
     ]

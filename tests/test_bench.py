@@ -59,6 +59,11 @@ def test_quick_bench_runs_every_stage_and_writes_json_with_ratios(tmp_path: Path
     assert results["backend:channels_last"]["median"] > 0
     installed = importlib.util.find_spec("onnxruntime") is not None
     assert doc["backends"]["onnxruntime"]["available"] is installed
+    # the in-process stages and the worker process ran the same backend and precision
+    assert doc["settings"]["worker_backend"] == fastpath.auto_candidates("cpu")[0]
+    assert doc["settings"]["precision"] == "fp32"
+    worker_logs = "".join(p.read_text() for p in (tmp_path / "work").rglob("*.log"))
+    assert f"fp32, {doc['settings']['worker_backend']} backend" in worker_logs
     assert "| full pipeline (Redis -> worker -> scores) |" in md.read_text()
     assert not redis.Redis.from_url(redis_url).keys("dfm-bench-*"), "the bench left keys in Redis"
 
@@ -66,6 +71,11 @@ def test_quick_bench_runs_every_stage_and_writes_json_with_ratios(tmp_path: Path
 def test_unknown_stage_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "--quick", "--stages", "backbone,warp"]) == 2
     assert "warp" in capsys.readouterr().err
+
+
+def test_reduced_precision_on_the_cpu_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--quick", "--device", "cpu", "--precision", "fp16", "--stages", "dfm"]) == 2
+    assert "--precision fp16 needs a CUDA device" in capsys.readouterr().err
 
 
 def test_explicit_options_win_over_quick() -> None:

@@ -7,6 +7,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from dfm_stream.config import WORKER_BACKENDS, WORKER_PRECISIONS
+
 log = logging.getLogger(__name__)
 
 
@@ -53,7 +55,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "onnxruntime,openvino; those not installed are reported and skipped)",
     )
     p.add_argument(
-        "--backend", default=None, help="backend of the worker and the backbone stage (default: auto)"
+        "--backend",
+        default=None,
+        choices=WORKER_BACKENDS,
+        help="backend of the worker and the backbone stage (default: auto)",
+    )
+    p.add_argument(
+        "--precision",
+        default=None,
+        choices=WORKER_PRECISIONS,
+        help="backbone precision of the worker and the backbone/DFM stages (default: auto)",
     )
     p.add_argument("--max-wait-ms", type=float, default=None, help="worker batching wait (default: 20)")
     p.add_argument("--workers", type=int, default=None, help="worker processes (default: 1)")
@@ -80,6 +91,7 @@ _FIELDS = {
     "stages": "stages",
     "backends": "backends",
     "backend": "backend",
+    "precision": "precision",
     "max_wait_ms": "max_wait_ms",
     "workers": "workers",
     "cameras": "cameras",
