@@ -69,6 +69,11 @@ def alarm_state_key(camera: str, prefix: str = DEFAULT_PREFIX) -> str:
     return _camera_key(camera, "alarm", prefix)
 
 
+def event_outbox_key(camera: str, prefix: str = DEFAULT_PREFIX) -> str:
+    """Return the stream of ``camera``'s alarm events written with their score, not yet delivered."""
+    return _camera_key(camera, "outbox", prefix)
+
+
 def seq_key(camera: str, prefix: str = DEFAULT_PREFIX) -> str:
     """Return the hash that tracks the last sequence number delivered to the group for ``camera``."""
     return _camera_key(camera, "seq", prefix)

@@ -11,7 +11,12 @@ and steps the camera's alarm state machine (:mod:`dfm_stream.alarms`). Guarantee
   were reclaimed and scored by another worker: its XACK returns 0, its score is not written, and
   the script reports the id as a suppressed duplicate (counted, logged at debug);
 * re-running the script after a lost reply (connection dropped) is harmless for the same reason;
-* the alarm state changes in the same atomic step as the score it is based on.
+* the alarm state changes in the same atomic step as the score it is based on, and each alarm
+  transition is written to the camera's event outbox (``{prefix}:{camera}:outbox``) in that step:
+  the worker then delivers it to the alarm stream and channel and deletes it from the outbox. An
+  event whose worker died (or gave up while Redis was away) before delivering it stays in the
+  outbox, and any worker delivers it after :data:`OUTBOX_DELIVER_AFTER_S` (without the picture):
+  alarm events are delivered at least once.
 
 The :class:`PublisherThread` owns a bounded queue, so waiting on Redis never stalls the model, and
 retries with capped exponential backoff while Redis is unavailable.
@@ -33,6 +38,7 @@ import redis
 from dfm_stream import keys
 from dfm_stream.alarms import ALARM_LUA, AlarmSettings, overlay_jpeg, publish_event
 from dfm_stream.connect import RedisClient
+from dfm_stream.errors import WireError
 from dfm_stream.inference import DecodedFrame
 from dfm_stream.metrics import WorkerMetrics
 from dfm_stream.wire import EventMsg, ScoreMsg
@@ -40,29 +46,39 @@ from dfm_stream.wire import EventMsg, ScoreMsg
 log = logging.getLogger(__name__)
 
 DEFAULT_SCORES_MAXLEN = 10_000
+OUTBOX_MAXLEN = 1_000
+"""Approximate cap of a camera's undelivered alarm events (only reached with no worker alive)."""
+OUTBOX_DELIVER_AFTER_S = 20.0
+"""Age after which any worker delivers an outbox event: longer than a live worker's retries."""
 REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, redis.ReadOnlyError)
 
 PUBLISH_SCRIPT = (
-    "local transitions = {}\n"
+    f"local transitions = {{}}\nlocal outbox_maxlen = {OUTBOX_MAXLEN}\n"
     + ALARM_LUA
     + """
 local published = {}
+local msgs = {}
 local maxlen = tonumber(ARGV[2])
 for i = 7, #ARGV, 3 do
   local id, msg, bit = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   if redis.call('XACK', KEYS[1], ARGV[1], id) == 1 then
     redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', 'msg', msg)
     table.insert(published, id)
+    msgs[id] = msg
     if bit ~= 's' then alarm_step(bit, id) end
   end
 end
 local active = alarm_save()
+for _, t in ipairs(transitions) do
+  t[4] = redis.call('XADD', KEYS[4], 'MAXLEN', '~', outbox_maxlen, '*',
+    'type', t[1], 'entry', t[2], 'ms', t[3], 'msg', msgs[t[2]])
+end
 return {published, transitions, active}
 """
 )
-"""KEYS: frames, scores, alarm hash. ARGV: group, maxlen, k, n, clear_after, cooldown_ms, then
-(entry id, score msg bytes, '1' anomalous | '0' normal | 's' skipped) per frame.
-Returns {published ids, {{type, id, ms}...}, alarm active 0/1}."""
+"""KEYS: frames, scores, alarm hash, event outbox. ARGV: group, maxlen, k, n, clear_after,
+cooldown_ms, then (entry id, score msg bytes, '1' anomalous | '0' normal | 's' skipped) per frame.
+Returns {published ids, {{type, id, ms, outbox id}...}, alarm active 0/1}."""
 
 
 @dataclass
@@ -134,6 +150,7 @@ class Publisher:
             keys.frames_key(camera, self.prefix),
             keys.scores_key(camera, self.prefix),
             keys.alarm_state_key(camera, self.prefix),
+            keys.event_outbox_key(camera, self.prefix),
         ]
         published_raw, transitions, active = self._script(keys=keys_, args=args)
         published = {_s(i) for i in published_raw}
@@ -150,9 +167,10 @@ class Publisher:
                 )
                 if self.metrics:
                     self.metrics.duplicates.labels(camera).inc()
-        for kind, entry_id, ms in transitions:
+        for kind, entry_id, ms, outbox_id in transitions:
             event = self._event(_s(kind), by_id[_s(entry_id)], final[_s(entry_id)], int(ms))
-            self._send_event(event)
+            if self._send_event(event):
+                self._forget(camera, _s(outbox_id))
             result.events.append(event)
             log.info(
                 "alarm %s on camera %s at frame %s (score %s)",
@@ -166,29 +184,74 @@ class Publisher:
         if self.metrics:
             self.metrics.alarm_active.labels(camera).set(int(active))
 
-    def _send_event(self, event: EventMsg, tries: int = 12) -> None:
+    def deliver_stale_events(self, cameras: list[str], min_age_s: float = OUTBOX_DELIVER_AFTER_S) -> int:
+        """Deliver the outbox events of ``cameras`` older than ``min_age_s``; return how many.
+
+        They were left by a worker that died, or gave up while Redis was away, between its publish
+        script and the event. The picture is not kept in Redis, so these events come without it.
+        """
+        server_s, server_us = self.client.time()
+        cutoff_ms = int(server_s * 1000 + server_us // 1000 - min_age_s * 1000)
+        delivered = 0
+        for camera in cameras:
+            key = keys.event_outbox_key(camera, self.prefix)
+            for outbox_id, fields in self.client.xrange(key, "-", str(max(0, cutoff_ms)), count=100):
+                event = self._stale_event(camera, fields)
+                if event is not None:
+                    publish_event(self.client, event, self.prefix)
+                    log.warning(
+                        "camera %s: delivered alarm event %s of frame %s left undelivered by a worker",
+                        camera,
+                        event.type,
+                        event.frame_id,
+                    )
+                    delivered += 1
+                self._forget(camera, _s(outbox_id))
+        return delivered
+
+    def _stale_event(self, camera: str, fields: dict[bytes, bytes]) -> EventMsg | None:
+        try:
+            msg = ScoreMsg.from_bytes(fields[b"msg"])
+            kind, ms = _s(fields[b"type"]), int(fields[b"ms"])
+        except (KeyError, ValueError, WireError) as e:
+            log.error("camera %s: unreadable outbox entry dropped (%s)", camera, e)
+            return None
+        return self._event(kind, None, msg, ms)
+
+    def _forget(self, camera: str, outbox_id: str) -> None:
+        try:
+            self.client.xdel(keys.event_outbox_key(camera, self.prefix), outbox_id)
+        except REDIS_ERRORS as e:  # delivered but still in the outbox: sent once more later
+            log.warning("camera %s: could not clear delivered event %s: %s", camera, outbox_id, e)
+
+    def _send_event(self, event: EventMsg, tries: int = 12) -> bool:
         # The script already ran: retrying it would find the frames acked, so retry the event alone.
         delay = 0.1
         for attempt in range(tries):
             try:
                 publish_event(self.client, event, self.prefix)
-                return
+                return True
             except REDIS_ERRORS as e:
                 if attempt == tries - 1:
                     log.error(
-                        "camera %s: alarm event %s lost, Redis unavailable: %s", event.camera, event.type, e
+                        "camera %s: alarm event %s not delivered yet, Redis unavailable (%s); it stays in "
+                        "the camera's outbox and is delivered once Redis is back",
+                        event.camera,
+                        event.type,
+                        e,
                     )
-                    return
+                    return False
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
+        return False
 
-    def _event(self, kind: str, item: ScoredItem, msg: ScoreMsg, ms: int) -> EventMsg:
+    def _event(self, kind: str, item: ScoredItem | None, msg: ScoreMsg, ms: int) -> EventMsg:
         image = None
-        if kind == "raised" and item.frame is not None:
+        if kind == "raised" and item is not None and item.frame is not None:
             try:
                 image = overlay_jpeg(item.frame.rgb_numpy(), item.anomaly_map)
             except Exception:  # an event without a picture beats no event
-                log.exception("camera %s: cannot draw the alarm image for %s", item.camera, msg.frame_id)
+                log.exception("camera %s: cannot draw the alarm image for %s", msg.camera, msg.frame_id)
         return EventMsg(
             type=kind,
             camera=msg.camera,

@@ -39,6 +39,7 @@ from dfm_stream.inference import DecodedFrame, DecodeFailure, Decoder, Engine, p
 from dfm_stream.metrics import WorkerMetrics
 from dfm_stream.publisher import (
     DEFAULT_SCORES_MAXLEN,
+    OUTBOX_DELIVER_AFTER_S,
     REDIS_ERRORS,
     Publisher,
     PublisherThread,
@@ -73,6 +74,8 @@ class WorkerSettings:
     discover_interval_s: float = 5.0
     stats_interval_s: float = 5.0
     heartbeat_interval_s: float = 10.0
+    outbox_interval_s: float = 5.0
+    outbox_deliver_after_s: float = OUTBOX_DELIVER_AFTER_S
 
 
 @dataclass
@@ -88,6 +91,7 @@ class WorkerStats:
     redelivered: int = 0
     batches: int = 0
     events: list[str] = field(default_factory=list)
+    events_recovered: int = 0
 
 
 @dataclass
@@ -463,11 +467,18 @@ class Worker:
         if self.router.refresh(self.consumer.cameras):
             log.info("model routing changed")
         self._every("heartbeat", s.heartbeat_interval_s, self.consumer.heartbeat)
+        self._every("outbox", s.outbox_interval_s, self._deliver_stale_events)
         self._timers.setdefault("reclaim", time.monotonic() + max(0.05, s.claim_idle_s / 2))
         self._every("reclaim", max(0.05, s.claim_idle_s / 2), self._reclaim)
         if self.metrics:
             self._every("stats", s.stats_interval_s, self._group_stats)
             self._every("device", s.stats_interval_s, self._report_device)
+
+    def _deliver_stale_events(self) -> None:
+        cameras = list(self.consumer.cameras)
+        self.stats.events_recovered += self.publisher.deliver_stale_events(
+            cameras, self.settings.outbox_deliver_after_s
+        )
 
     def _report_device(self) -> None:
         """Publish where the model runs; ``auto`` may have fallen back to another backend since."""

@@ -43,7 +43,7 @@ DFM_COMMANDS = (
     " xadd publish hset"
     # worker: consumer group, scripted read / publish + ack, reclaim, stats, heartbeat
     " xgroup|create xreadgroup xread xrevrange xack xclaim xpending xinfo|groups exists"
-    " evalsha eval script|load time hget hmget hkeys set get"
+    " evalsha eval script|load time hget hmget hkeys set get xdel"
     # model registry (push, assign, worker lookups and change notifications)
     " subscribe lrange rpush sadd smembers del incrby multi exec watch"
     # inspection commands (scores, alarms)

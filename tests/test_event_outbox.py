@@ -1,0 +1,74 @@
+"""Alarm events survive a worker that dies between its publish script and the event (the outbox)."""
+
+import dataclasses
+
+from worker_helpers import GROUP, artifact, push_frames, run_worker, scores
+
+from dfm_stream import keys
+from dfm_stream.alarms import AlarmSettings
+from dfm_stream.publisher import PUBLISH_SCRIPT, Publisher
+from dfm_stream.wire import FIELD, EventMsg, ScoreMsg
+
+__all__ = ["artifact"]
+
+
+def alarm_events(client) -> list[EventMsg]:
+    return [EventMsg.from_bytes(f[FIELD.encode()]) for _, f in client.xrange(keys.alarms_key())]
+
+
+def test_delivered_events_do_not_stay_in_the_outbox(redis_client, redis_url, artifact):
+    push_frames(redis_client, "cam1", artifact.good[:2] + artifact.defect[:1] + artifact.good[2:8])
+    stats = run_worker(redis_url, artifact.path, cameras=["cam1"])
+    assert [e.type for e in alarm_events(redis_client)] == ["raised", "cleared"]
+    assert alarm_events(redis_client)[0].image, "the live worker sends the picture"
+    assert redis_client.xlen(keys.event_outbox_key("cam1")) == 0
+    assert stats.events_recovered == 0
+
+
+def run_the_publish_script_and_die(client, camera: str, anomalous_msg: ScoreMsg) -> None:
+    """Do exactly what a worker does up to the event, then stop (as if SIGKILLed right there)."""
+    client.xgroup_create(keys.frames_key(camera), GROUP, id="0", mkstream=True)
+    [[_, [(entry_id, _)]]] = client.xreadgroup(GROUP, "doomed", {keys.frames_key(camera): ">"}, count=1)
+    frame_id = f"{camera}:{entry_id.decode()}"
+    msg = dataclasses.replace(anomalous_msg, frame_id=frame_id)
+    keys_ = [
+        keys.frames_key(camera),
+        keys.scores_key(camera),
+        keys.alarm_state_key(camera),
+        keys.event_outbox_key(camera),
+    ]
+    args = [GROUP, 10_000, *AlarmSettings().script_args(), entry_id, msg.to_bytes(), "1"]
+    published, transitions, active = client.eval(PUBLISH_SCRIPT, len(keys_), *keys_, *args)
+    assert published == [entry_id] and active == 1 and transitions[0][0] == b"raised"
+
+
+def test_an_event_left_by_a_dead_worker_is_delivered_once_by_another(redis_client, redis_url, artifact):
+    push_frames(redis_client, "cam1", artifact.defect[:1])
+    template = ScoreMsg(
+        camera="cam1", frame_id="", seq=0, ts=1, scored_ts=2, score=9.5, score_norm=0.9,
+        threshold=artifact.threshold, anomalous=True, model="tiny@1", latency_ms=1.0, session="s1",
+    )  # fmt: skip
+    run_the_publish_script_and_die(redis_client, "cam1", template)
+    assert alarm_events(redis_client) == []
+    assert redis_client.xlen(keys.event_outbox_key("cam1")) == 1
+    assert len(scores(redis_client, "cam1")) == 1  # the score and the alarm state are in Redis
+
+    # A young entry is left alone: its worker may still be delivering it.
+    assert Publisher(redis_client).deliver_stale_events(["cam1"], min_age_s=60) == 0
+    stats = run_worker(redis_url, artifact.path, cameras=["cam1"], outbox_deliver_after_s=0.0)
+    assert stats.events_recovered == 1
+    [event] = alarm_events(redis_client)
+    frame_id = scores(redis_client, "cam1")[0].frame_id
+    assert (event.type, event.camera, event.frame_id, event.score) == ("raised", "cam1", frame_id, 9.5)
+    assert event.threshold == artifact.threshold and event.model == "tiny@1" and event.image is None
+    assert redis_client.xlen(keys.event_outbox_key("cam1")) == 0
+    # delivered once: a later pass finds nothing
+    assert Publisher(redis_client).deliver_stale_events(["cam1"], min_age_s=0) == 0
+    assert len(alarm_events(redis_client)) == 1
+
+
+def test_an_unreadable_outbox_entry_is_dropped_with_an_error(redis_client, caplog):
+    redis_client.xadd(keys.event_outbox_key("cam9"), {"type": "raised", "msg": b"\xc1garbage"})
+    assert Publisher(redis_client).deliver_stale_events(["cam9"], min_age_s=0) == 0
+    assert redis_client.xlen(keys.event_outbox_key("cam9")) == 0
+    assert "unreadable outbox entry dropped" in caplog.text
