@@ -160,6 +160,7 @@ class WorkerMetrics:
     gpu_memory_bytes: Gauge
     loop_errors: Counter
     duplicates: Counter
+    events_recovered: Counter
 
     def init_camera(self, camera: str) -> None:
         """Create the camera's event series at 0, so ``rate()``/``increase()`` also see the first event."""
@@ -171,6 +172,7 @@ class WorkerMetrics:
             self.alarms.labels(camera, state)
         self.redelivered.labels(camera)
         self.duplicates.labels(camera)
+        self.events_recovered.labels(camera)
         self.alarm_active.labels(camera)
 
     @classmethod
@@ -279,6 +281,12 @@ class WorkerMetrics:
             Counter(
                 "dfm_worker_duplicates_suppressed",
                 "Scores not published because the frame was already acknowledged (reclaimed elsewhere).",
+                ["camera"],
+                registry=r,
+            ),
+            Counter(
+                "dfm_worker_alarm_events_recovered",
+                "Alarm events delivered from a camera's outbox after their worker died or gave up.",
                 ["camera"],
                 registry=r,
             ),

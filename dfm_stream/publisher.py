@@ -206,6 +206,8 @@ class Publisher:
                         event.frame_id,
                     )
                     delivered += 1
+                    if self.metrics:
+                        self.metrics.events_recovered.labels(camera).inc()
                 self._forget(camera, _s(outbox_id))
         return delivered
 

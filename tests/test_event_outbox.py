@@ -6,6 +6,7 @@ from worker_helpers import GROUP, artifact, push_frames, run_worker, scores
 
 from dfm_stream import keys
 from dfm_stream.alarms import AlarmSettings
+from dfm_stream.metrics import WorkerMetrics, new_registry
 from dfm_stream.publisher import PUBLISH_SCRIPT, Publisher
 from dfm_stream.wire import FIELD, EventMsg, ScoreMsg
 
@@ -72,3 +73,18 @@ def test_an_unreadable_outbox_entry_is_dropped_with_an_error(redis_client, caplo
     assert Publisher(redis_client).deliver_stale_events(["cam9"], min_age_s=0) == 0
     assert redis_client.xlen(keys.event_outbox_key("cam9")) == 0
     assert "unreadable outbox entry dropped" in caplog.text
+
+
+def test_recovered_events_are_counted_per_camera(redis_client, artifact):
+    push_frames(redis_client, "cam2", artifact.defect[:1])
+    template = ScoreMsg(
+        camera="cam2", frame_id="", seq=0, ts=1, scored_ts=2, score=9.5, score_norm=0.9,
+        threshold=artifact.threshold, anomalous=True, model="tiny@1", latency_ms=1.0,
+    )  # fmt: skip
+    run_the_publish_script_and_die(redis_client, "cam2", template)
+    registry = new_registry()
+    metrics = WorkerMetrics.create(registry)
+    metrics.init_camera("cam2")
+    assert registry.get_sample_value("dfm_worker_alarm_events_recovered_total", {"camera": "cam2"}) == 0
+    assert Publisher(redis_client, metrics=metrics).deliver_stale_events(["cam2"], min_age_s=0) == 1
+    assert registry.get_sample_value("dfm_worker_alarm_events_recovered_total", {"camera": "cam2"}) == 1

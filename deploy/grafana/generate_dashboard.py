@@ -276,12 +276,18 @@ def cameras_and_alarms() -> list[Panel]:
         ),
         timeseries(
             "Alarm rate",
-            "Alarm transitions per minute, per camera and state (alert DfmAlarmStorm).",
+            "Alarm transitions per minute, per camera and state (alert DfmAlarmStorm); recovered: "
+            "events a worker delivered from the camera's outbox after another died before sending them.",
             [
                 (
                     f"60 * sum by (camera, state) (rate(dfm_alarms_total{{{CAM}}}[{RI}])){ZERO}",
                     "{{camera}} {{state}}",
-                )
+                ),
+                (
+                    f"60 * sum by (camera) (rate(dfm_worker_alarm_events_recovered_total{{{CAM}}}[{RI}]))"
+                    f"{ZERO}",
+                    "{{camera}} recovered",
+                ),
             ],
             "suffix:/min",
         ),
