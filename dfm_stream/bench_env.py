@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dfm_stream.cpus import cgroup_cpu_limit, usable_cpus
+
 _PACKAGES = (
     "dfm-stream",
     "torch",
@@ -101,7 +103,8 @@ def machine_info() -> dict[str, Any]:
     return {
         "cpu_model": _cpu_model(),
         "logical_cores": os.cpu_count(),
-        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "usable_cores": usable_cpus(),
+        "cgroup_cpu_limit": cgroup_cpu_limit(),
         "ram_bytes": _mem_total_bytes(),
         "gpus": gpus,
         "os": f"{platform.system()} {platform.release()}",

@@ -184,6 +184,7 @@ class WorkerConfig:
     device: str = _f("auto", "auto (CUDA if available), cpu, cuda, cuda:N")
     precision: str = _f("auto", "backbone precision: auto (fp32 on CPU, bf16/fp16 on CUDA), fp32, fp16, bf16")
     backend: str = _f("auto", "backbone runtime: auto (the fastest installed) or a name, see work --help")
+    threads: int = _f(0, "CPU threads of the model; 0 = the cores the worker may use (affinity, cgroup)")
     claim_idle_s: float = _f(30.0, "reclaim frames pending this long at a dead or stuck consumer (XCLAIM)")
     max_deliveries: int = _f(3, "deliveries after which a frame goes to the dead-letter stream")
     max_age_s: float = _f(0.0, "skip frames older than this at dequeue; 0 = never skip")
@@ -195,6 +196,7 @@ class WorkerConfig:
         _check(self.claim_idle_s > 0, f"claim_idle_s={self.claim_idle_s} must be > 0")
         _check(self.max_deliveries >= 1, f"max_deliveries={self.max_deliveries} must be >= 1")
         _check(self.max_age_s >= 0, f"max_age_s={self.max_age_s} must be >= 0 (0 = off)")
+        _check(self.threads >= 0, f"threads={self.threads} must be >= 0 (0 = automatic)")
         _check(
             bool(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device)),
             f"device={self.device!r} must be auto, cpu, cuda or cuda:N",

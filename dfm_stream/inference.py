@@ -190,11 +190,17 @@ class Engine:
     """Runs fitted DFM models on one device, with one precision and one backbone backend.
 
     ``batch_size`` is the largest batch the worker forms: ``compile`` builds its static shape for
-    it and the runtimes are exported and warmed up with it.
+    it and the runtimes are exported and warmed up with it. ``threads`` sizes the runtimes' thread
+    pools (default: torch's, which ``dfm-stream work`` sets from :func:`dfm_stream.cpus.usable_cpus`).
     """
 
     def __init__(
-        self, device: str = "auto", precision: str = "auto", backend: str = "auto", batch_size: int = 8
+        self,
+        device: str = "auto",
+        precision: str = "auto",
+        backend: str = "auto",
+        batch_size: int = 8,
+        threads: int | None = None,
     ) -> None:
         self.device = resolve_device(device)
         self.autocast = resolve_precision(precision, self.device)
@@ -204,6 +210,8 @@ class Engine:
         self.backend = fastpath.resolve_backend(backend, self.device)
         """The backend the runners use (for ``auto``: its first choice; a build failure falls back)."""
         self.batch_size = max(1, batch_size)
+        self.threads = threads or torch.get_num_threads()
+        """Intra-op threads of ONNX Runtime / OpenVINO (torch's own pool is the process's setting)."""
 
     def prepare(self, model: DFMModel, image_size: tuple[int, int] | None = None) -> DFMModel:
         """Move ``model`` to the device in eval mode; with ``image_size``, build its backbone runner now."""
@@ -221,7 +229,7 @@ class Engine:
             example = torch.zeros((self.batch_size, 3, height, width), device=self.device)
             with self._autocast():
                 runners[key] = fastpath.build_backbone_runner(
-                    extractor, self.requested_backend, example, inplace=True
+                    extractor, self.requested_backend, example, threads=self.threads, inplace=True
                 )
             self.backend = runners[key].backend
             log.info("backbone at %dx%d runs on %s (%s)", height, width, self.backend, self.precision)

@@ -11,6 +11,7 @@ from conftest import wait_until
 from worker_helpers import artifact, pending, push_frames, scores
 
 from dfm_stream import config, fastpath, inference
+from dfm_stream.cpus import usable_cpus
 from dfm_stream.errors import BackendError
 from dfm_stream.model.dfm import DFMModel
 
@@ -94,15 +95,19 @@ def test_worker_processes_on_two_backends_publish_the_same_scores(redis_client, 
     runs = {"eager": "cam-eager", "fused": "cam-fused"}
     for camera in runs.values():
         push_frames(redis_client, camera, frames)
+    threads = {"eager": [], "fused": ["--threads", "1"]}  # and the thread count changes nothing either
     for backend, camera in runs.items():
         worker = procs.dfm(
             *("work", "--redis", redis_url, "--model", str(artifact.path), "--cameras", camera),
             *("--device", "cpu", "--backend", backend, "--batch-size", "4", "--metrics-port", "-1"),
+            *threads[backend],
             name=f"worker-{backend}",
         )
         wait_until(lambda c=camera: len(scores(redis_client, c)) == len(frames), 120, what=backend)
         assert procs.stop(worker) == 0
         assert pending(redis_client, camera) == 0
+        want = 1 if threads[backend] else usable_cpus()
+        assert f"(fp32, {backend} backend, {want} threads)" in procs.log(worker)
     by_seq = {b: {s.seq: s for s in scores(redis_client, c)} for b, c in runs.items()}
     assert sorted(by_seq["eager"]) == list(range(len(frames)))
     for seq, ref in by_seq["eager"].items():

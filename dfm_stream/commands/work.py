@@ -54,6 +54,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "on the CPU; channels_last on CUDA) or one by name; all keep scores within 1e-3 of fp32 eager",
     )
     w.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads of the model; 0 or unset: the cores this process may use (cgroup quota included)",
+    )
+    w.add_argument(
         "--claim-idle", type=float, default=None, help="reclaim frames idle this long, s (default 30)"
     )
     w.add_argument("--max-deliveries", type=int, default=None, help="then dead-letter the frame (default 3)")
@@ -163,7 +169,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, stop: threading.Event) -> int:
+    import torch
+
     from dfm_stream.artifact import read_info
+    from dfm_stream.cpus import usable_cpus
     from dfm_stream.inference import Engine
     from dfm_stream.metrics import WorkerMetrics, new_registry, serve
     from dfm_stream.routing import ModelRouter
@@ -181,11 +190,16 @@ def _run(args: argparse.Namespace, stop: threading.Event) -> int:
     settings = _settings(args, config)
     redis_settings = settings_with_config(args, config.redis if config else None)
     wc = config.worker if config else None
+    threads = _pick(args.threads, wc.threads if wc and wc.threads else None) or usable_cpus()
+    if threads < 1:
+        raise ConfigError(f"--threads {threads}: must be >= 1")
+    torch.set_num_threads(threads)
     engine = Engine(
         _pick(args.device, wc.device if wc else None, "auto"),
         _pick(args.precision, wc.precision if wc else None, "auto"),
         _pick(args.backend, wc.backend if wc else None, "auto"),
         batch_size=settings.batch_size,
+        threads=threads,
     )
     if stop.is_set():
         return 0
@@ -207,11 +221,12 @@ def _run(args: argparse.Namespace, stop: threading.Event) -> int:
     if args.metrics_port >= 0 and not stop.is_set():
         server = serve(registry, args.metrics_host, args.metrics_port, ready=worker.ready)
     log.info(
-        "worker %s on %s (%s, %s backend), %s, group %s, redis %s",
+        "worker %s on %s (%s, %s backend, %d threads), %s, group %s, redis %s",
         worker.name,
         engine.device,
         engine.precision,
         engine.backend,
+        engine.threads,
         "cameras " + ",".join(settings.cameras) if settings.cameras else "cameras discovered",
         settings.group,
         redis_settings.safe_url(),
