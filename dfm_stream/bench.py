@@ -103,16 +103,17 @@ class BenchSettings:
 
 def run_bench(settings: BenchSettings, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run the chosen stages and return the result document (see ``docs/scaling.md``)."""
+    from torch import get_num_threads as torch_default_threads
     from torch import set_num_threads as torch_threads
 
     from dfm_stream import bench_model
-    from dfm_stream.cpus import usable_cpus
+    from dfm_stream.cpus import model_threads
     from dfm_stream.inference import Engine
 
     settings.check()
     say = progress or (lambda text: log.info("%s", text))
     started = time.time()
-    torch_threads(usable_cpus())  # as `dfm-stream work` does: the in-process stages match the worker
+    torch_threads(model_threads(torch_default_threads()))  # as `dfm-stream work`: stages match it
     machine = machine_info()
     engine = Engine(settings.device, settings.precision, settings.backend, batch_size=settings.batch_size)
     say(f"building the bench model ({settings.backbone}/{settings.layer}, {settings.image_size} px)")

@@ -184,7 +184,7 @@ class WorkerConfig:
     device: str = _f("auto", "auto (CUDA if available), cpu, cuda, cuda:N")
     precision: str = _f("auto", "backbone precision: auto (fp32 on CPU, bf16/fp16 on CUDA), fp32, fp16, bf16")
     backend: str = _f("auto", "backbone runtime: auto (the fastest installed) or a name, see work --help")
-    threads: int = _f(0, "CPU threads of the model; 0 = the cores the worker may use (affinity, cgroup)")
+    threads: int = _f(0, "CPU threads of the model; 0 = automatic, at most the cgroup CPU quota")
     claim_idle_s: float = _f(30.0, "reclaim frames pending this long at a dead or stuck consumer (XCLAIM)")
     max_deliveries: int = _f(3, "deliveries after which a frame goes to the dead-letter stream")
     max_age_s: float = _f(0.0, "skip frames older than this at dequeue; 0 = never skip")

@@ -3,7 +3,7 @@
 torch (and ONNX Runtime / OpenVINO, which take torch's thread count here) size their thread pools
 by the cores they *see*; in a Kubernetes pod limited to 4 CPUs on a 64-core node that is 64
 threads sharing 4 cores' worth of time, and the kernel throttles the whole process every 100 ms.
-The worker therefore sizes its pools by :func:`usable_cpus` unless told otherwise (``--threads``).
+The worker therefore caps its pools at :func:`usable_cpus` unless told otherwise (``--threads``).
 """
 
 from __future__ import annotations
@@ -35,6 +35,11 @@ def _ratio(quota: str, period: str) -> float | None:
     except ValueError:
         return None
     return q / p if q > 0 and p > 0 else None  # v1 writes -1 for "no limit"
+
+
+def model_threads(default: int, root: Path = CGROUP_ROOT) -> int:
+    """Return ``default`` (torch's own choice) capped by :func:`usable_cpus`: never more threads."""
+    return max(1, min(default, usable_cpus(root)))
 
 
 def usable_cpus(root: Path = CGROUP_ROOT) -> int:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from dfm_stream.cpus import cgroup_cpu_limit, usable_cpus
+from dfm_stream.cpus import cgroup_cpu_limit, model_threads, usable_cpus
 
 
 def visible() -> int:
@@ -37,3 +37,10 @@ def test_usable_cpus_is_capped_by_the_quota_and_never_zero(tmp_path: Path) -> No
     assert usable_cpus(tmp_path) == 1  # half a core still gets one thread
     (tmp_path / "cpu.max").write_text(f"{(visible() + 8) * 100000} 100000\n")
     assert usable_cpus(tmp_path) == visible()  # a quota above the affinity changes nothing
+
+
+def test_model_threads_only_ever_lowers_torchs_choice(tmp_path: Path) -> None:
+    assert model_threads(1, tmp_path) == 1  # e.g. torch picked the physical cores: kept
+    assert model_threads(visible() + 16, tmp_path) == visible()
+    (tmp_path / "cpu.max").write_text("100000 100000\n")
+    assert model_threads(visible(), tmp_path) == 1

@@ -11,7 +11,7 @@ from conftest import wait_until
 from worker_helpers import artifact, pending, push_frames, scores
 
 from dfm_stream import config, fastpath, inference
-from dfm_stream.cpus import usable_cpus
+from dfm_stream.cpus import model_threads
 from dfm_stream.errors import BackendError
 from dfm_stream.model.dfm import DFMModel
 
@@ -106,7 +106,7 @@ def test_worker_processes_on_two_backends_publish_the_same_scores(redis_client, 
         wait_until(lambda c=camera: len(scores(redis_client, c)) == len(frames), 120, what=backend)
         assert procs.stop(worker) == 0
         assert pending(redis_client, camera) == 0
-        want = 1 if threads[backend] else usable_cpus()
+        want = 1 if threads[backend] else model_threads(torch.get_num_threads())
         assert f"(fp32, {backend} backend, {want} threads)" in procs.log(worker)
     by_seq = {b: {s.seq: s for s in scores(redis_client, c)} for b, c in runs.items()}
     assert sorted(by_seq["eager"]) == list(range(len(frames)))

@@ -57,7 +57,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--threads",
         type=int,
         default=None,
-        help="CPU threads of the model; 0 or unset: the cores this process may use (cgroup quota included)",
+        help="CPU threads of the model; 0 or unset: torch's choice, capped at the CPU quota of the container",
     )
     w.add_argument(
         "--claim-idle", type=float, default=None, help="reclaim frames idle this long, s (default 30)"
@@ -172,7 +172,7 @@ def _run(args: argparse.Namespace, stop: threading.Event) -> int:
     import torch
 
     from dfm_stream.artifact import read_info
-    from dfm_stream.cpus import usable_cpus
+    from dfm_stream.cpus import model_threads
     from dfm_stream.inference import Engine
     from dfm_stream.metrics import WorkerMetrics, new_registry, serve
     from dfm_stream.routing import ModelRouter
@@ -190,7 +190,9 @@ def _run(args: argparse.Namespace, stop: threading.Event) -> int:
     settings = _settings(args, config)
     redis_settings = settings_with_config(args, config.redis if config else None)
     wc = config.worker if config else None
-    threads = _pick(args.threads, wc.threads if wc and wc.threads else None) or usable_cpus()
+    threads = _pick(args.threads, wc.threads if wc and wc.threads else None) or model_threads(
+        torch.get_num_threads()
+    )
     if threads < 1:
         raise ConfigError(f"--threads {threads}: must be >= 1")
     torch.set_num_threads(threads)
