@@ -310,26 +310,10 @@ def run_echo_consumer(
 
 
 def _echo_item(frame: Any, worker: str) -> Any:
-    from dfm_stream.publisher import ScoredItem
-    from dfm_stream.wire import make_frame_id
+    from dfm_stream.publisher import ScoredItem, frame_score
 
-    msg, entry = frame.msg, frame.entry
-    template = ScoreMsg(
-        camera=entry.camera,
-        frame_id=make_frame_id(entry.camera, entry.entry_id),
-        seq=msg.seq,
-        ts=msg.ts,
-        scored_ts=0,
-        score=0.0,
-        score_norm=None,
-        threshold=None,
-        anomalous=False,
-        model="none",
-        latency_ms=0.0,
-        session=msg.session,
-        worker=worker,
-    )
-    return ScoredItem(template=template, entry_id=entry.entry_id, alarm_bit="0")
+    template = frame_score(frame.entry, frame.msg, worker, "none", 0.0, None)
+    return ScoredItem(template=template, entry_id=frame.entry.entry_id, alarm_bit="0")
 
 
 def _paced_send(setup: StreamSetup, prefix: str, rate: float, duration: float, session: str) -> int:

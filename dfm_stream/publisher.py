@@ -38,10 +38,11 @@ import redis
 from dfm_stream import keys
 from dfm_stream.alarms import ALARM_LUA, AlarmSettings, overlay_jpeg, publish_event
 from dfm_stream.connect import RedisClient
+from dfm_stream.consumer import StreamEntry
 from dfm_stream.errors import WireError
 from dfm_stream.inference import DecodedFrame
 from dfm_stream.metrics import WorkerMetrics
-from dfm_stream.wire import EventMsg, ScoreMsg
+from dfm_stream.wire import EventMsg, FrameMsg, ScoreMsg, make_frame_id
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,36 @@ class ScoredItem:
     def camera(self) -> str:
         """The camera of the frame."""
         return self.template.camera
+
+
+def frame_score(
+    entry: StreamEntry,
+    msg: FrameMsg,
+    worker: str,
+    model: str,
+    score: float | None,
+    threshold: float | None,
+    score_norm: float | None = None,
+    anomalous: bool = False,
+    status: str = "scored",
+) -> ScoreMsg:
+    """Return the score message of frame ``msg`` read as ``entry``; the publish sets its times."""
+    return ScoreMsg(
+        camera=entry.camera,
+        frame_id=make_frame_id(entry.camera, entry.entry_id),
+        seq=msg.seq,
+        ts=msg.ts,
+        scored_ts=0,
+        score=score,
+        score_norm=score_norm,
+        threshold=threshold,
+        anomalous=anomalous,
+        model=model,
+        latency_ms=0.0,
+        status=status,
+        session=msg.session,
+        worker=worker,
+    )
 
 
 @dataclass

@@ -45,9 +45,10 @@ from dfm_stream.publisher import (
     PublisherThread,
     PublishResult,
     ScoredItem,
+    frame_score,
 )
 from dfm_stream.routing import LoadedModel, ModelRouter
-from dfm_stream.wire import DEFAULT_MAX_PIXELS, FrameMsg, ScoreMsg, make_frame_id
+from dfm_stream.wire import DEFAULT_MAX_PIXELS, FrameMsg, make_frame_id
 
 log = logging.getLogger(__name__)
 
@@ -216,21 +217,15 @@ class Worker:
         for i, frame in enumerate(batch.frames):
             score = float(result.scores[i])
             anomalous = info.threshold is not None and score > info.threshold
-            msg = frame.msg
-            template = ScoreMsg(
-                camera=msg.camera if msg.camera == frame.entry.camera else frame.entry.camera,
-                frame_id=make_frame_id(frame.entry.camera, frame.entry.entry_id),
-                seq=msg.seq,
-                ts=msg.ts,
-                scored_ts=0,
-                score=score,
+            template = frame_score(
+                frame.entry,
+                frame.msg,
+                self.name,
+                model.label,
+                score,
+                info.threshold,
                 score_norm=normalize_score(score, info),
-                threshold=info.threshold,
                 anomalous=anomalous,
-                model=model.label,
-                latency_ms=0.0,
-                session=msg.session,
-                worker=self.name,
             )
             amap = result.maps[i] if anomalous and result.maps is not None else None
             items.append(
@@ -374,21 +369,8 @@ class Worker:
 
     def _skipped(self, entry: StreamEntry, msg: FrameMsg, model: LoadedModel) -> ScoredItem:
         self._drop(entry.camera, "stale", 1)
-        template = ScoreMsg(
-            camera=entry.camera,
-            frame_id=make_frame_id(entry.camera, entry.entry_id),
-            seq=msg.seq,
-            ts=msg.ts,
-            scored_ts=0,
-            score=None,
-            score_norm=None,
-            threshold=model.fitted.info.threshold,
-            anomalous=False,
-            model=model.label,
-            latency_ms=0.0,
-            status="skipped",
-            session=msg.session,
-            worker=self.name,
+        template = frame_score(
+            entry, msg, self.name, model.label, None, model.fitted.info.threshold, status="skipped"
         )
         return ScoredItem(template, entry.entry_id, "s")
 

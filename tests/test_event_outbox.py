@@ -1,14 +1,13 @@
 """Alarm events survive a worker that dies between its publish script and the event (the outbox)."""
 
-import dataclasses
-
 from worker_helpers import GROUP, artifact, push_frames, run_worker, scores
 
 from dfm_stream import keys
 from dfm_stream.alarms import AlarmSettings
+from dfm_stream.consumer import StreamEntry
 from dfm_stream.metrics import WorkerMetrics, new_registry
-from dfm_stream.publisher import PUBLISH_SCRIPT, Publisher
-from dfm_stream.wire import FIELD, EventMsg, ScoreMsg
+from dfm_stream.publisher import PUBLISH_SCRIPT, Publisher, frame_score
+from dfm_stream.wire import FIELD, EventMsg, FrameMsg
 
 __all__ = ["artifact"]
 
@@ -26,12 +25,14 @@ def test_delivered_events_do_not_stay_in_the_outbox(redis_client, redis_url, art
     assert stats.events_recovered == 0
 
 
-def run_the_publish_script_and_die(client, camera: str, anomalous_msg: ScoreMsg) -> None:
-    """Do exactly what a worker does up to the event, then stop (as if SIGKILLed right there)."""
+def run_the_publish_script_and_die(client, camera: str, threshold: float) -> None:
+    """Do exactly what a worker does up to the event, then stop (as if SIGKILLed right there):
+    read the camera's one frame, and publish an anomalous score of 9.5 from model tiny@1."""
     client.xgroup_create(keys.frames_key(camera), GROUP, id="0", mkstream=True)
-    [[_, [(entry_id, _)]]] = client.xreadgroup(GROUP, "doomed", {keys.frames_key(camera): ">"}, count=1)
-    frame_id = f"{camera}:{entry_id.decode()}"
-    msg = dataclasses.replace(anomalous_msg, frame_id=frame_id)
+    [[_, [(entry_id, fields)]]] = client.xreadgroup(GROUP, "doomed", {keys.frames_key(camera): ">"}, count=1)
+    entry = StreamEntry(camera, entry_id.decode(), fields[FIELD.encode()])
+    frame = FrameMsg.from_bytes(entry.payload)
+    msg = frame_score(entry, frame, "doomed", "tiny@1", 9.5, threshold, score_norm=0.9, anomalous=True)
     keys_ = [
         keys.frames_key(camera),
         keys.scores_key(camera),
@@ -45,11 +46,7 @@ def run_the_publish_script_and_die(client, camera: str, anomalous_msg: ScoreMsg)
 
 def test_an_event_left_by_a_dead_worker_is_delivered_once_by_another(redis_client, redis_url, artifact):
     push_frames(redis_client, "cam1", artifact.defect[:1])
-    template = ScoreMsg(
-        camera="cam1", frame_id="", seq=0, ts=1, scored_ts=2, score=9.5, score_norm=0.9,
-        threshold=artifact.threshold, anomalous=True, model="tiny@1", latency_ms=1.0, session="s1",
-    )  # fmt: skip
-    run_the_publish_script_and_die(redis_client, "cam1", template)
+    run_the_publish_script_and_die(redis_client, "cam1", artifact.threshold)
     assert alarm_events(redis_client) == []
     assert redis_client.xlen(keys.event_outbox_key("cam1")) == 1
     assert len(scores(redis_client, "cam1")) == 1  # the score and the alarm state are in Redis
@@ -77,11 +74,7 @@ def test_an_unreadable_outbox_entry_is_dropped_with_an_error(redis_client, caplo
 
 def test_recovered_events_are_counted_per_camera(redis_client, artifact):
     push_frames(redis_client, "cam2", artifact.defect[:1])
-    template = ScoreMsg(
-        camera="cam2", frame_id="", seq=0, ts=1, scored_ts=2, score=9.5, score_norm=0.9,
-        threshold=artifact.threshold, anomalous=True, model="tiny@1", latency_ms=1.0,
-    )  # fmt: skip
-    run_the_publish_script_and_die(redis_client, "cam2", template)
+    run_the_publish_script_and_die(redis_client, "cam2", artifact.threshold)
     registry = new_registry()
     metrics = WorkerMetrics.create(registry)
     metrics.init_camera("cam2")
