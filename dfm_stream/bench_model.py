@@ -13,7 +13,6 @@ generated parts: the arithmetic per image is the same as with ImageNet weights.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import json
@@ -22,7 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -126,15 +125,6 @@ def time_rate(fn: Callable[[], object], n_per_call: int, duration: float, device
             )
 
 
-@contextlib.contextmanager
-def _autocast(engine: Engine) -> Iterator[None]:
-    if engine.autocast is None:
-        yield
-        return
-    with torch.autocast(device_type=engine.device.type, dtype=engine.autocast):
-        yield
-
-
 class ModelStages:
     """The in-process stages over one :class:`BenchModel`; runners are built once, timed per repeat."""
 
@@ -153,7 +143,7 @@ class ModelStages:
         batch = self.bench.batch
 
         def call() -> None:
-            with _autocast(self.engine):
+            with self.engine.autocast_scope():
                 self._runner(batch)
 
         return time_rate(call, len(batch), duration, self.device)

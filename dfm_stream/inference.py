@@ -191,7 +191,7 @@ class Engine:
 
     ``batch_size`` is the largest batch the worker forms: ``compile`` builds its static shape for
     it and the runtimes are exported and warmed up with it. ``threads`` sizes the runtimes' thread
-    pools (default: torch's, which ``dfm-stream work`` sets from :func:`dfm_stream.cpus.usable_cpus`).
+    pools (default: torch's, which ``dfm-stream work`` sets from :func:`dfm_stream.cpus.model_threads`).
     """
 
     def __init__(
@@ -227,7 +227,7 @@ class Engine:
         key = (self.requested_backend, self.precision, height, width)
         if key not in runners:
             example = torch.zeros((self.batch_size, 3, height, width), device=self.device)
-            with self._autocast():
+            with self.autocast_scope():
                 runners[key] = fastpath.build_backbone_runner(
                     extractor, self.requested_backend, example, threads=self.threads, inplace=True
                 )
@@ -235,7 +235,8 @@ class Engine:
             log.info("backbone at %dx%d runs on %s (%s)", height, width, self.backend, self.precision)
         return runners[key]
 
-    def _autocast(self) -> contextlib.AbstractContextManager[object]:
+    def autocast_scope(self) -> contextlib.AbstractContextManager[object]:
+        """Return the autocast context of the backbone (a no-op in fp32)."""
         if self.autocast is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast)
@@ -264,7 +265,7 @@ class Engine:
         with torch.inference_mode():
             x = batch.to(self.device)
             runner = self.runner(model.feature_extractor, (int(x.shape[-2]), int(x.shape[-1])))
-            with self._autocast():
+            with self.autocast_scope():
                 features = runner(x)
             features = features.float().to(self.device)
             if model.pooling_kernel_size > 1:
