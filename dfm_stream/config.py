@@ -171,7 +171,7 @@ class CameraConfig(ReaderConfig):
 WORKER_PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 """Backbone precisions (:data:`dfm_stream.inference.PRECISIONS`, spelled out: no torch import here)."""
 WORKER_BACKENDS = ("auto", "eager", "channels_last", "fused", "mkldnn", "compile", "onnxruntime", "openvino")
-"""``auto`` and every :data:`dfm_stream.fastpath.BACKENDS` name (spelled out for the same reason)."""
+"""``auto`` and every :data:`dfm_stream.backends.BACKENDS` name (spelled out for the same reason)."""
 
 
 @dataclass(frozen=True, kw_only=True)

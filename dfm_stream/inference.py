@@ -2,7 +2,7 @@
 
 * Device ``auto`` is CUDA when available, else the CPU. The model always runs under
   ``torch.inference_mode``.
-* Backbone backend (``--backend``, :mod:`dfm_stream.fastpath`): ``auto`` is the fastest this
+* Backbone backend (``--backend``, :mod:`dfm_stream.backends`): ``auto`` is the fastest this
   install can run on the device (ONNX Runtime, then OpenVINO, then ``fused`` eager on the CPU;
   ``channels_last`` eager on CUDA); each keeps scores within 1e-3 relative of fp32 eager. The
   runner is built once per backbone and image size when a model is prepared (export, compile,
@@ -30,10 +30,10 @@ import numpy as np
 import torch
 from torch.nn import functional as F  # noqa: N812
 
-from dfm_stream import fastpath
-from dfm_stream.codec import decode_frame, jpeg_size
+from dfm_stream import backends
 from dfm_stream.consumer import StreamEntry
 from dfm_stream.errors import ConfigError, WireError
+from dfm_stream.frame_codec import decode_frame, jpeg_size
 from dfm_stream.images import preprocess_tensor
 from dfm_stream.model.dfm import DFMModel
 from dfm_stream.wire import DEFAULT_MAX_PIXELS, FrameMsg
@@ -45,7 +45,7 @@ _RUNNERS = "_dfm_stream_runners"
 """The attribute of a feature extractor that holds its runners (they live and die with it)."""
 
 
-class _Runners(dict[tuple[str, str, int, int], fastpath.BackboneRunner]):
+class _Runners(dict[tuple[str, str, int, int], backends.BackboneRunner]):
     """A feature extractor's runners by (backend, precision, height, width); a copy starts empty."""
 
     def __deepcopy__(self, memo: dict[int, object]) -> _Runners:
@@ -207,7 +207,7 @@ class Engine:
         self.precision = "fp32" if self.autocast is None else str(self.autocast).replace("torch.", "")
         self.precision = {"float16": "fp16", "bfloat16": "bf16"}.get(self.precision, self.precision)
         self.requested_backend = backend
-        self.backend = fastpath.resolve_backend(backend, self.device)
+        self.backend = backends.resolve_backend(backend, self.device)
         """The backend the runners use (for ``auto``: its first choice; a build failure falls back)."""
         self.batch_size = max(1, batch_size)
         self.threads = threads or torch.get_num_threads()
@@ -220,7 +220,7 @@ class Engine:
             self.runner(model.feature_extractor, image_size)
         return model
 
-    def runner(self, extractor: torch.nn.Module, image_size: tuple[int, int]) -> fastpath.BackboneRunner:
+    def runner(self, extractor: torch.nn.Module, image_size: tuple[int, int]) -> backends.BackboneRunner:
         """Return the runner of ``extractor`` for ``image_size`` batches, building it the first time."""
         runners: _Runners = extractor.__dict__.setdefault(_RUNNERS, _Runners())
         height, width = int(image_size[0]), int(image_size[1])
@@ -228,7 +228,7 @@ class Engine:
         if key not in runners:
             example = torch.zeros((self.batch_size, 3, height, width), device=self.device)
             with self.autocast_scope():
-                runners[key] = fastpath.build_backbone_runner(
+                runners[key] = backends.build_backbone_runner(
                     extractor, self.requested_backend, example, threads=self.threads, inplace=True
                 )
             self.backend = runners[key].backend

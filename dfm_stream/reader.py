@@ -2,7 +2,7 @@
 
 One thread per camera (:class:`CameraLoop`), so a camera that is down never stops the others. Per
 frame: fps cap (decimation, live sources) or real-time pacing (files, folders, synthetic), region
-of interest crop (source pixels), resize, encode (:func:`dfm_stream.codec.encode_frame`), then
+of interest crop (source pixels), resize, encode (:func:`dfm_stream.frame_codec.encode_frame`), then
 ``XADD {prefix}:{camera}:frames MAXLEN ~ N``. ``N`` defaults to about 10 s of frames
 (``max(50, ceil(10 * fps))``), so a stream nobody reads stays bounded.
 
@@ -31,13 +31,13 @@ from typing import Any
 import cv2
 import numpy as np
 
-from dfm_stream.codec import encode_frame
 from dfm_stream.config import CameraConfig
 from dfm_stream.errors import SourceError, WireError
+from dfm_stream.frame_codec import encode_frame
 from dfm_stream.keys import DEFAULT_PREFIX, frames_key
 from dfm_stream.metrics import ReaderMetrics, new_registry
 from dfm_stream.reader_sink import Backoff, RedisSink
-from dfm_stream.sources.base import Frame, Source, SourceFinished, SourceOptions, make_source, source_kind
+from dfm_stream.sources import Frame, Source, SourceFinished, SourceOptions, make_source, source_kind
 from dfm_stream.sources.capture import Capture, CaptureTimeoutError
 from dfm_stream.wire import EventMsg
 

@@ -16,7 +16,7 @@ from conftest import Processes, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 from dfm_stream import keys
-from dfm_stream.soak import metrics_port
+from dfm_stream.bench.soak import metrics_port
 from dfm_stream.wire import FIELD, ScoreMsg
 
 

@@ -8,11 +8,11 @@ import pytest
 import redis
 import torch
 
-from dfm_stream import fastpath
-from dfm_stream.bench import STAGES, BenchSettings
-from dfm_stream.bench_env import percentile, summarize
-from dfm_stream.bench_model import score_feature_map
-from dfm_stream.bench_stream import batch_rates, throughput_from_scores
+from dfm_stream import backends
+from dfm_stream.bench.env import percentile, summarize
+from dfm_stream.bench.harness import STAGES, BenchSettings
+from dfm_stream.bench.model_stages import score_feature_map
+from dfm_stream.bench.stream_stages import batch_rates, throughput_from_scores
 from dfm_stream.cli import build_parser, main
 from dfm_stream.commands.bench import settings_from_args
 from dfm_stream.errors import BackendError, ConfigError
@@ -60,7 +60,7 @@ def test_quick_bench_runs_every_stage_and_writes_json_with_ratios(tmp_path: Path
     installed = importlib.util.find_spec("onnxruntime") is not None
     assert doc["backends"]["onnxruntime"]["available"] is installed
     # the in-process stages and the worker process ran the same backend and precision
-    assert doc["settings"]["worker_backend"] == fastpath.auto_candidates("cpu")[0]
+    assert doc["settings"]["worker_backend"] == backends.auto_candidates("cpu")[0]
     assert doc["settings"]["precision"] == "fp32"
     worker_logs = "".join(p.read_text() for p in (tmp_path / "work").rglob("*.log"))
     assert f"fp32, {doc['settings']['worker_backend']} backend" in worker_logs
@@ -125,32 +125,32 @@ def small_model() -> tuple[DFMModel, torch.Tensor]:
 
 @pytest.mark.parametrize("backend", ["channels_last", "fused", "mkldnn", "onnxruntime", "openvino"])
 def test_backend_scores_match_fp32_eager(backend: str, small_model: tuple[DFMModel, torch.Tensor]) -> None:
-    if not fastpath.is_available(backend):
+    if not backends.is_available(backend):
         pytest.skip(f"{backend} is not installed (optional extra)")
     model, batch = small_model
     reference = score_feature_map(model, model.feature_extractor(batch))
-    runner = fastpath.build_backbone_runner(model.feature_extractor, backend, batch)
+    runner = backends.build_backbone_runner(model.feature_extractor, backend, batch)
     scores = score_feature_map(model, runner(batch[:2]))  # another batch size than the example
-    assert fastpath.max_relative_difference(reference[:2], scores) <= fastpath.SCORE_RTOL
+    assert backends.max_relative_difference(reference[:2], scores) <= backends.SCORE_RTOL
     assert next(model.feature_extractor.parameters()).is_contiguous(), "the model's weights were changed"
 
 
 def test_unknown_or_misplaced_backend_is_refused() -> None:
     with pytest.raises(BackendError, match="unknown backend"):
-        fastpath.resolve_backend("tensorrt")
+        backends.resolve_backend("tensorrt")
     with pytest.raises(BackendError, match="CPU only"):
-        fastpath.resolve_backend("onnxruntime", "cuda")
-    assert fastpath.resolve_backend("auto") == fastpath.auto_candidates("cpu")[0]
-    assert fastpath.auto_candidates("cpu")[-1] == "channels_last"
-    assert {"eager", "channels_last"} <= set(fastpath.available_backends("cpu"))
+        backends.resolve_backend("onnxruntime", "cuda")
+    assert backends.resolve_backend("auto") == backends.auto_candidates("cpu")[0]
+    assert backends.auto_candidates("cpu")[-1] == "channels_last"
+    assert {"eager", "channels_last"} <= set(backends.available_backends("cpu"))
 
 
 def test_auto_backend_builds_the_first_candidate_and_matches_eager(
     small_model: tuple[DFMModel, torch.Tensor],
 ) -> None:
     model, batch = small_model
-    runner = fastpath.build_backbone_runner(model.feature_extractor, "auto", batch)
-    assert runner.backend == fastpath.auto_candidates("cpu")[0]
+    runner = backends.build_backbone_runner(model.feature_extractor, "auto", batch)
+    assert runner.backend == backends.auto_candidates("cpu")[0]
     reference = score_feature_map(model, model.feature_extractor(batch))
     scores = score_feature_map(model, runner(batch))
-    assert fastpath.max_relative_difference(reference, scores) <= fastpath.SCORE_RTOL
+    assert backends.max_relative_difference(reference, scores) <= backends.SCORE_RTOL

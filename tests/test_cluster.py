@@ -25,8 +25,8 @@ from tools import require_tool
 from worker_helpers import Artifact, artifact
 
 from dfm_stream import keys
-from dfm_stream.codec import encode_frame
 from dfm_stream.embedded_redis import EmbeddedRedis
+from dfm_stream.frame_codec import encode_frame
 from dfm_stream.registry import ModelRegistry
 from dfm_stream.wire import FIELD, ScoreMsg
 

@@ -10,7 +10,7 @@ import torch
 from conftest import wait_until
 from worker_helpers import artifact, pending, push_frames, scores
 
-from dfm_stream import config, fastpath, inference
+from dfm_stream import backends, config, inference
 from dfm_stream.cpus import model_threads
 from dfm_stream.errors import BackendError
 from dfm_stream.model.dfm import DFMModel
@@ -35,16 +35,16 @@ def eager_scores(model: DFMModel, batch: torch.Tensor) -> inference.BatchScores:
 
 @pytest.mark.parametrize("backend", ["auto", "channels_last", "fused", "mkldnn", "onnxruntime", "openvino"])
 def test_engine_scores_and_maps_match_fp32_eager(backend: str, fitted: tuple[DFMModel, torch.Tensor]) -> None:
-    if backend != "auto" and not fastpath.is_available(backend):
+    if backend != "auto" and not backends.is_available(backend):
         pytest.skip(f"{backend} is not installed (optional extra)")
     model, batch = fitted
     reference = eager_scores(model, batch)
     engine = inference.Engine("cpu", "fp32", backend, batch_size=4)
     prepared = engine.prepare(copy.deepcopy(model), SIZE)
     got = engine.score(prepared, batch)  # 5 frames: more than the batch size the runner was built for
-    assert engine.backend == (fastpath.auto_candidates("cpu")[0] if backend == "auto" else backend)
+    assert engine.backend == (backends.auto_candidates("cpu")[0] if backend == "auto" else backend)
     rel = np.abs(got.scores - reference.scores) / np.abs(reference.scores)
-    assert rel.max() <= fastpath.SCORE_RTOL, f"{backend}: scores differ by {rel.max():.2e} relative"
+    assert rel.max() <= backends.SCORE_RTOL, f"{backend}: scores differ by {rel.max():.2e} relative"
     assert got.maps is not None and reference.maps is not None
     np.testing.assert_allclose(got.maps, reference.maps, rtol=1e-3, atol=1e-3 * np.abs(reference.maps).max())
 
@@ -66,12 +66,12 @@ def test_the_runner_is_built_once_per_backbone_and_image_size(fitted: tuple[DFMM
 
 
 def test_the_cli_and_config_know_every_backend_and_precision() -> None:
-    assert ("auto", *fastpath.BACKENDS) == config.WORKER_BACKENDS
+    assert ("auto", *backends.BACKENDS) == config.WORKER_BACKENDS
     assert config.WORKER_PRECISIONS == inference.PRECISIONS
 
 
 def test_a_backend_that_is_not_installed_is_a_clear_error() -> None:
-    missing = next((b for b in ("openvino", "onnxruntime") if not fastpath.is_available(b)), None)
+    missing = next((b for b in ("openvino", "onnxruntime") if not backends.is_available(b)), None)
     if missing is None:
         pytest.skip("every optional runtime is installed here")
     with pytest.raises(BackendError, match=r"pip install 'dfm-stream\["):
@@ -79,7 +79,7 @@ def test_a_backend_that_is_not_installed_is_a_clear_error() -> None:
 
 
 def test_work_refuses_a_missing_backend_before_touching_redis(artifact, tmp_path) -> None:
-    missing = next((b for b in ("openvino", "onnxruntime") if not fastpath.is_available(b)), None)
+    missing = next((b for b in ("openvino", "onnxruntime") if not backends.is_available(b)), None)
     if missing is None:
         pytest.skip("every optional runtime is installed here")
     cmd = [sys.executable, "-m", "dfm_stream.cli", "work", "--model", str(artifact.path)]
@@ -112,7 +112,7 @@ def test_worker_processes_on_two_backends_publish_the_same_scores(redis_client, 
     assert sorted(by_seq["eager"]) == list(range(len(frames)))
     for seq, ref in by_seq["eager"].items():
         got = by_seq["fused"][seq]
-        assert abs(got.score - ref.score) <= fastpath.SCORE_RTOL * abs(ref.score), (seq, got.score, ref.score)
+        assert abs(got.score - ref.score) <= backends.SCORE_RTOL * abs(ref.score), (seq, got.score, ref.score)
         assert got.anomalous == ref.anomalous
     assert sum(s.anomalous for s in by_seq["fused"].values()) == 3  # the defects, and only them
 
@@ -120,5 +120,5 @@ def test_worker_processes_on_two_backends_publish_the_same_scores(redis_client, 
 def test_auto_is_onnx_runtime_on_the_cpu_of_a_plain_install() -> None:
     # ONNX Runtime is a dependency (the fastest CPU backend measured), so a worker started with
     # the defaults runs it; the torch flavours are only the fall-backs.
-    assert fastpath.auto_candidates("cpu")[0] == "onnxruntime"
+    assert backends.auto_candidates("cpu")[0] == "onnxruntime"
     assert inference.Engine("cpu").backend == "onnxruntime"

@@ -30,8 +30,8 @@ from hypothesis import strategies as st
 from worker_helpers import Artifact, artifact, scores
 
 from dfm_stream import keys
-from dfm_stream.codec import decode_frame, encode_frame, jpeg_size
 from dfm_stream.errors import WireError
+from dfm_stream.frame_codec import decode_frame, encode_frame, jpeg_size
 from dfm_stream.wire import DEFAULT_MAX_PIXELS, FIELD, DeadLetterMsg, EventMsg, FrameMsg, ScoreMsg
 
 __all__ = ["artifact"]
@@ -265,7 +265,7 @@ def _decode_outcome(msg: FrameMsg) -> str:
 _MEMORY_PROBE = r"""
 import json, resource, struct, sys
 import msgpack
-from dfm_stream.codec import decode_frame, encode_frame
+from dfm_stream.frame_codec import decode_frame, encode_frame
 from dfm_stream.errors import WireError
 from dfm_stream.wire import FrameMsg
 import numpy as np

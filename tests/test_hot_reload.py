@@ -24,7 +24,7 @@ from registry_helpers import tiny_artifact
 
 from dfm_stream import keys
 from dfm_stream.artifact import load_artifact
-from dfm_stream.codec import decode_frame, encode_frame
+from dfm_stream.frame_codec import decode_frame, encode_frame
 from dfm_stream.inference import Engine
 from dfm_stream.registry import ModelRef, ModelRegistry
 from dfm_stream.wire import FIELD, EventMsg, FrameMsg, ScoreMsg

@@ -20,7 +20,7 @@ from dfm_stream.images import (
     preprocess_tensor,
     read_image,
 )
-from dfm_stream.synthetic import make_dataset
+from dfm_stream.synthetic_parts import make_dataset
 
 
 def _reference_preprocess(rgb_uint8: np.ndarray, size: tuple[int, int]) -> torch.Tensor:

@@ -13,7 +13,7 @@ import pytest
 
 from dfm_stream.artifact import load_artifact, read_info
 from dfm_stream.cli import main
-from dfm_stream.synthetic import DEFECT_TYPES, make_dataset, render_part
+from dfm_stream.synthetic_parts import DEFECT_TYPES, make_dataset, render_part
 
 FIT_ARGS = [
     "--backbone", "resnet18", "--layer", "layer2", "--pooling-kernel-size", "2",

@@ -37,7 +37,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from registry_helpers import tiny_artifact
 from tools import require_tool
 
-from dfm_stream import fastpath, keys
+from dfm_stream import backends, keys
 from dfm_stream.embedded_redis import EmbeddedRedis, free_port
 
 CAMERA = "cam1"
@@ -192,7 +192,7 @@ def test_reader_and_worker_metrics_move_as_frames_flow(pipeline: Pipeline) -> No
     assert value(worker_after, "dfm_alarms_total", camera=CAMERA, state="raised") >= 1
     assert value(worker_after, "dfm_alarm_active", camera=CAMERA) == 1
     assert value(worker_after, "dfm_model_info", camera=CAMERA, backbone="resnet18") == 1
-    backend = fastpath.auto_candidates("cpu")[0]  # the worker runs with --backend auto
+    backend = backends.auto_candidates("cpu")[0]  # the worker runs with --backend auto
     assert value(worker_after, "dfm_worker_device_info", device="cpu", precision="fp32", backend=backend) == 1
     assert sum(v for (n, _), v in worker_after.items() if n == "dfm_worker_device_info") == 1
     assert ("dfm_stream_lag", frozenset({("camera", CAMERA)})) in worker_after

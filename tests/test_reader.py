@@ -11,9 +11,9 @@ import redis
 from conftest import wait_until
 from test_sources import write_video
 
-from dfm_stream.codec import decode_frame
 from dfm_stream.config import CameraConfig
 from dfm_stream.embedded_redis import EmbeddedRedis, free_port
+from dfm_stream.frame_codec import decode_frame
 from dfm_stream.keys import alarms_key, cameras_key, frames_key
 from dfm_stream.metrics import ReaderMetrics, new_registry
 from dfm_stream.reader import Decimator, Reader, transform

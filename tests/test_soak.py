@@ -13,7 +13,15 @@ from pathlib import Path
 
 from conftest import wait_until
 
-from dfm_stream.soak import MIB, ProcessTrace, SoakSettings, format_report, read_rss, run_soak, write_report
+from dfm_stream.bench.soak import (
+    MIB,
+    ProcessTrace,
+    SoakSettings,
+    format_report,
+    read_rss,
+    run_soak,
+    write_report,
+)
 
 GROWTH_BOUND_MIB = 8.0
 """Largest RSS growth after warm-up accepted for any process (observed: well under 1 MiB)."""

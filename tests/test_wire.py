@@ -5,8 +5,8 @@ import msgpack
 import numpy as np
 import pytest
 
-from dfm_stream.codec import decode_frame, encode_frame, jpeg_size
 from dfm_stream.errors import UnsupportedVersionError, WireError
+from dfm_stream.frame_codec import decode_frame, encode_frame, jpeg_size
 from dfm_stream.keys import check_name, frames_key, scores_key
 from dfm_stream.wire import EventMsg, FrameMsg, ScoreMsg, make_frame_id, split_frame_id
 

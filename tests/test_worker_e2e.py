@@ -5,7 +5,7 @@ import numpy as np
 from worker_helpers import SIZE, artifact, frame_ids, pending
 
 from dfm_stream import keys
-from dfm_stream.synthetic import render_part
+from dfm_stream.synthetic_parts import render_part
 from dfm_stream.wire import FIELD, EventMsg, ScoreMsg
 
 __all__ = ["artifact"]

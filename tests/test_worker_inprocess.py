@@ -7,7 +7,7 @@ import numpy as np
 from worker_helpers import artifact, frame_ids, pending, push_frame, push_frames, run_worker, scores
 
 from dfm_stream import keys
-from dfm_stream.codec import encode_frame
+from dfm_stream.frame_codec import encode_frame
 from dfm_stream.wire import FIELD, DeadLetterMsg
 
 __all__ = ["artifact"]

@@ -16,12 +16,12 @@ import torch
 from dfm_stream import keys
 from dfm_stream.alarms import AlarmSettings
 from dfm_stream.artifact import ArtifactInfo, save_artifact
-from dfm_stream.codec import encode_frame
+from dfm_stream.frame_codec import encode_frame
 from dfm_stream.images import preprocess
 from dfm_stream.inference import Engine
 from dfm_stream.model import Dfm
 from dfm_stream.routing import ModelRouter
-from dfm_stream.synthetic import render_part
+from dfm_stream.synthetic_parts import render_part
 from dfm_stream.wire import FIELD, ScoreMsg
 from dfm_stream.worker import Worker, WorkerSettings, WorkerStats
 

@@ -103,8 +103,8 @@ _FIELDS = {
 
 
 def settings_from_args(args: argparse.Namespace) -> Any:
-    """Build :class:`~dfm_stream.bench.BenchSettings`: defaults, then ``--quick``, then explicit options."""
-    from dfm_stream.bench import BenchSettings
+    """Build :class:`~dfm_stream.bench.harness.BenchSettings`: defaults, ``--quick``, explicit options."""
+    from dfm_stream.bench.harness import BenchSettings
 
     values: dict[str, Any] = BenchSettings.quick_defaults() if args.quick else {}
     for arg, name in _FIELDS.items():
@@ -122,9 +122,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """Run the benchmark, print the tables, write JSON (and markdown) if asked."""
     from rich.console import Console
 
-    from dfm_stream.bench import run_bench
-    from dfm_stream.bench_report import print_report, to_markdown
-    from dfm_stream.bench_result import write_json
+    from dfm_stream.bench.harness import run_bench
+    from dfm_stream.bench.report import print_report, to_markdown
+    from dfm_stream.bench.result import write_json
 
     console = Console(stderr=True)
     settings = settings_from_args(args)

@@ -88,7 +88,7 @@ def _redis_cli(args: argparse.Namespace) -> list[str]:
 def cmd_demo(args: argparse.Namespace) -> int:
     """Run the demo."""
     from dfm_stream.connect import RedisSettings
-    from dfm_stream.demo import DemoSettings, run_demo
+    from dfm_stream.demo.app import DemoSettings, run_demo
 
     if args.cameras > 8:
         raise ConfigError(f"--cameras {args.cameras}: the demo runs at most 8 cameras on one machine")

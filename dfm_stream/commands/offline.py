@@ -369,7 +369,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 def cmd_make_dataset(args: argparse.Namespace) -> int:
     """Write the synthetic data set."""
-    from dfm_stream.synthetic import make_dataset
+    from dfm_stream.synthetic_parts import make_dataset
 
     root = make_dataset(
         args.out,

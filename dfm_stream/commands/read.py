@@ -163,7 +163,7 @@ def check_sources(cameras: list[CameraConfig]) -> None:
     value raise :class:`SourceError` naming the camera; a network camera that is merely
     unreachable is not checked here (the reader keeps retrying it).
     """
-    from dfm_stream.sources.base import SourceOptions, make_source
+    from dfm_stream.sources import SourceOptions, make_source
 
     for cam in cameras:
         try:

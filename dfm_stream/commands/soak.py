@@ -53,7 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def cmd_soak(args: argparse.Namespace) -> int:
     """Run the soak; exit 0 when every process survived (and stayed within --max-growth-mib)."""
-    from dfm_stream.soak import SoakSettings, format_report, run_soak, write_report
+    from dfm_stream.bench.soak import SoakSettings, format_report, run_soak, write_report
 
     if args.model is not None and not args.model.is_file():
         raise ConfigError(

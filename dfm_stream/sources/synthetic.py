@@ -29,7 +29,7 @@ def _parse_size(text: str) -> tuple[int, int]:
 
 
 class SyntheticSource(Source):
-    """Parts on a conveyor, rendered with :func:`dfm_stream.synthetic.render_part`."""
+    """Parts on a conveyor, rendered with :func:`dfm_stream.synthetic_parts.render_part`."""
 
     kind = "synthetic"
     is_live = False
@@ -94,7 +94,7 @@ class SyntheticSource(Source):
         return self._part(index // self.cycle)[0]
 
     def _part(self, part: int) -> tuple[str | None, np.random.Generator]:
-        from dfm_stream.synthetic import DEFECT_TYPES
+        from dfm_stream.synthetic_parts import DEFECT_TYPES
 
         rng = np.random.default_rng([self.seed, part])
         defect = None
@@ -108,7 +108,7 @@ class SyntheticSource(Source):
         self._part_index = -1
 
     def _render(self, part: int) -> tuple[np.ndarray, str | None]:
-        from dfm_stream.synthetic import render_part
+        from dfm_stream.synthetic_parts import render_part
 
         w, h = self.size
         defect, rng = self._part(part)

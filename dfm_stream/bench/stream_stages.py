@@ -29,9 +29,9 @@ from typing import Any
 import redis
 
 from dfm_stream import keys
-from dfm_stream.bench_env import percentile
-from dfm_stream.codec import encode_frame
+from dfm_stream.bench.env import percentile
 from dfm_stream.errors import DfmStreamError
+from dfm_stream.frame_codec import encode_frame
 from dfm_stream.wire import FIELD, FrameMsg, ScoreMsg
 
 log = logging.getLogger(__name__)

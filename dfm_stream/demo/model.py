@@ -20,7 +20,7 @@ from dfm_stream.errors import ConfigError
 if TYPE_CHECKING:
     import numpy as np
 
-    from dfm_stream.demo import DemoSettings
+    from dfm_stream.demo.app import DemoSettings
     from dfm_stream.model import DFMModel
 
 BATCH = 16

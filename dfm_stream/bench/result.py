@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from dfm_stream.bench_env import load_average, summarize, versions
+from dfm_stream.bench.env import load_average, summarize, versions
 
 SCHEMA = "dfm-stream-bench/1"
 TARGET_PIPELINE_EFFICIENCY = 0.95

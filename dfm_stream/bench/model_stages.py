@@ -3,8 +3,8 @@
 * ``backbone``: the bare feature extractor, run exactly as the worker's :class:`Engine` runs it
   (same backend, memory layout and precision): the ceiling of the service.
 * ``dfm``: features + PCA score through :meth:`Engine.score`, the worker's own model step.
-* ``backends``: the same backbone under every execution backend of :mod:`dfm_stream.fastpath`,
-  each checked against fp32 eager scores (within :data:`~dfm_stream.fastpath.SCORE_RTOL`).
+* ``backends``: the same backbone under every execution backend of :mod:`dfm_stream.backends`,
+  each checked against fp32 eager scores (within :data:`~dfm_stream.backends.SCORE_RTOL`).
 * ``fit``: fitting on generated 256x256 images in a fresh process, for its time and peak memory.
 
 The bench model has random backbone weights (nothing to download) and a PCA fitted on a few
@@ -30,12 +30,12 @@ import numpy as np
 import torch
 from torch.nn import functional as F  # noqa: N812
 
-from dfm_stream import fastpath
+from dfm_stream import backends
 from dfm_stream.errors import BackendError, DfmStreamError
 from dfm_stream.images import preprocess
 from dfm_stream.inference import Engine
 from dfm_stream.model.dfm import DFMModel
-from dfm_stream.synthetic import DEFECT_TYPES, render_part
+from dfm_stream.synthetic_parts import DEFECT_TYPES, render_part
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ class ModelStages:
         self._engine_model = engine.prepare(copy.deepcopy(bench.model), bench.image_size)
         self._runner = engine.runner(self._engine_model.feature_extractor, bench.image_size)
         self.backend = self._runner.backend
-        self._backends: dict[str, fastpath.BackboneRunner] = {}
+        self._backends: dict[str, backends.BackboneRunner] = {}
         self.backend_info: dict[str, dict[str, Any]] = {}
 
     def backbone(self, duration: float) -> Rate:
@@ -159,30 +159,30 @@ class ModelStages:
         """Build each backend's runner once (export/compile) and check its scores against fp32 eager."""
         model = self.bench.model
         check = self.bench.check_batch
-        reference_map = fastpath.build_backbone_runner(model.feature_extractor, "eager", check)(check)
+        reference_map = backends.build_backbone_runner(model.feature_extractor, "eager", check)(check)
         reference = score_feature_map(model, reference_map)
         for name in names:
-            info: dict[str, Any] = {"available": fastpath.is_available(name, self.device)}
+            info: dict[str, Any] = {"available": backends.is_available(name, self.device)}
             self.backend_info[name] = info
             if not info["available"]:
                 info["error"] = "not installed here (or not for this device)"
                 continue
             start = time.perf_counter()
             try:
-                runner = fastpath.build_backbone_runner(model.feature_extractor, name, self.bench.batch)
+                runner = backends.build_backbone_runner(model.feature_extractor, name, self.bench.batch)
                 feature_map = runner(check)
             except BackendError as e:
                 info.update(available=False, error=str(e))
                 log.warning("backend %s skipped: %s", name, e)
                 continue
             info["build_s"] = time.perf_counter() - start
-            info["score_max_rel_diff"] = fastpath.max_relative_difference(
+            info["score_max_rel_diff"] = backends.max_relative_difference(
                 reference, score_feature_map(model, feature_map)
             )
             scale = float(reference_map.abs().max().item()) or 1.0
             info["feature_max_abs_diff"] = float((feature_map - reference_map).abs().max().item())
             info["feature_max_abs_diff_rel_to_max"] = info["feature_max_abs_diff"] / scale
-            info["passes"] = info["score_max_rel_diff"] <= fastpath.SCORE_RTOL
+            info["passes"] = info["score_max_rel_diff"] <= backends.SCORE_RTOL
             self._backends[name] = runner
 
     def prepared_backends(self) -> list[str]:
@@ -207,7 +207,7 @@ def score_feature_map(model: DFMModel, feature_map: torch.Tensor) -> torch.Tenso
 
 FIT_CHILD = """
 import json, sys
-from dfm_stream.bench_model import fit_child
+from dfm_stream.bench.model_stages import fit_child
 print(json.dumps(fit_child(json.loads(sys.argv[1]))))
 """
 
@@ -216,7 +216,7 @@ def run_fit(
     workdir: Path, n_images: int, image_size: int, batch_size: int, backbone: str, layer: str, device: str
 ) -> dict[str, Any]:
     """Generate ``n_images`` training parts, fit a model on them in a fresh process, report time and RSS."""
-    from dfm_stream.synthetic import make_dataset
+    from dfm_stream.synthetic_parts import make_dataset
 
     root = workdir / f"fit-{n_images}-{image_size}"
     start = time.perf_counter()
@@ -243,7 +243,7 @@ def run_fit(
 
 def fit_child(args: dict[str, Any]) -> dict[str, Any]:
     """Fit in this (fresh) process and measure; run by :func:`run_fit` through ``python -c``."""
-    from dfm_stream.bench_env import read_proc_status_kib, reset_peak_rss
+    from dfm_stream.bench.env import read_proc_status_kib, reset_peak_rss
     from dfm_stream.images import iter_batches, list_images
     from dfm_stream.inference import resolve_device
     from dfm_stream.model.trainer import Dfm

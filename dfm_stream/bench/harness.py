@@ -5,7 +5,7 @@ Stages (same device, backbone, image size and batch size throughout):
 =========  ===================================================================================
 backbone   bare feature extractor on pre-made tensors, as the worker runs it: the ceiling
 dfm        features + PCA score through the worker's ``Engine.score``
-backends   the backbone under each :mod:`~dfm_stream.fastpath` backend, scores checked vs fp32
+backends   the backbone under each :mod:`~dfm_stream.backends` backend, scores checked vs fp32
 pipeline   JPEG frames in Redis -> ``dfm-stream work`` -> scores, rate from the score stream
 transport  the same frames through the worker's consumer/decoder/publisher with no model
 latency    real-time paced frames at 50 % and 80 % of the pipeline's capacity: p50/p95/p99
@@ -14,7 +14,7 @@ fit        fitting on 1,000 generated 256x256 images in a fresh process: time an
 
 Repeats are interleaved (repeat 1 of every stage, then repeat 2 ...), so slow drifts of a noisy
 machine touch every stage alike; ratios are taken within each repeat, then summarised. The
-result is a JSON document (:func:`run_bench`), shown by :mod:`dfm_stream.bench_report`.
+result is a JSON document (:func:`run_bench`), shown by :mod:`dfm_stream.bench.report`.
 """
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dfm_stream.bench_env import CpuWindow, LoadSampler, machine_info
-from dfm_stream.bench_result import Runs, build_document
+from dfm_stream.backends import BACKENDS
+from dfm_stream.bench.env import CpuWindow, LoadSampler, machine_info
+from dfm_stream.bench.result import Runs, build_document
 from dfm_stream.errors import ConfigError
-from dfm_stream.fastpath import BACKENDS
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def run_bench(settings: BenchSettings, progress: Callable[[str], None] | None = 
     from torch import get_num_threads as torch_default_threads
     from torch import set_num_threads as torch_threads
 
-    from dfm_stream import bench_model
+    from dfm_stream.bench import model_stages
     from dfm_stream.cpus import model_threads
     from dfm_stream.inference import Engine
 
@@ -117,10 +117,10 @@ def run_bench(settings: BenchSettings, progress: Callable[[str], None] | None = 
     machine = machine_info()
     engine = Engine(settings.device, settings.precision, settings.backend, batch_size=settings.batch_size)
     say(f"building the bench model ({settings.backbone}/{settings.layer}, {settings.image_size} px)")
-    bench = bench_model.make_bench_model(
+    bench = model_stages.make_bench_model(
         settings.backbone, settings.layer, settings.image_size, settings.batch_size, engine.device
     )
-    stages = bench_model.ModelStages(bench, engine)
+    stages = model_stages.ModelStages(bench, engine)
     if "backends" in settings.stages:
         say(f"preparing backends {', '.join(settings.backends)} (export / compile)")
         stages.prepare_backends(list(settings.backends))
@@ -136,7 +136,7 @@ def run_bench(settings: BenchSettings, progress: Callable[[str], None] | None = 
             for rep in range(settings.repeats):
                 say(f"[{rep + 1}/{settings.repeats}] fit: {settings.fit_images} images")
                 window = CpuWindow()
-                result = bench_model.run_fit(
+                result = model_stages.run_fit(
                     workdir, settings.fit_images, settings.fit_image_size, settings.batch_size,
                     settings.backbone, settings.layer, settings.device,
                 )  # fmt: skip
@@ -149,7 +149,7 @@ def run_bench(settings: BenchSettings, progress: Callable[[str], None] | None = 
 def _run_repeat(
     settings: BenchSettings, stages: Any, setup: Any, runs: Runs, rep: int, say: Callable[[str], None]
 ) -> None:
-    from dfm_stream import bench_stream
+    from dfm_stream.bench import stream_stages
 
     tag = f"[{rep + 1}/{settings.repeats}]"
     chosen = settings.stages
@@ -174,18 +174,18 @@ def _run_repeat(
         rate = runs.last("backbone", "dfm") or stages.dfm(min(settings.duration, 3.0)).rate
         n = _backlog_size(settings, rate)
         window = CpuWindow(pids)
-        result = bench_stream.pipeline_run(setup.stream, rep, n, rate)
+        result = stream_stages.pipeline_run(setup.stream, rep, n, rate)
         runs.add("pipeline", result["rate"], result, foreign=window.foreign_cores())
         say(f"{tag} pipeline: {result['rate']:.1f} img/s ({n} frames)")
     if "transport" in chosen:
         window = CpuWindow(pids)
-        result = bench_stream.transport_run(setup.stream, rep, settings.transport_frames)
+        result = stream_stages.transport_run(setup.stream, rep, settings.transport_frames)
         runs.add("transport", result["rate"], result, foreign=window.foreign_cores())
         say(f"{tag} transport: {result['rate']:.0f} frames/s")
     if "latency" in chosen:
         capacity = runs.last("pipeline", "dfm", "backbone") or stages.dfm(min(settings.duration, 3.0)).rate
         window = CpuWindow(pids)
-        result = bench_stream.latency_run(
+        result = stream_stages.latency_run(
             setup.stream, rep, capacity, list(settings.loads), settings.duration
         )
         foreign = window.foreign_cores()
@@ -226,8 +226,8 @@ def _stream_setup(settings: BenchSettings, bench: Any, engine: Any, workdir: Pat
     import redis
 
     from dfm_stream.artifact import ArtifactInfo, save_artifact
-    from dfm_stream.bench_model import synthetic_frames
-    from dfm_stream.bench_stream import StreamSetup, make_templates
+    from dfm_stream.bench.model_stages import synthetic_frames
+    from dfm_stream.bench.stream_stages import StreamSetup, make_templates
     from dfm_stream.embedded_redis import EmbeddedRedis
 
     server = None if settings.redis_url else EmbeddedRedis().start()

@@ -9,7 +9,7 @@ What it does, in order:
 3. starts one worker process (``dfm-stream work``) and one reader process per camera
    (``dfm-stream read``), each serving its own ``/metrics``; the demo serves ``dfm_demo_*``
    gauges on ``--metrics-port``;
-4. follows the pipeline through Redis (:mod:`dfm_stream.demo_view`) in a live terminal view, or a
+4. follows the pipeline through Redis (:mod:`dfm_stream.demo.view`) in a live terminal view, or a
    line per second without a terminal, until ``--duration`` passes or Ctrl-C;
 5. stops the readers, lets the worker score what is queued, stops it (SIGTERM, wait, SIGKILL),
    stops Redis and prints a summary (also written as JSON with ``--summary-json``).
@@ -33,9 +33,9 @@ from rich.live import Live
 
 from dfm_stream import keys
 from dfm_stream.connect import RedisClient, RedisSettings, connect
-from dfm_stream.demo_model import ModelPlan, fit_demo_model, plan_model
-from dfm_stream.demo_procs import Child, port_is_free, spawn, wait_ready
-from dfm_stream.demo_view import DemoMetrics, Tracker, event_line, print_summary, render, status_line
+from dfm_stream.demo.model import ModelPlan, fit_demo_model, plan_model
+from dfm_stream.demo.processes import Child, port_is_free, spawn, wait_ready
+from dfm_stream.demo.view import DemoMetrics, Tracker, event_line, print_summary, render, status_line
 from dfm_stream.embedded_redis import EmbeddedRedis, free_port
 from dfm_stream.errors import DfmStreamError
 

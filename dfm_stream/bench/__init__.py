@@ -1,0 +1,1 @@
+"""Tooling: the benchmark harness and the soak test (never imported by the pipeline)."""

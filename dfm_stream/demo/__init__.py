@@ -1,0 +1,1 @@
+"""Tooling: the live demo (settings, model, child processes, terminal view)."""
