@@ -12,8 +12,8 @@ from collections import Counter
 from pathlib import Path
 
 import redis
-from conftest import Processes, wait_until
 from prometheus_client.parser import text_string_to_metric_families
+from support import Processes, wait_until
 
 from dfm_stream import keys
 from dfm_stream.bench.soak import metrics_port

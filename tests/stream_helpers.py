@@ -3,7 +3,7 @@
 from collections.abc import Callable
 
 import redis
-from conftest import wait_until
+from support import wait_until
 
 from dfm_stream.config import CameraConfig
 from dfm_stream.keys import alarms_key, frames_key

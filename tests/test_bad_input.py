@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 import redis
-from conftest import REPO, Processes, wait_until
 from registry_helpers import tiny_artifact
+from support import REPO, Processes, wait_until
 
 from dfm_stream.keys import alarms_key
 from dfm_stream.wire import EventMsg

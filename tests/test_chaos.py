@@ -25,15 +25,13 @@ import pytest
 import redis
 from chaos_helpers import group_pending, http_get, scrape, stream_ids, undelivered, wait_metrics_port
 from chaos_helpers import score_counts as counts_of
-from conftest import Processes, wait_until
-from worker_helpers import Artifact, artifact, make_worker, push_frames, scores
+from support import Processes, wait_until
+from worker_helpers import Artifact, make_worker, push_frames, scores
 
 from dfm_stream import keys
 from dfm_stream.consumer import StreamConsumer
 from dfm_stream.embedded_redis import EmbeddedRedis
 from dfm_stream.wire import FIELD, FrameMsg
-
-__all__ = ["artifact"]
 
 
 def write_config(path: Path, cameras: list[str], reader: str) -> Path:

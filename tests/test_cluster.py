@@ -19,18 +19,16 @@ from pathlib import Path
 
 import pytest
 import redis
-from conftest import Processes, wait_until
 from redis.cluster import RedisCluster
+from support import Processes, wait_until
 from tools import require_tool
-from worker_helpers import Artifact, artifact
+from worker_helpers import Artifact
 
 from dfm_stream import keys
 from dfm_stream.embedded_redis import EmbeddedRedis
 from dfm_stream.frame_codec import encode_frame
 from dfm_stream.registry import ModelRegistry
 from dfm_stream.wire import FIELD, ScoreMsg
-
-__all__ = ["artifact"]
 
 CAMERAS = [f"cam{i}" for i in range(8)]
 READER_CAMERAS = CAMERAS[6:]

@@ -7,15 +7,13 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import wait_until
-from worker_helpers import artifact, pending, push_frames, scores
+from support import wait_until
+from worker_helpers import pending, push_frames, scores
 
 from dfm_stream import backends, config, inference
 from dfm_stream.cpus import model_threads
 from dfm_stream.errors import BackendError
 from dfm_stream.model.dfm import DFMModel
-
-__all__ = ["artifact"]
 
 SIZE = (64, 64)
 

@@ -1,6 +1,6 @@
 """Alarm events survive a worker that dies between its publish script and the event (the outbox)."""
 
-from worker_helpers import GROUP, artifact, push_frames, run_worker, scores
+from worker_helpers import GROUP, push_frames, run_worker, scores
 
 from dfm_stream import keys
 from dfm_stream.alarms import AlarmSettings
@@ -8,8 +8,6 @@ from dfm_stream.consumer import StreamEntry
 from dfm_stream.metrics import WorkerMetrics, new_registry
 from dfm_stream.publisher import PUBLISH_SCRIPT, Publisher, frame_score
 from dfm_stream.wire import FIELD, EventMsg, FrameMsg
-
-__all__ = ["artifact"]
 
 
 def alarm_events(client) -> list[EventMsg]:

@@ -24,17 +24,15 @@ import msgpack
 import numpy as np
 import pytest
 import redis
-from conftest import Processes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from worker_helpers import Artifact, artifact, scores
+from support import Processes
+from worker_helpers import Artifact, scores
 
 from dfm_stream import keys
 from dfm_stream.errors import WireError
 from dfm_stream.frame_codec import decode_frame, encode_frame, jpeg_size
 from dfm_stream.wire import DEFAULT_MAX_PIXELS, FIELD, DeadLetterMsg, EventMsg, FrameMsg, ScoreMsg
-
-__all__ = ["artifact"]
 
 PARSERS: tuple[type, ...] = (FrameMsg, ScoreMsg, EventMsg, DeadLetterMsg)
 FIELDS = sorted(

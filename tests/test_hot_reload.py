@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 import redis
-from conftest import Processes, wait_until
 from registry_helpers import tiny_artifact
+from support import Processes, wait_until
 
 from dfm_stream import keys
 from dfm_stream.artifact import load_artifact

@@ -2,11 +2,9 @@
 
 import json
 
-from worker_helpers import artifact, push_frames, run_worker
+from worker_helpers import push_frames, run_worker
 
 from dfm_stream.cli import main
-
-__all__ = ["artifact"]
 
 
 def test_alarms_and_scores_print_json_lines(redis_client, redis_url, artifact, capsys, tmp_path):

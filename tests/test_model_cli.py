@@ -8,8 +8,8 @@ import subprocess
 from pathlib import Path
 
 import redis
-from conftest import Processes
 from registry_helpers import tiny_artifact
+from support import Processes
 
 from dfm_stream.registry import ModelRef, ModelRegistry
 

@@ -21,7 +21,6 @@ from typing import Any
 import pytest
 import redis
 import yaml
-from conftest import Processes, wait_until
 from observability_helpers import (
     ALERTS_YML,
     READER_JOB,
@@ -35,6 +34,7 @@ from observability_helpers import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 from registry_helpers import tiny_artifact
+from support import Processes, wait_until
 from tools import require_tool
 
 from dfm_stream import backends, keys

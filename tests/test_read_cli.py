@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from conftest import Processes, wait_until
+from support import Processes, wait_until
 
 from dfm_stream.cli import main
 from dfm_stream.embedded_redis import free_port

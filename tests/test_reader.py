@@ -8,7 +8,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import redis
-from conftest import wait_until
+from support import wait_until
 from test_sources import write_video
 
 from dfm_stream.config import CameraConfig

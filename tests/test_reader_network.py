@@ -10,8 +10,8 @@ the same scenario against a real RTSP server.
 import subprocess
 
 import redis
-from conftest import Processes
 from stream_helpers import check_reader_survives_server_restart
+from support import Processes
 from tools import require_tool
 
 from dfm_stream.embedded_redis import free_port

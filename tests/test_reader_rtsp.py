@@ -12,8 +12,8 @@ import subprocess
 
 import pytest
 import redis
-from conftest import REPO, Processes, wait_until
 from stream_helpers import check_reader_survives_server_restart
+from support import REPO, Processes, wait_until
 from tools import require_tool
 
 from dfm_stream.embedded_redis import free_port

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import redis
-from conftest import wait_until
 from redis.cluster import RedisCluster
 from registry_helpers import tiny_artifact
+from support import wait_until
 
 from dfm_stream import keys
 from dfm_stream.artifact import read_info

@@ -20,11 +20,11 @@ from pathlib import Path
 import pytest
 import redis
 from chaos_helpers import LOOPBACK_V4, http_get, listening_addresses, wait_metrics_port
-from conftest import REPO, Processes, wait_until
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+from support import REPO, Processes, wait_until
 from tools import require_tool
-from worker_helpers import Artifact, artifact
+from worker_helpers import Artifact
 
 from dfm_stream import keys
 from dfm_stream.config import RedisConfig
@@ -35,7 +35,6 @@ from dfm_stream.errors import DfmStreamError
 NO_RETRY = Retry(NoBackoff(), 0)
 SECRET = "Zq9-dfm-Secret-7x"
 ADMIN_SECRET = "admin-Pw-31"
-__all__ = ["artifact"]
 
 DFM_COMMANDS = (
     "ping hello"

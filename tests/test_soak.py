@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import wait_until
+from support import wait_until
 
 from dfm_stream.bench.soak import (
     MIB,

@@ -21,8 +21,8 @@ import cv2
 import msgpack
 import numpy as np
 import pytest
-from conftest import wait_until
 from registry_helpers import tiny_artifact
+from support import wait_until
 
 from dfm_stream.artifact import update_calibration
 

@@ -2,13 +2,11 @@
 
 import cv2
 import numpy as np
-from worker_helpers import SIZE, artifact, frame_ids, pending
+from worker_helpers import SIZE, frame_ids, pending
 
 from dfm_stream import keys
 from dfm_stream.synthetic_parts import render_part
 from dfm_stream.wire import FIELD, EventMsg, ScoreMsg
-
-__all__ = ["artifact"]
 
 DEFECTIVE = set(range(8, 11)) | set(range(20, 23))
 

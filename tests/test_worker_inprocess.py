@@ -4,13 +4,11 @@ import time
 
 import msgpack
 import numpy as np
-from worker_helpers import artifact, frame_ids, pending, push_frame, push_frames, run_worker, scores
+from worker_helpers import frame_ids, pending, push_frame, push_frames, run_worker, scores
 
 from dfm_stream import keys
 from dfm_stream.frame_codec import encode_frame
 from dfm_stream.wire import FIELD, DeadLetterMsg
-
-__all__ = ["artifact"]
 
 
 def test_every_frame_gets_exactly_one_score_and_nothing_stays_pending(redis_client, redis_url, artifact):

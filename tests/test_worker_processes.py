@@ -3,10 +3,8 @@
 import signal
 from collections import Counter
 
-from conftest import wait_until
-from worker_helpers import artifact, frame_ids, pending, push_frames, scores
-
-__all__ = ["artifact"]
+from support import wait_until
+from worker_helpers import frame_ids, pending, push_frames, scores
 
 CAMS = ["c1", "c2", "c3", "c4"]
 

@@ -1,4 +1,8 @@
-"""Helpers shared by the worker tests: one tiny fitted artifact per session, frame pushing, stream reading."""
+"""Helpers shared by the worker tests: fitting the tiny artifact, frame pushing, stream reading.
+
+Plain functions only: the session fixture ``artifact`` (built by :func:`fit_artifact`) is in
+``artifact_fixtures.py`` and reaches tests by injection, never by import.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pytest
 import redis
 import torch
 
@@ -39,9 +42,11 @@ class Artifact:
     defect: list[np.ndarray]
 
 
-@pytest.fixture(scope="session")
-def artifact(tmp_path_factory: pytest.TempPathFactory) -> Artifact:
-    """Fit resnet18/layer2 (random weights, 64 px) on good synthetic parts; threshold between good and bad."""
+def fit_artifact(directory: Path) -> Artifact:
+    """Fit resnet18/layer2 (random weights, 64 px) on good synthetic parts; threshold between good and bad.
+
+    The artifact is saved as ``directory/tiny.safetensors``.
+    """
     rng = np.random.default_rng(7)
     train = [render_part(rng, SIZE)[0] for _ in range(24)]
     good = [render_part(rng, SIZE)[0] for _ in range(8)]
@@ -65,7 +70,7 @@ def artifact(tmp_path_factory: pytest.TempPathFactory) -> Artifact:
         score_min=min(good_scores),
         score_max=max(bad_scores),
     )
-    path = tmp_path_factory.mktemp("artifact") / "tiny.safetensors"
+    path = directory / "tiny.safetensors"
     save_artifact(path, model, info)
     return Artifact(path, threshold, good, keep)
 
