@@ -130,7 +130,7 @@ def heartbeat(client: redis.Redis, pid: int) -> bool:
     return any(f"-{pid}-" in k.decode() for k in client.scan_iter(keys.worker_heartbeat_key("*")))
 
 
-def test_workers_sigkilled_at_random_moments_lose_nothing_and_score_each_frame_once(
+def test_workers_sigkilled_at_random_moments_score_each_frame_exactly_once(
     redis_client: redis.Redis, redis_url: str, artifact: Artifact, procs: Processes, tmp_path: Path
 ) -> None:
     cams = ["k1", "k2", "k3", "k4"]
@@ -179,9 +179,10 @@ def _seqs(client: redis.Redis, cam: str) -> list[int]:
     return [FrameMsg.from_bytes(f[FIELD.encode()]).seq for _, f in client.xrange(keys.frames_key(cam))]
 
 
-def test_redis_killed_and_restarted_with_aof_loses_no_accepted_frame_and_counts_the_outage(
+def test_redis_restart_with_aof_loses_no_accepted_frame(
     aof_redis_server: EmbeddedRedis, artifact: Artifact, procs: Processes, tmp_path: Path
 ) -> None:
+    """Reader and worker reconnect by themselves; frames captured during the outage are counted as dropped."""
     server = aof_redis_server
     client = redis.Redis.from_url(server.url)
     cams = ["r1", "r2"]
@@ -240,9 +241,10 @@ def test_redis_killed_and_restarted_with_aof_loses_no_accepted_frame_and_counts_
     client.close()
 
 
-def test_overload_stays_within_maxlen_shows_lag_and_drops_bounds_latency_and_recovers(
+def test_overload_stays_bounded_and_recovers(
     redis_client: redis.Redis, redis_url: str, artifact: Artifact, procs: Processes, tmp_path: Path
 ) -> None:
+    """Streams stay within MAXLEN, memory and latency bounded, drops and lag reported; the backlog drains."""
     # o1: a short stream (0.2 s of frames at full speed): frames are trimmed before the worker reads
     # them; o2: a long one (2 s): frames wait longer than --max-age and are skipped as stale
     maxlens, scores_maxlen, max_age = {"o1": 300, "o2": 3000}, 8000, 1.0
@@ -304,7 +306,7 @@ def test_overload_stays_within_maxlen_shows_lag_and_drops_bounds_latency_and_rec
     assert procs.stop(worker) == 0
 
 
-def test_stopped_consumer_frames_are_reclaimed_and_its_late_scores_suppressed(
+def test_frames_of_a_stopped_consumer_are_scored_once_by_another(
     redis_client: redis.Redis, redis_url: str, artifact: Artifact, procs: Processes
 ) -> None:
     cams = ["s1", "s2"]
@@ -363,7 +365,7 @@ def test_reported_lag_returns_to_zero_once_everything_was_delivered(redis_client
     assert lag == 0, f"the worker reports a lag of {lag} with nothing left to deliver"
 
 
-def test_a_worker_started_before_redis_connects_and_reads_its_cameras_as_soon_as_redis_answers(
+def test_worker_started_before_redis_reads_its_cameras_once_redis_answers(
     artifact: Artifact, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     server = EmbeddedRedis(workdir=tmp_path)  # not started yet: connections are refused

@@ -241,7 +241,7 @@ def service_command(svc: dict) -> list[str]:
     return shlex.split(cmd) if isinstance(cmd, str) else [str(c) for c in cmd]
 
 
-def test_compose_has_redis_monitoring_a_reader_per_camera_and_scalable_workers() -> None:
+def test_compose_defines_every_service_of_the_pipeline() -> None:
     services = compose_services()
     assert {"redis", "prometheus", "grafana", "worker"} <= services.keys()
     config = load_config(DEPLOY / "config" / "cameras.example.toml", env={})
@@ -533,11 +533,15 @@ def test_pods_run_non_root_with_a_read_only_root_filesystem(build: tuple[str, li
             assert "memory" in container["resources"]["limits"], f"{ident(res)}: no memory limit"
 
 
-def test_worker_terminates_gracefully_and_overlays_pick_cpu_or_gpu(build: tuple[str, list[dict]]) -> None:
-    name, resources = build
-    worker = one(resources, "Deployment", "dfm-worker")
-    spec = worker["spec"]["template"]["spec"]
+def test_worker_has_time_to_terminate_gracefully(build: tuple[str, list[dict]]) -> None:
+    _, resources = build
+    spec = one(resources, "Deployment", "dfm-worker")["spec"]["template"]["spec"]
     assert spec["terminationGracePeriodSeconds"] >= 30
+
+
+def test_overlay_picks_cpu_or_gpu_for_the_worker(build: tuple[str, list[dict]]) -> None:
+    name, resources = build
+    spec = one(resources, "Deployment", "dfm-worker")["spec"]["template"]["spec"]
     (container,) = spec["containers"]
     resources_ = container["resources"]
     gpu = {k: v for part in resources_.values() for k, v in part.items() if k == "nvidia.com/gpu"}

@@ -233,7 +233,7 @@ def _jpeg_with_size(data: bytes, w: int, h: int) -> bytes:
     raise AssertionError("no SOF marker")
 
 
-def test_truncated_and_corrupt_jpeg_frames_are_refused_or_decoded_never_crash() -> None:
+def test_truncated_or_corrupt_jpeg_frames_never_crash_the_decoder() -> None:
     good = encode_frame(_image(), "c", 0, "s")
     rng = random.Random(7)
     outcomes: Counter[str] = Counter()

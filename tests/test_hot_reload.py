@@ -205,9 +205,10 @@ def test_switches_during_a_stream_score_every_frame_once_by_the_assigned_version
     assert redis_client.xpending(keys.frames_key("cam1"), keys.DEFAULT_GROUP)["pending"] == 0
 
 
-def test_two_cameras_two_models_pins_and_a_version_that_fails_to_load(
+def test_each_camera_keeps_its_assigned_working_model(
     procs: Processes, redis_url: str, redis_client: redis.Redis
 ) -> None:
+    """Pins hold; a version that fails to load leaves the camera on its working one; unpin -> current."""
     registry = ModelRegistry(redis_client, chunk_size=200_000)
     registry.push("bottle", tiny_artifact("layer1", seed=0))
     registry.push("cable", tiny_artifact("layer2", seed=3))

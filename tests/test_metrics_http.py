@@ -51,7 +51,7 @@ def started() -> Iterator[list[MetricsServer]]:
         server.close()
 
 
-def test_metrics_are_served_in_the_prometheus_text_format_and_move(started: list[MetricsServer]) -> None:
+def test_metrics_endpoint_serves_current_values_as_prometheus_text(started: list[MetricsServer]) -> None:
     registry = new_registry()
     metrics = ReaderMetrics.create(registry)
     server = serve(registry, port=0)

@@ -83,7 +83,7 @@ def test_push_list_show_rollback_assign_pull(
     assert ModelRegistry(redis_client).resolve("cam1") is None
 
 
-def test_bad_push_exits_2_with_a_clear_message_and_stores_nothing(
+def test_bad_push_is_refused_without_storing_anything(
     procs: Processes, redis_url: str, redis_client: redis.Redis, tmp_path: Path
 ) -> None:
     data = tiny_artifact("layer1")

@@ -197,15 +197,24 @@ def test_state_dict_names_mirror_the_reference() -> None:
     assert (model.n_components, model.pooling_kernel_size) == (0.9, 2)
 
 
-def test_unfitted_model_and_bad_settings_give_clear_errors() -> None:
+def test_unfitted_model_refuses_to_score() -> None:
     with pytest.raises(NotFittedError):
         tiny_model()(image_batch(1))
-    with pytest.raises(ModelConfigError, match="backbone"):
-        DFMModel("vgg16", "layer3", pre_trained=False)
-    with pytest.raises(ModelConfigError, match="layer"):
-        DFMModel("resnet18", "layer7", pre_trained=False)
-    with pytest.raises(ModelConfigError, match="score type"):
-        DFMModel("resnet18", "layer2", pre_trained=False, score_type="mahalanobis")
+
+
+@pytest.mark.parametrize(
+    ("backbone", "layer", "score_type", "named"),
+    [
+        ("vgg16", "layer3", "fre", "backbone"),
+        ("resnet18", "layer7", "fre", "layer"),
+        ("resnet18", "layer2", "mahalanobis", "score type"),
+    ],
+)
+def test_bad_model_setting_is_named_in_the_error(
+    backbone: str, layer: str, score_type: str, named: str
+) -> None:
+    with pytest.raises(ModelConfigError, match=named):
+        DFMModel(backbone, layer, pre_trained=False, score_type=score_type)
 
 
 def test_trainer_fits_in_one_pass_from_batches() -> None:

@@ -279,7 +279,7 @@ def query(url: str, expr: str) -> list[dict[str, Any]]:
     return data["result"] if data["resultType"] == "vector" else [data["result"]]
 
 
-def test_prometheus_scrapes_the_pipeline_and_every_dashboard_query_returns_data(
+def test_every_dashboard_query_returns_data_from_a_scraped_pipeline(
     pipeline: Pipeline, prometheus: str
 ) -> None:
     wait_for_scores(pipeline, 1)

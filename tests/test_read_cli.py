@@ -25,9 +25,10 @@ def _get(url: str) -> tuple[int, str]:
         return e.code, e.read().decode()
 
 
-def test_sigterm_exits_zero_within_two_seconds_and_metrics_are_served(
+def test_serving_reader_exits_zero_promptly_on_sigterm(
     procs: Processes, redis_url: str, redis_client: redis.Redis
 ) -> None:
+    """While running it serves /metrics, /readyz, /healthz and camera state; SIGTERM: exit 0 within 2 s."""
     port = free_port()
     p = procs.dfm(
         "read",

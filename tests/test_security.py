@@ -206,9 +206,10 @@ def test_restricted_user_is_confined_to_dfm_keys_and_safe_commands(tls_redis: Tl
         plain.ping()
 
 
-def test_reader_and_worker_run_over_tls_as_the_restricted_user_and_never_show_the_secret(
+def test_pipeline_over_tls_as_the_restricted_user_never_shows_the_password(
     tls_redis: TlsRedis, procs: Processes, tmp_path: Path, artifact: Artifact
 ) -> None:
+    """Reader and worker work over TLS in the dfm ACL; no log, metric, health body or key has the password."""
     admin = tls_redis.client()
     admin.acl_log_reset()
     url_with_secret = f"rediss://dfm:{SECRET}@127.0.0.1:{tls_redis.port}/0"

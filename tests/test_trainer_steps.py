@@ -140,7 +140,7 @@ def test_fit_with_an_empty_memory_bank_is_refused() -> None:
         _trainer().fit()
 
 
-def test_fit_with_batches_while_the_bank_holds_features_is_refused_and_keeps_the_bank() -> None:
+def test_fit_with_batches_is_refused_while_the_bank_holds_features() -> None:
     trainer = _trainer()
     trainer.training_step({"image": image_batch(3, seed=1)})
     with pytest.raises(ModelConfigError, match="memory bank holds 3 images"):

@@ -22,7 +22,7 @@ def write_video(path, artifact):
     writer.release()
 
 
-def test_reader_and_worker_raise_and_clear_alarms_for_defective_stretches(
+def test_defective_stretches_raise_and_clear_alarms_end_to_end(
     redis_client, redis_url, artifact, procs, tmp_path
 ):
     video = tmp_path / "line.avi"

@@ -11,7 +11,7 @@ from dfm_stream.frame_codec import encode_frame
 from dfm_stream.wire import FIELD, DeadLetterMsg
 
 
-def test_every_frame_gets_exactly_one_score_and_nothing_stays_pending(redis_client, redis_url, artifact):
+def test_burst_worker_scores_every_frame_exactly_once(redis_client, redis_url, artifact):
     frames = artifact.good[:3] + artifact.defect[:2] + artifact.good[3:8]
     push_frames(redis_client, "cam1", frames)
     push_frames(redis_client, "cam2", artifact.good[:3])
