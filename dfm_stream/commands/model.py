@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ import redis
 
 from dfm_stream.connect import RedisSettings, add_redis_args, connect
 from dfm_stream.errors import RedisConnectError, RegistryError
+from dfm_stream.files import write_atomic
 from dfm_stream.registry import ModelRef, ModelRegistry
 
 
@@ -158,14 +157,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    tmp: str | None = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        Path(tmp).replace(path)
+        write_atomic(path, data)
     except OSError as e:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
         raise RegistryError(f"cannot write {path}: {e.strerror or e}") from e
