@@ -82,6 +82,22 @@ def test_push_list_show_rollback_assign_pull(
     assert code == 0, out
     assert ModelRegistry(redis_client).resolve("cam1") is None
 
+    # the same bytes again: no version 3; version 1 is current again, and the output says so
+    code, out = _run(procs, "push-again", "model", "push", *r, "--name", "bottle", "--file", str(pulled))
+    assert code == 0, out
+    assert "byte-identical to bottle version 1: no new version stored (now current again, was 2)" in out
+    assert f"file sha256 {hashlib.sha256(first.read_bytes()).hexdigest()}, content hash " in out
+    code, out = _run(
+        procs, "push-same", "model", "push", *r, "--name", "bottle", "--file", str(first), "--json"
+    )
+    assert code == 0, out
+    assert {k: _json(out)[k] for k in ("version", "created", "previous_current")} == {
+        "version": 1,
+        "created": False,
+        "previous_current": 1,
+    }
+    assert [v.version for v in ModelRegistry(redis_client).versions("bottle")] == [1, 2]
+
 
 def test_bad_push_exits_2_with_a_clear_message_and_stores_nothing(
     procs: Processes, redis_url: str, redis_client: redis.Redis, tmp_path: Path

@@ -86,12 +86,26 @@ def cmd_push(args: argparse.Namespace) -> int:
         data = args.file.read_bytes()
     except OSError as e:
         raise RegistryError(f"cannot read artifact {args.file}: {e.strerror or e}") from e
-    info = _registry(args).push(args.name, data, source=str(args.file))
-    text = (
-        f"pushed {info.name} version {info.version} (now current): {info.size} bytes in {info.chunks}"
-        f" chunk(s), sha256 {info.sha256}, content hash {info.content_hash}"
-    )
-    return _emit(args, info.to_dict(), text)
+    result = _registry(args).push_result(args.name, data, source=str(args.file))
+    info = result.info
+    names = f"file sha256 {info.sha256}, content hash {info.content_hash}"
+    if result.created:
+        text = (
+            f"pushed {info.name} version {info.version} (now current): {info.size} bytes in {info.chunks}"
+            f" chunk(s), {names}"
+        )
+    else:
+        was = (
+            "it was current already"
+            if result.previous_current == info.version
+            else f"now current again, was {result.previous_current}"
+        )
+        text = (
+            f"{args.file} is byte-identical to {info.name} version {info.version}: no new version"
+            f" stored ({was}); {names}"
+        )
+    data_out = {**info.to_dict(), "created": result.created, "previous_current": result.previous_current}
+    return _emit(args, data_out, text)
 
 
 def cmd_list(args: argparse.Namespace) -> int:
