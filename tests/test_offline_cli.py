@@ -112,6 +112,17 @@ def test_calibrate_then_score_flags_defects(fitted: Path, dataset: Path, tmp_pat
     assert sum(good_flags) <= 2
     assert lines[-1]["anomalous"] is True
     assert len(list(heatmaps.glob("*.png"))) == 13
+    # heat maps are named after their images (good/000.png and spot/000.png collide: folder added)
+    assert lines[0]["heatmap"] == str(heatmaps / "good__000.png")
+    assert lines[-1]["heatmap"] == str(heatmaps / "spot__000.png")
+    assert lines[1]["heatmap"] == str(heatmaps / "001.png")
+    assert all(Path(line["heatmap"]).is_file() for line in lines)
+    # score_norm as in the wire format: 0.5 at the threshold
+    assert "normalized_score" not in lines[0]
+    spread = info.score_max - info.score_min
+    for line in lines:
+        expected = min(1.0, max(0.0, (line["score"] - info.threshold) / spread + 0.5))
+        assert line["score_norm"] == pytest.approx(expected)
 
 
 def test_calibrate_on_labelled_set_uses_f1_threshold(fitted: Path, dataset: Path, tmp_path: Path) -> None:

@@ -219,41 +219,33 @@ def _score_paths(
             progress.update(task, completed=done + len(skipped))
 
 
-def _score_line(path: Path, score: float, info: ArtifactInfo) -> dict[str, Any]:
+def _score_line(path: Path, score: float, info: ArtifactInfo, heatmap: Path | None) -> dict[str, Any]:
+    """One JSON line of ``score``: field names as in the wire format's score message."""
     from dfm_stream.artifact import normalize_score
 
     threshold = info.threshold
-    return {
+    line: dict[str, Any] = {
         "path": str(path),
         "score": float(score),
         "anomalous": None if threshold is None else bool(score > threshold),
         "threshold": threshold,
-        "normalized_score": normalize_score(float(score), info),
+        "score_norm": normalize_score(float(score), info),
     }
+    if heatmap is not None:
+        line["heatmap"] = str(heatmap)
+    return line
 
 
-def _heatmap_scale(fitted: FittedModel, anomaly_map: np.ndarray, score: float) -> float:
-    """Colour scale: the map's maximum, but at least twice the per-position error at the threshold.
-
-    Good parts then stay cool instead of showing their noise at full colour.
-    """
-    peak = float(anomaly_map.max())
-    if fitted.info.threshold is None or score <= 0:
-        return peak
-    positions = score / max(float(anomaly_map.mean()), 1e-12)  # ~ number of feature positions
-    return max(peak, 2.0 * fitted.info.threshold / positions)
-
-
-def _write_heatmap(folder: Path, path: Path, anomaly_map: np.ndarray, vmax: float, index: int) -> None:
+def _write_heatmap(path: Path, source: Path, anomaly_map: np.ndarray, vmax: float) -> None:
     from dfm_stream.evaluate import heatmap_overlay, write_png
     from dfm_stream.images import read_image
 
-    overlay = heatmap_overlay(read_image(path), anomaly_map, vmax)
-    write_png(folder / f"{index:05d}_{path.stem}.png", overlay)
+    write_png(path, heatmap_overlay(read_image(source), anomaly_map, vmax))
 
 
 def cmd_score(args: argparse.Namespace) -> int:
     """Score ``--images`` into ``--out`` (JSON lines), optionally with heatmap overlays."""
+    from dfm_stream.heatmaps import heatmap_names, heatmap_scale
     from dfm_stream.images import collect_image_paths
 
     fitted = _load(args.model, _device(args.device))
@@ -261,6 +253,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         msg = f"--heatmaps needs a 'fre' model; {args.model} scores with '{fitted.info.score_type}'"
         raise ScoreTypeError(msg)
     paths = collect_image_paths(args.images)
+    names = heatmap_names(paths) if args.heatmaps is not None else {}
     if args.heatmaps is not None:
         args.heatmaps.mkdir(parents=True, exist_ok=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -271,10 +264,12 @@ def cmd_score(args: argparse.Namespace) -> int:
             fitted, paths, args, args.heatmaps is not None, skipped
         ):
             for i, (path, score) in enumerate(zip(batch_paths, scores, strict=True)):
-                out.write(json.dumps(_score_line(path, float(score), fitted.info)) + "\n")
+                heatmap = None
                 if maps is not None:
-                    vmax = _heatmap_scale(fitted, maps[i], float(score))
-                    _write_heatmap(args.heatmaps, path, maps[i], vmax, count)
+                    heatmap = args.heatmaps / names[path]
+                    vmax = heatmap_scale(fitted.info.threshold, maps[i], float(score))
+                    _write_heatmap(heatmap, path, maps[i], vmax)
+                out.write(json.dumps(_score_line(path, float(score), fitted.info, heatmap)) + "\n")
                 count += 1
     _report_skipped(skipped)
     print(f"scored {count} images -> {args.out}" + (f" ({len(skipped)} skipped)" if skipped else ""))
