@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -125,6 +126,29 @@ def test_calibrate_then_score_flags_defects(fitted: Path, dataset: Path, tmp_pat
         assert line["score_norm"] == pytest.approx(expected)
 
 
+def test_calibrate_refuses_a_rate_the_images_cannot_resolve_unless_forced(
+    fitted: Path, dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = tmp_path / "forced.dfm"
+    model.write_bytes(fitted.read_bytes())
+    base = ["calibrate", "--model", str(model), "--data", str(dataset / "test" / "good"), "--device", "cpu"]
+    assert main([*base, "--max-fpr", "0.01"]) == 2
+    err = capsys.readouterr().err
+    assert "12 good images cannot resolve a false-alarm rate of 1.00%: need at least 100" in err
+    assert read_info(model).threshold is None, "a refused calibration leaves the artifact alone"
+    assert main([*base, "--max-fpr", "0.01", "--force", "--margin", "1.5"]) == 0
+    out = capsys.readouterr()
+    assert "warning: 12 good images cannot resolve" in out.err
+    info = read_info(model)
+    assert info.threshold == pytest.approx(info.score_max * 1.5)
+    assert (
+        "expected false-alarm rate: 0/12 good images above the threshold = 0.00% (95% CI 0.00% .. 26.46%"
+        in out.out
+    )
+    assert f"content hash {info.content_hash}" in out.out
+    assert f"file sha256  {hashlib.sha256(model.read_bytes()).hexdigest()}" in out.out
+
+
 def test_calibrate_on_labelled_set_uses_f1_threshold(fitted: Path, dataset: Path, tmp_path: Path) -> None:
     model = tmp_path / "f1.dfm"
     model.write_bytes(fitted.read_bytes())
@@ -200,7 +224,11 @@ def test_installed_entry_point_runs_fit(dataset: Path, tmp_path: Path) -> None:
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "k=" in proc.stdout and str(out) in proc.stdout
-    assert read_info(out).n_train == 40
+    info = read_info(out)
+    assert info.n_train == 40
+    # both hashes, each under its name; the worker's label for the file uses the content hash
+    assert f"content hash {info.content_hash} (worker label cli@{info.content_hash[:8]})" in proc.stdout
+    assert f"file sha256  {hashlib.sha256(out.read_bytes()).hexdigest()}" in proc.stdout
 
 
 def test_make_dataset_is_reproducible(tmp_path: Path) -> None:

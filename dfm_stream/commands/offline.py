@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dfm_stream.errors import ConfigError, DfmStreamError, ImageReadError, ScoreTypeError
+from dfm_stream.errors import ConfigError, ImageReadError, ScoreTypeError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -102,8 +102,30 @@ def _register_calibrate(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--max-fpr", type=float, default=0.01, help="accepted false-alarm rate on good images (default 0.01)"
     )
+    p.add_argument(
+        "--margin",
+        type=_positive_float,
+        default=1.0,
+        help="multiply the chosen threshold by this, as the demo does (e.g. 1.2; default 1: none)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="accept too few good images for --max-fpr: the threshold is then the highest good score",
+    )
     _add_runtime_args(p)
     p.set_defaults(func=cmd_calibrate)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        msg = f"must be a number > 0, got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
 
 
 def _register_make_dataset(subparsers: argparse._SubParsersAction) -> None:
@@ -183,8 +205,22 @@ def cmd_fit(args: argparse.Namespace) -> int:
     info = ArtifactInfo.for_model(model, args.image_size, trainer.n_train)
     content_hash = save_artifact(args.out, model, info)
     print(f"fitted on {trainer.n_train} images: k={model.pca_model.k} components, fit time {elapsed:.1f} s")
-    print(f"artifact: {args.out} (sha256 {content_hash[:16]}...)")
+    print(f"artifact: {args.out}")
+    _print_hashes(args.out, content_hash)
     return 0
+
+
+def _print_hashes(path: Path, content_hash: str) -> None:
+    """Print the artifact's two hashes under their names, as ``model push`` and the worker use them.
+
+    The content hash covers the tensors and metadata (a worker given ``--model FILE`` labels the
+    model ``STEM@`` + its first 8 digits); the file sha256 is over the bytes (the registry checks it).
+    """
+    import hashlib
+
+    file_sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+    print(f"  content hash {content_hash} (worker label {path.stem}@{content_hash[:8]})")
+    print(f"  file sha256  {file_sha256}")
 
 
 def _load(path: Path, device: str) -> FittedModel:
@@ -329,7 +365,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     import numpy as np
 
     from dfm_stream.artifact import update_calibration
-    from dfm_stream.evaluate import f1_optimal_threshold, quantile_threshold
+    from dfm_stream.calibration import choose_threshold
 
     fitted = _load(args.model, _device(args.device))
     paths, labels = _calibration_set(args.data)
@@ -344,21 +380,15 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise ImageReadError(msg)
     scores = np.array([s for s, _ in scored])
     y = np.array([label for _, label in scored])
-    if y.any() and not y.all():
-        choice = f1_optimal_threshold(y, scores)
-        threshold, how = (
-            choice.threshold,
-            f"F1-optimal (precision {choice.precision:.3f}, recall {choice.recall:.3f})",
-        )
-    elif not y.any():
-        threshold = quantile_threshold(scores, args.max_fpr)
-        how = f"quantile of {len(scores)} good images for a false-alarm rate <= {args.max_fpr}"
-    else:
-        msg = f"calibration data {args.data} holds only defective images: add good ones (test/good)"
-        raise DfmStreamError(msg)
-    info = update_calibration(args.model, threshold, float(scores.min()), float(scores.max()))
-    print(f"threshold {threshold:.6g} ({how}); scores {info.score_min:.6g} .. {info.score_max:.6g}")
+    choice = choose_threshold(scores, y, args.max_fpr, args.margin, args.force)
+    if choice.warning:
+        print(f"warning: {choice.warning}", file=sys.stderr)
+    info = update_calibration(args.model, choice.threshold, float(scores.min()), float(scores.max()))
+    spread = f"{info.score_min:.6g} .. {info.score_max:.6g}"
+    print(f"threshold {choice.threshold:.6g} ({choice.how}); scores {spread}")
+    print(f"expected false-alarm rate: {choice.false_alarms}")
     print(f"artifact updated: {args.model}")
+    _print_hashes(args.model, info.content_hash)
     return 0
 
 
