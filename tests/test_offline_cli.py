@@ -81,6 +81,7 @@ def test_eval_separates_defects_with_random_weights(fitted: Path, dataset: Path,
     assert report["pixel_auroc"] > 0.7
     assert report["f1_optimal"]["f1"] > 0.8
     assert report["n_images"] == 24
+    assert report["model_threshold"] is None and report["at_model_threshold"] is None
     for name in ("roc.png", "histogram.png"):
         assert cv2.imread(str(out / name)) is not None
 
@@ -149,14 +150,31 @@ def test_calibrate_refuses_a_rate_the_images_cannot_resolve_unless_forced(
     assert f"file sha256  {hashlib.sha256(model.read_bytes()).hexdigest()}" in out.out
 
 
-def test_calibrate_on_labelled_set_uses_f1_threshold(fitted: Path, dataset: Path, tmp_path: Path) -> None:
+def test_calibrate_on_labelled_set_uses_f1_threshold(
+    fitted: Path, dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     model = tmp_path / "f1.dfm"
     model.write_bytes(fitted.read_bytes())
     assert main(["calibrate", "--model", str(model), "--data", str(dataset), "--device", "cpu"]) == 0
     report_dir = tmp_path / "ev"
+    capsys.readouterr()
     assert main(["eval", "--model", str(model), "--data", str(dataset), "--out", str(report_dir)]) == 0
     report = json.loads((report_dir / "report.json").read_text())
-    assert load_artifact(model).info.threshold == pytest.approx(report["f1_optimal"]["threshold"])
+    threshold = load_artifact(model).info.threshold
+    assert threshold == pytest.approx(report["f1_optimal"]["threshold"])
+    # precision, recall and false-alarm rate at the model's own threshold, beside the F1-optimal one
+    own = report["at_model_threshold"]
+    assert own["threshold"] == threshold
+    assert own["true_positives"] + own["false_negatives"] == report["n_defective"] == 12
+    assert own["false_alarm_rate"] == pytest.approx(own["false_positives"] / report["n_good"])
+    assert {"precision", "recall", "f1", "false_alarm_rate"} <= set(report["f1_optimal"])
+    out = capsys.readouterr().out
+    assert (
+        f"model threshold {threshold:.6g}: precision {own['precision']:.3f}, recall {own['recall']:.3f}"
+        in out
+    )
+    assert f"false-alarm rate {own['false_alarm_rate']:.3f} ({own['false_positives']}/12 good)" in out
+    assert "F1-optimal threshold" in out
 
 
 def test_corrupt_image_stops_or_is_skipped(fitted: Path, dataset: Path, tmp_path: Path, capsys) -> None:

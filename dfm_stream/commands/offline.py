@@ -273,8 +273,8 @@ def _score_line(path: Path, score: float, info: ArtifactInfo, heatmap: Path | No
 
 
 def _write_heatmap(path: Path, source: Path, anomaly_map: np.ndarray, vmax: float) -> None:
-    from dfm_stream.evaluate import heatmap_overlay, write_png
     from dfm_stream.images import read_image
+    from dfm_stream.plots import heatmap_overlay, write_png
 
     write_png(path, heatmap_overlay(read_image(source), anomaly_map, vmax))
 
@@ -335,16 +335,26 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
+def _print_point(name: str, point: dict[str, Any]) -> None:
+    recall = "n/a" if point["recall"] is None else f"{point['recall']:.3f}"
+    fpr = "n/a" if point["false_alarm_rate"] is None else f"{point['false_alarm_rate']:.3f}"
+    n_good = point["false_positives"] + point["true_negatives"]
+    print(
+        f"{name} {point['threshold']:.6g}: precision {point['precision']:.3f}, recall {recall}, "
+        f"false-alarm rate {fpr} ({point['false_positives']}/{n_good} good), F1 {point['f1']:.3f}"
+    )
+
+
 def _print_report(report: dict[str, Any], out: Path) -> None:
     print(f"image AUROC: {_fmt(report['image_auroc'])}")
     for defect, value in report["image_auroc_per_defect"].items():
         print(f"  {defect}: {_fmt(value)}")
-    best = report["f1_optimal"]
-    if best is not None:
-        print(
-            f"F1-optimal threshold {best['threshold']:.6g}: precision {best['precision']:.3f}, "
-            f"recall {best['recall']:.3f}, F1 {best['f1']:.3f}"
-        )
+    if report["at_model_threshold"] is not None:
+        _print_point("model threshold", report["at_model_threshold"])
+    else:
+        print("model threshold: none (not calibrated: run `dfm-stream calibrate`)")
+    if report["f1_optimal"] is not None:
+        _print_point("F1-optimal threshold", report["f1_optimal"])
     if report["pixel_auroc"] is not None:
         print(f"pixel AUROC: {_fmt(report['pixel_auroc'])}")
     print(f"report: {out / 'report.json'}")
