@@ -11,6 +11,7 @@ import redis
 from conftest import Processes
 from registry_helpers import tiny_artifact
 
+from dfm_stream.artifact import read_info
 from dfm_stream.registry import ModelRef, ModelRegistry
 
 TIMEOUT_S = 120
@@ -77,6 +78,8 @@ def test_push_list_show_rollback_assign_pull(
     code, out = _run(procs, "pull", "model", "pull", "bottle@1", "--out", str(pulled), *r)
     assert code == 0, out
     assert pulled.read_bytes() == first.read_bytes()
+    content_hash = read_info(first).content_hash
+    assert f"file sha256 {hashlib.sha256(first.read_bytes()).hexdigest()}, content hash {content_hash}" in out
 
     code, out = _run(procs, "unassign", "model", "unassign", *r, "--camera", "cam1")
     assert code == 0, out

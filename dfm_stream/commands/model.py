@@ -166,7 +166,10 @@ def cmd_pull(args: argparse.Namespace) -> int:
     data = reg.get_bytes(ref.name, version)
     _write_atomic(args.out, data)
     info = reg.version_info(ref.name, version)
-    text = f"wrote {args.out}: {ref.name}@{version}, {len(data)} bytes, sha256 {info.sha256}"
+    text = (
+        f"wrote {args.out}: {ref.name}@{version}, {len(data)} bytes,"
+        f" file sha256 {info.sha256}, content hash {info.content_hash}"
+    )
     return _emit(args, {**info.to_dict(), "file": str(args.out)}, text)
 
 
