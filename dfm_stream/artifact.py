@@ -12,9 +12,7 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import struct
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -26,6 +24,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from dfm_stream.errors import ArtifactError, DfmStreamError
+from dfm_stream.files import write_atomic
 from dfm_stream.images import IMAGENET_MEAN, IMAGENET_STD
 from dfm_stream.model.backbone import SUPPORTED_BACKBONES, SUPPORTED_LAYERS
 from dfm_stream.model.dfm import DFMModel
@@ -267,25 +266,13 @@ def artifact_to_bytes(model: DFMModel, info: ArtifactInfo) -> bytes:
     return _encode(_model_tensors(model), info)[0]
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        Path(tmp).replace(path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_artifact(path: str | Path, model: DFMModel, info: ArtifactInfo) -> str:
-    """Write the artifact to ``path`` (atomically) and return its content hash."""
+    """Write the artifact to ``path`` (atomically, mode 0666 minus the umask); return its content hash."""
     if not model.fitted:
         msg = f"cannot save an unfitted model to {path}: fit it first"
         raise ArtifactError(msg)
     data, content_hash = _encode(_model_tensors(model), info)
-    _write_atomic(Path(path), data)
+    write_atomic(path, data)
     return content_hash
 
 
@@ -446,7 +433,7 @@ def update_calibration(
         score_max=None if score_max is None else float(score_max),
     )
     encoded, content_hash = _encode(tensors, new_info)
-    _write_atomic(Path(path), encoded)
+    write_atomic(path, encoded)
     return dataclasses.replace(new_info, content_hash=content_hash)
 
 

@@ -95,3 +95,20 @@ def test_demo_runs_against_an_external_redis(
     assert summary["redis"]["embedded"] is False
     _assert_children_gone(summary)
     assert redis_client.ping()  # the demo leaves a server it did not start running
+
+
+def test_a_demo_without_workdir_says_its_logs_are_temporary_and_removes_them(
+    procs: Any, tmp_path: Path
+) -> None:
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    proc = procs.dfm("demo", *FAST, "--duration", "2", name="demo", env={"TMPDIR": str(temp)})
+    assert proc.wait(150) == 0, procs.log(proc)
+    log = procs.log(proc)
+    assert f"logs: {temp / 'dfm-demo-'}" in log
+    assert (
+        "(a temporary folder, removed when the demo ends: pass --workdir DIR to keep the model and logs)"
+        in log
+    )
+    assert f"removed the temporary work folder {temp / 'dfm-demo-'}" in log
+    assert not list(temp.glob("dfm-demo-*")), "the folder it named is gone, as it said"

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ import redis
 
 from dfm_stream.connect import RedisSettings, add_redis_args, connect
 from dfm_stream.errors import RedisConnectError, RegistryError
+from dfm_stream.files import write_atomic
 from dfm_stream.registry import ModelRef, ModelRegistry
 
 
@@ -87,12 +86,26 @@ def cmd_push(args: argparse.Namespace) -> int:
         data = args.file.read_bytes()
     except OSError as e:
         raise RegistryError(f"cannot read artifact {args.file}: {e.strerror or e}") from e
-    info = _registry(args).push(args.name, data, source=str(args.file))
-    text = (
-        f"pushed {info.name} version {info.version} (now current): {info.size} bytes in {info.chunks}"
-        f" chunk(s), sha256 {info.sha256}, content hash {info.content_hash}"
-    )
-    return _emit(args, info.to_dict(), text)
+    result = _registry(args).push_result(args.name, data, source=str(args.file))
+    info = result.info
+    names = f"file sha256 {info.sha256}, content hash {info.content_hash}"
+    if result.created:
+        text = (
+            f"pushed {info.name} version {info.version} (now current): {info.size} bytes in {info.chunks}"
+            f" chunk(s), {names}"
+        )
+    else:
+        was = (
+            "it was current already"
+            if result.previous_current == info.version
+            else f"now current again, was {result.previous_current}"
+        )
+        text = (
+            f"{args.file} is byte-identical to {info.name} version {info.version}: no new version"
+            f" stored ({was}); {names}"
+        )
+    data_out = {**info.to_dict(), "created": result.created, "previous_current": result.previous_current}
+    return _emit(args, data_out, text)
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -153,19 +166,15 @@ def cmd_pull(args: argparse.Namespace) -> int:
     data = reg.get_bytes(ref.name, version)
     _write_atomic(args.out, data)
     info = reg.version_info(ref.name, version)
-    text = f"wrote {args.out}: {ref.name}@{version}, {len(data)} bytes, sha256 {info.sha256}"
+    text = (
+        f"wrote {args.out}: {ref.name}@{version}, {len(data)} bytes,"
+        f" file sha256 {info.sha256}, content hash {info.content_hash}"
+    )
     return _emit(args, {**info.to_dict(), "file": str(args.out)}, text)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    tmp: str | None = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        Path(tmp).replace(path)
+        write_atomic(path, data)
     except OSError as e:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
         raise RegistryError(f"cannot write {path}: {e.strerror or e}") from e

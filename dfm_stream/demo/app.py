@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 READER_STOP_S = 10.0
 WORKER_STOP_S = 20.0
 DRAIN_S = 10.0
+_KEEP = "pass --workdir DIR to keep the model and logs"
 
 
 @dataclass(frozen=True)
@@ -355,6 +356,8 @@ class Demo:
             self._start_pipeline(model_path, logdir)
             self._print_urls()
             self.console.print(f"logs: {logdir}")
+            if self._tmp is not None:
+                self.console.print(f"  (a temporary folder, removed when the demo ends: {_KEEP})")
             self.running = True
             self._loop()
         except KeyboardInterrupt:
@@ -391,6 +394,8 @@ class Demo:
             self.console.print(f"killed after SIGTERM timed out: {', '.join(killed)}; logs kept in {logdir}")
         elif self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
+            self.console.print(f"removed the temporary work folder {self._tmp}")
+            self.console.print(f"  ({_KEEP})")
         else:
             self.console.print(f"model and logs: {workdir} (logs in {logdir})")
         return 130 if interrupted else 0
