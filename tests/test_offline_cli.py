@@ -120,7 +120,7 @@ def test_calibrate_then_score_flags_defects(fitted: Path, dataset: Path, tmp_pat
     assert lines[1]["heatmap"] == str(heatmaps / "001.png")
     assert all(Path(line["heatmap"]).is_file() for line in lines)
     # score_norm as in the wire format: 0.5 at the threshold
-    assert "normalized_score" not in lines[0]
+    assert lines[0]["normalized_score"] == lines[0]["score_norm"]  # the old name stays readable
     spread = info.score_max - info.score_min
     for line in lines:
         expected = min(1.0, max(0.0, (line["score"] - info.threshold) / spread + 0.5))

@@ -267,6 +267,7 @@ def _score_line(path: Path, score: float, info: ArtifactInfo, heatmap: Path | No
         "threshold": threshold,
         "score_norm": normalize_score(float(score), info),
     }
+    line["normalized_score"] = line["score_norm"]  # its earlier name, kept so existing readers still work
     if heatmap is not None:
         line["heatmap"] = str(heatmap)
     return line
