@@ -340,8 +340,14 @@ class StreamConsumer:
         reply = self.client.xread(streams, count=1, block=max(1, int(timeout_ms)))
         return bool(reply)
 
-    def reclaim(self, min_idle_ms: int, count: int = 100, exclude: set[str] | None = None) -> ClaimResult:
-        """Claim entries idle longer than ``min_idle_ms`` on every camera, except frame ids in ``exclude``.
+    def reclaim(
+        self,
+        min_idle_ms: int,
+        count: int = 100,
+        exclude: set[str] | None = None,
+        cameras: list[str] | None = None,
+    ) -> ClaimResult:
+        """Claim entries idle longer than ``min_idle_ms`` on ``cameras`` (default all), except ``exclude``.
 
         ``XPENDING ... IDLE`` lists the idle entries (any owner, this consumer's own included: a frame
         left pending after a failed batch is taken again); those in ``exclude`` (the worker's frames
@@ -355,7 +361,7 @@ class StreamConsumer:
         camera per pass.
         """
         result = ClaimResult()
-        for camera in list(self.cameras):
+        for camera in list(self.cameras if cameras is None else cameras):
             key = keys.frames_key(camera, self.prefix)
             start = "-"
             for _ in range(100):

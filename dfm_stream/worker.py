@@ -344,6 +344,9 @@ class Worker:
         now_ns = time.time_ns()
         for entry in entries:
             self.stats.read += 1
+            model = self.router.resolve(entry.camera)
+            if model is None:  # its model went away: it waits, pending, until its camera has one
+                continue
             if claimed and entry.deliveries > self.settings.max_deliveries:
                 self._dead_letter(entry, "max_deliveries", f"delivered {entry.deliveries} times")
                 continue
@@ -351,9 +354,6 @@ class Worker:
                 msg = parse_entry(entry, self.settings.max_pixels)
             except WireError as e:
                 self._dead_letter(entry, e.reason, str(e))
-                continue
-            model = self.router.resolve(entry.camera)
-            if model is None:  # its model went away: leave it pending for another worker to reclaim
                 continue
             frame_id = make_frame_id(entry.camera, entry.entry_id)
             with self._lock:
@@ -484,7 +484,11 @@ class Worker:
     def _reclaim(self) -> None:
         with self._lock:
             exclude = set(self._inflight)
-        result = self.consumer.reclaim(int(self.settings.claim_idle_s * 1000), exclude=exclude)
+        # only cameras with a model: claiming raises the delivery count, and their frames must wait
+        scored = [c for c in self.consumer.cameras if self.router.resolve(c) is not None]
+        result = self.consumer.reclaim(
+            int(self.settings.claim_idle_s * 1000), exclude=exclude, cameras=scored
+        )
         for camera, ids in result.deleted.items():  # never one in flight here: the publish acks those
             self._drop(camera, "trimmed", len(ids))
         if result.entries:
