@@ -33,11 +33,14 @@ from dataclasses import dataclass, field
 
 import redis
 
-from dfm_stream import keys
+from dfm_stream import keys, liveness
 from dfm_stream.connect import RedisClient
 from dfm_stream.wire import FIELD
 
 log = logging.getLogger(__name__)
+
+DEFAULT_MAX_CAMERAS = 256
+"""Most cameras a worker follows by discovery (``--max-cameras``); given cameras are not limited."""
 
 READ_SCRIPT = """
 local mp_read
@@ -255,6 +258,7 @@ class StreamConsumer:
         self.cluster = cluster
         self.cameras: list[str] = []
         self._top: dict[str, str] = {}
+        self._refused: set[str] = set()
         self._rr = 0
         self._read = client.register_script(READ_SCRIPT)
         self._lag = client.register_script(LAG_SCRIPT)
@@ -271,12 +275,32 @@ class StreamConsumer:
             added.append(camera)
         return added
 
-    def discover(self, cameras: list[str] | None = None) -> list[str]:
-        """Add ``cameras``, or (None) every valid camera id registered by the readers; return those added."""
-        if cameras is None:
-            cameras = sorted(_s(k) for k in self.client.hkeys(keys.cameras_key(self.prefix)))
-            cameras = [c for c in cameras if keys.valid_name(c)]
-        return self.add_cameras(list(cameras))
+    def discover(self, cameras: list[str] | None = None, limit: int = DEFAULT_MAX_CAMERAS) -> list[str]:
+        """Add ``cameras``, or (None) the registered cameras with a live reader; return those added.
+
+        Discovered cameras (:func:`dfm_stream.liveness.live_cameras`) are followed up to ``limit``
+        in all; an invalid id, or one beyond the limit, is refused and logged once.
+        """
+        if cameras is not None:
+            return self.add_cameras(list(cameras))
+        new = [c for c in liveness.live_cameras(self.client, self.prefix) if c not in self.cameras]
+        good = [c for c in new if keys.valid_name(c)]
+        room = max(0, limit - len(self.cameras))
+        self._refuse([c for c in new if not keys.valid_name(c)], "not a valid camera id")
+        self._refuse(good[room:], f"this worker follows at most {limit} discovered cameras (--max-cameras)")
+        return self.add_cameras(good[:room])
+
+    def _refuse(self, cameras: list[str], why: str) -> None:
+        fresh = [c for c in cameras if c not in self._refused]
+        if not fresh:
+            return
+        if len(self._refused) > 100_000:  # names keep changing: forget, at worst say them again
+            self._refused.clear()
+        self._refused.update(fresh)
+        shown = ", ".join(repr(c) for c in fresh[:20]) + (
+            f" and {len(fresh) - 20} more" if len(fresh) > 20 else ""
+        )
+        log.warning("not following camera(s) %s: %s", shown, why)
 
     def ensure_groups(self) -> None:
         """Create the group again on every camera's stream where it is missing (Redis lost its data)."""

@@ -32,7 +32,7 @@ from dfm_stream.alarms import AlarmSettings
 from dfm_stream.artifact import normalize_score
 from dfm_stream.batcher import DEFAULT_BATCH_SIZE, DEFAULT_MAX_WAIT_MS, Batcher
 from dfm_stream.connect import RedisClient
-from dfm_stream.consumer import StreamConsumer, StreamEntry
+from dfm_stream.consumer import DEFAULT_MAX_CAMERAS, StreamConsumer, StreamEntry
 from dfm_stream.deadletter import send_to_deadletter
 from dfm_stream.errors import WireError
 from dfm_stream.inference import DecodedFrame, DecodeFailure, Decoder, Engine, parse_entry
@@ -73,6 +73,7 @@ class WorkerSettings:
     burst: bool = False
     max_frames: int | None = None
     discover_interval_s: float = 5.0
+    max_cameras: int = DEFAULT_MAX_CAMERAS
     stats_interval_s: float = 5.0
     heartbeat_interval_s: float = 10.0
     outbox_interval_s: float = 5.0
@@ -475,7 +476,7 @@ class Worker:
             self.metrics.stream_pending.labels(camera).set(pending)
 
     def _discover(self) -> None:
-        added = self.consumer.discover(self.settings.cameras)
+        added = self.consumer.discover(self.settings.cameras, self.settings.max_cameras)
         for camera in added if self.metrics else ():
             self.metrics.init_camera(camera)
         if added:
