@@ -156,12 +156,15 @@ def test_a_running_worker_follows_unassign(
     _wait_scored(procs, worker, redis_client, "cam1", 3)
 
     registry.unassign("cam1")
-    wait_until(lambda: "camera cam1 is no longer scored" in procs.log(worker), 30, what="the unassign")
+    registry.push("m2", tiny_artifact("layer1", seed=1))
+    registry.assign("cam2", ModelRef("m2"))  # once the worker says so, it has seen the unassign too
+    wait_until(lambda: "camera cam2 is scored by m2@1" in procs.log(worker), 60, what="the switch of cam2")
     _write(redis_client, "cam1", 3, start=3)
     _write(redis_client, "cam2", 3)
     _wait_scored(procs, worker, redis_client, "cam2", 3)  # the worker read on past cam1's new frames
     assert procs.stop(worker, signal.SIGTERM) == 0, procs.log(worker)[-3000:]
     assert redis_client.xlen(keys.scores_key("cam1")) == 3, "cam1 is not scored after unassign"
+    assert "camera cam1 is no longer scored" in procs.log(worker)
     group = next(g for g in redis_client.xinfo_groups(keys.frames_key("cam1")) if g["name"] == GROUP.encode())
     assert group["pending"] == 0  # the new frames were not even read: they wait for a model
 
