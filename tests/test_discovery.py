@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +18,11 @@ import redis
 from conftest import Processes, wait_until
 from registry_helpers import tiny_artifact
 
-from dfm_stream import keys, liveness
+from dfm_stream import keys
 from dfm_stream.frame_codec import encode_frame
 from dfm_stream.wire import FIELD
 
+ALIVE = "dfm:cameras:alive"  # the documented heartbeat key (docs/wire-format.md)
 WORKER_START_S = 120  # torch import + first model load on a busy 2-core machine
 
 
@@ -41,7 +43,7 @@ def _write(client: redis.Redis, camera: str, n: int) -> None:
 def _register(client: redis.Redis, camera: str, alive: bool) -> None:
     client.hset(keys.cameras_key(), camera, '{"source": {"kind": "external"}}')
     if alive:
-        liveness.beat(client, [camera])
+        client.zadd(ALIVE, {camera: time.time()})
 
 
 def _model(tmp_path: Path) -> str:
@@ -103,9 +105,7 @@ def test_a_reader_keeps_its_camera_alive_and_a_discovering_worker_scores_it(
         "read", "--redis", redis_url, "--camera", "rcam", "--source", "synthetic:size=64x64",
         "--fps", "5", "--metrics-port", "-1", name="reader",
     )  # fmt: skip
-    wait_until(
-        lambda: redis_client.zscore(keys.cameras_alive_key(), "rcam"), 60, what="the reader's heartbeat"
-    )
+    wait_until(lambda: redis_client.zscore(ALIVE, "rcam"), 60, what="the reader's heartbeat")
     assert redis_client.hexists(keys.cameras_key(), "rcam")
     worker = _worker(procs, redis_url, _model(tmp_path))
     _wait_scored(procs, worker, redis_client, "rcam")
