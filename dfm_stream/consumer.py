@@ -258,7 +258,7 @@ class StreamConsumer:
         self.cluster = cluster
         self.cameras: list[str] = []
         self._top: dict[str, str] = {}
-        self._refused: set[str] = set()
+        self._refused = liveness.Refusals()
         self._rr = 0
         self._read = client.register_script(READ_SCRIPT)
         self._lag = client.register_script(LAG_SCRIPT)
@@ -286,21 +286,11 @@ class StreamConsumer:
         new = [c for c in liveness.live_cameras(self.client, self.prefix) if c not in self.cameras]
         good = [c for c in new if keys.valid_name(c)]
         room = max(0, limit - len(self.cameras))
-        self._refuse([c for c in new if not keys.valid_name(c)], "not a valid camera id")
-        self._refuse(good[room:], f"this worker follows at most {limit} discovered cameras (--max-cameras)")
-        return self.add_cameras(good[:room])
-
-    def _refuse(self, cameras: list[str], why: str) -> None:
-        fresh = [c for c in cameras if c not in self._refused]
-        if not fresh:
-            return
-        if len(self._refused) > 100_000:  # names keep changing: forget, at worst say them again
-            self._refused.clear()
-        self._refused.update(fresh)
-        shown = ", ".join(repr(c) for c in fresh[:20]) + (
-            f" and {len(fresh) - 20} more" if len(fresh) > 20 else ""
+        self._refused.say([c for c in new if not keys.valid_name(c)], "not a valid camera id")
+        self._refused.say(
+            good[room:], f"this worker follows at most {limit} discovered cameras (--max-cameras)"
         )
-        log.warning("not following camera(s) %s: %s", shown, why)
+        return self.add_cameras(good[:room])
 
     def ensure_groups(self) -> None:
         """Create the group again on every camera's stream where it is missing (Redis lost its data)."""

@@ -10,10 +10,13 @@ within a few seconds of each other (NTP).
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
 from dfm_stream import keys
+
+log = logging.getLogger(__name__)
 
 HEARTBEAT_INTERVAL_S = 10.0
 """How often a reader marks its cameras alive."""
@@ -52,3 +55,22 @@ def live_cameras(client: Any, prefix: str = keys.DEFAULT_PREFIX, ttl_s: float = 
         return []
     registered = client.hmget(keys.cameras_key(prefix), names)
     return sorted(n for n, r in zip(names, registered, strict=True) if r is not None)
+
+
+class Refusals:
+    """Logs each camera id a worker refuses to follow, once (bounded memory)."""
+
+    def __init__(self, cap: int = 100_000) -> None:
+        self.cap = cap
+        self._said: set[str] = set()
+
+    def say(self, cameras: list[str], why: str) -> None:
+        """Log the ids of ``cameras`` not said before, with ``why``."""
+        fresh = [c for c in cameras if c not in self._said]
+        if not fresh:
+            return
+        if len(self._said) > self.cap:  # names keep changing: forget, at worst say some again
+            self._said.clear()
+        self._said.update(fresh)
+        more = f" and {len(fresh) - 20} more" if len(fresh) > 20 else ""
+        log.warning("not following camera(s) %s%s: %s", ", ".join(repr(c) for c in fresh[:20]), more, why)
