@@ -189,6 +189,7 @@ class WorkerConfig:
     max_deliveries: int = _f(3, "deliveries after which a frame goes to the dead-letter stream")
     max_age_s: float = _f(0.0, "skip frames older than this at dequeue; 0 = never skip")
     model: str = _f("", "default model for cameras without one: NAME[@VERSION] or an artifact path")
+    max_cameras: int = _f(256, "most cameras a worker follows by discovery (readers with a live heartbeat)")
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, f"batch_size={self.batch_size} must be >= 1")
@@ -197,6 +198,7 @@ class WorkerConfig:
         _check(self.max_deliveries >= 1, f"max_deliveries={self.max_deliveries} must be >= 1")
         _check(self.max_age_s >= 0, f"max_age_s={self.max_age_s} must be >= 0 (0 = off)")
         _check(self.threads >= 0, f"threads={self.threads} must be >= 0 (0 = automatic)")
+        _check(self.max_cameras >= 1, f"max_cameras={self.max_cameras} must be >= 1")
         _check(
             bool(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device)),
             f"device={self.device!r} must be auto, cpu, cuda or cuda:N",

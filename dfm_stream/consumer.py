@@ -33,11 +33,14 @@ from dataclasses import dataclass, field
 
 import redis
 
-from dfm_stream import keys
+from dfm_stream import keys, liveness
 from dfm_stream.connect import RedisClient
 from dfm_stream.wire import FIELD
 
 log = logging.getLogger(__name__)
+
+DEFAULT_MAX_CAMERAS = 256
+"""Most cameras a worker follows by discovery (``--max-cameras``); given cameras are not limited."""
 
 READ_SCRIPT = """
 local mp_read
@@ -255,6 +258,7 @@ class StreamConsumer:
         self.cluster = cluster
         self.cameras: list[str] = []
         self._top: dict[str, str] = {}
+        self._refused = liveness.Refusals()
         self._rr = 0
         self._read = client.register_script(READ_SCRIPT)
         self._lag = client.register_script(LAG_SCRIPT)
@@ -271,12 +275,22 @@ class StreamConsumer:
             added.append(camera)
         return added
 
-    def discover(self, cameras: list[str] | None = None) -> list[str]:
-        """Add ``cameras``, or (None) every valid camera id registered by the readers; return those added."""
-        if cameras is None:
-            cameras = sorted(_s(k) for k in self.client.hkeys(keys.cameras_key(self.prefix)))
-            cameras = [c for c in cameras if keys.valid_name(c)]
-        return self.add_cameras(list(cameras))
+    def discover(self, cameras: list[str] | None = None, limit: int = DEFAULT_MAX_CAMERAS) -> list[str]:
+        """Add ``cameras``, or (None) the registered cameras with a live reader; return those added.
+
+        Discovered cameras (:func:`dfm_stream.liveness.live_cameras`) are followed up to ``limit``
+        in all; an invalid id, or one beyond the limit, is refused and logged once.
+        """
+        if cameras is not None:
+            return self.add_cameras(list(cameras))
+        new = [c for c in liveness.live_cameras(self.client, self.prefix) if c not in self.cameras]
+        good = [c for c in new if keys.valid_name(c)]
+        room = max(0, limit - len(self.cameras))
+        self._refused.say([c for c in new if not keys.valid_name(c)], "not a valid camera id")
+        self._refused.say(
+            good[room:], f"this worker follows at most {limit} discovered cameras (--max-cameras)"
+        )
+        return self.add_cameras(good[:room])
 
     def ensure_groups(self) -> None:
         """Create the group again on every camera's stream where it is missing (Redis lost its data)."""
@@ -340,8 +354,14 @@ class StreamConsumer:
         reply = self.client.xread(streams, count=1, block=max(1, int(timeout_ms)))
         return bool(reply)
 
-    def reclaim(self, min_idle_ms: int, count: int = 100, exclude: set[str] | None = None) -> ClaimResult:
-        """Claim entries idle longer than ``min_idle_ms`` on every camera, except frame ids in ``exclude``.
+    def reclaim(
+        self,
+        min_idle_ms: int,
+        count: int = 100,
+        exclude: set[str] | None = None,
+        cameras: list[str] | None = None,
+    ) -> ClaimResult:
+        """Claim entries idle longer than ``min_idle_ms`` on ``cameras`` (default all), except ``exclude``.
 
         ``XPENDING ... IDLE`` lists the idle entries (any owner, this consumer's own included: a frame
         left pending after a failed batch is taken again); those in ``exclude`` (the worker's frames
@@ -355,7 +375,7 @@ class StreamConsumer:
         camera per pass.
         """
         result = ClaimResult()
-        for camera in list(self.cameras):
+        for camera in list(self.cameras if cameras is None else cameras):
             key = keys.frames_key(camera, self.prefix)
             start = "-"
             for _ in range(100):

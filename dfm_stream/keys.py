@@ -14,6 +14,7 @@ Layout (default prefix ``dfm``)::
     dfm:alarms                 stream   alarm and health events of every camera (+ pub/sub channel)
     dfm:deadletter             stream   frames that could not be scored, with a reason
     dfm:cameras                hash     camera id -> JSON description written by the reader that owns it
+    dfm:cameras:alive          zset     camera id -> Unix time of its reader's last heartbeat
     dfm:worker:NAME            string   worker heartbeat (expires when the worker dies)
     dfm:models                 set      names of the models in the registry
     dfm:{model:NAME}:versions  hash     version -> JSON metadata of that version
@@ -32,12 +33,12 @@ DEFAULT_PREFIX = "dfm"
 DEFAULT_GROUP = "dfm-workers"
 """The consumer group the workers of one deployment share on every frame stream."""
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 def valid_name(name: str) -> bool:
     """Return True when ``name`` is usable as a camera or model id (letters, digits, ``_.-``; <= 64)."""
-    return bool(_NAME_RE.match(name))
+    return isinstance(name, str) and _NAME_RE.fullmatch(name) is not None  # no "$": it allows a final \n
 
 
 def check_name(name: str, what: str = "camera") -> str:
@@ -97,6 +98,11 @@ def deadletter_key(prefix: str = DEFAULT_PREFIX) -> str:
 def cameras_key(prefix: str = DEFAULT_PREFIX) -> str:
     """Return the hash of known cameras (camera id -> JSON description)."""
     return f"{prefix}:cameras"
+
+
+def cameras_alive_key(prefix: str = DEFAULT_PREFIX) -> str:
+    """Return the sorted set camera id -> Unix time (s) of the last heartbeat of the reader writing it."""
+    return f"{prefix}:cameras:alive"
 
 
 def worker_heartbeat_key(worker: str, prefix: str = DEFAULT_PREFIX) -> str:

@@ -31,6 +31,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from dfm_stream import liveness
 from dfm_stream.config import CameraConfig
 from dfm_stream.errors import SourceError, WireError
 from dfm_stream.frame_codec import encode_frame
@@ -338,7 +339,13 @@ class Reader:
             t = threading.Thread(target=loop.run, name=f"camera-{cam_id}", daemon=True)
             t.start()
             self._threads.append(t)
+        threading.Thread(target=self._heartbeats, name="camera-heartbeats", daemon=True).start()
         return self
+
+    def _heartbeats(self) -> None:
+        """Mark the cameras alive while this reader runs (discovering workers follow only those)."""
+        while not self.stop.wait(liveness.HEARTBEAT_INTERVAL_S):
+            self.sink.beat()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until every camera finished (or ``stop``); return True when all threads ended."""

@@ -1,4 +1,4 @@
-"""The Redis side of a reader: frame XADDs, health events and camera registration, with backoff.
+"""The Redis side of a reader: frame XADDs, health events, camera registration and heartbeats, with backoff.
 
 One :class:`RedisSink` is shared by all cameras of a reader. While Redis is unreachable it does
 not block the cameras: :meth:`RedisSink.add_frame` returns False at once (the caller drops and
@@ -17,6 +17,7 @@ from typing import Any
 
 import redis
 
+from dfm_stream import liveness
 from dfm_stream.keys import DEFAULT_PREFIX, alarms_channel, alarms_key, cameras_key
 from dfm_stream.wire import FIELD, EventMsg
 
@@ -148,6 +149,7 @@ class RedisSink:
         try:
             if regs:
                 self.client.hset(cameras_key(self.prefix), mapping=regs)
+                liveness.beat(self.client, list(regs), self.prefix)
             while events:
                 data = events[0].to_bytes()
                 self.client.xadd(
@@ -162,6 +164,17 @@ class RedisSink:
                 self._dirty.update(regs)
             if self.available:
                 self._failed(e)
+
+    def beat(self) -> None:
+        """Mark every registered camera alive (:func:`~dfm_stream.liveness.beat`); not while Redis is down."""
+        with self._lock:
+            cameras = list(self._registrations)
+        if not cameras or not self.available:
+            return
+        try:
+            liveness.beat(self.client, cameras, self.prefix)
+        except (redis.RedisError, OSError) as e:
+            log.debug("Redis: could not write the camera heartbeats (%s); will retry", e)
 
     def ping(self) -> bool:
         """Return True when Redis answers PING now."""

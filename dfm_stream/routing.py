@@ -10,7 +10,12 @@ same weights fingerprint share one backbone module. Changes are picked up at bat
 a background thread listens on the registry's change channel and sets a flag, with a polling
 fallback on the registry's generation counter. A version that fails to load is reported (log,
 ``model_load_failures`` metric, a ``model_load_failed`` event on the alarm stream) and the camera
-keeps the model it had; it is retried after the next registry change.
+keeps the model it had; it is retried after the next registry change. A camera whose model cannot
+be resolved at all (an unparseable assignment, a model or version not in the registry) is reported
+the same way, once per camera and cause (event reason ``unresolved``), keeps its model if it had
+one, else its frames wait in the stream; it is retried on every registry change and every
+``poll_s``. The other cameras are not affected. A camera whose assignment is removed (``model
+unassign``) is no longer scored: its frames wait in the stream.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import redis
+
 from dfm_stream import keys
 from dfm_stream.alarms import publish_event
 from dfm_stream.artifact import FittedModel, load_artifact
@@ -35,6 +42,9 @@ from dfm_stream.model.backbone import weights_fingerprint
 from dfm_stream.wire import EventMsg
 
 log = logging.getLogger(__name__)
+
+REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, OSError)
+"""Errors that concern every camera (Redis unreachable), not one camera's model."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +89,8 @@ class ModelRouter:
         self._failed: set[tuple[str, ...]] = set()
         self._corrupt: set[tuple[str, ...]] = set()
         self._none: set[str] = set()
+        self._unresolved: dict[str, str] = {}  # camera -> why its model cannot be resolved (said once)
+        self._retry_at = float("inf")
         self._backbones: dict[tuple[str, str, str], Any] = {}
         self._changed = threading.Event()
         self._stop = threading.Event()
@@ -132,16 +144,24 @@ class ModelRouter:
         ref = ModelRef.parse(spec) if spec else self.registry().resolve(camera)
         if ref is None:
             return None
-        version = ref.version if ref.version is not None else self.registry().current(ref.name)
+        if ref.version is None:
+            version = self.registry().current(ref.name)
+        else:
+            version = self.registry().version_info(ref.name, ref.version).version  # it must exist
         return ("registry", ref.name, str(version))
 
     def _update(self, camera: str) -> bool:
         """Re-resolve ``camera``; return True when its model changed."""
-        target = self._target(camera)
-        if target is None:
-            if camera not in self._assigned:
-                log.debug("camera %s has no model assigned: its frames wait in the stream", camera)
+        try:
+            target = self._target(camera)
+        except REDIS_DOWN:
+            raise  # every camera is affected: the fetch loop backs off
+        except Exception as e:  # a broken assignment or a missing model: this camera only
+            self._report_unresolved(camera, e)
             return False
+        self._unresolved.pop(camera, None)
+        if target is None:
+            return self._unassigned(camera)
         if target in self._failed:
             return False
         try:
@@ -190,6 +210,39 @@ class ModelRouter:
         model = self.engine.prepare(model, fitted.info.image_size)
         self._backbones.setdefault(key, model.feature_extractor)
         return FittedModel(model, fitted.info)
+
+    def _unassigned(self, camera: str) -> bool:
+        """``camera`` has no model (any more): stop scoring it; return True when it had one."""
+        previous = self._assigned.pop(camera, None)
+        if previous is None:
+            log.debug("camera %s has no model assigned: its frames wait in the stream", camera)
+            return False
+        if self.metrics is not None:
+            info = previous.fitted.info
+            with contextlib.suppress(KeyError):
+                self.metrics.model_info.remove(camera, previous.name, previous.version, info.backbone)
+        log.info(
+            "camera %s is no longer scored (was %s): its frames wait in the stream", camera, previous.label
+        )
+        return True
+
+    def _report_unresolved(self, camera: str, error: Exception) -> None:
+        """Say once per camera and cause that its model cannot be resolved; it is retried later."""
+        self._retry_at = min(self._retry_at, time.monotonic() + self.poll_s)
+        if self._unresolved.get(camera) == str(error):
+            return
+        self._unresolved[camera] = str(error)
+        label = self.spec_for(camera) or "assignment"
+        keeps = self._assigned.get(camera)
+        log.error(
+            "camera %s: no usable model (%s); %s; retried on every registry change",
+            camera,
+            error,
+            f"keeping {keeps.label}" if keeps else "its frames wait in the stream",
+        )
+        if self.metrics:
+            self.metrics.model_load_failures.labels(label).inc()
+        self._event("model_load_failed", camera, label, reason="unresolved", message=str(error)[:500])
 
     def _report_failure(self, camera: str, target: tuple[str, ...], error: Exception) -> None:
         label = "@".join(target[1:]) if target[0] == "registry" else target[1]
@@ -254,6 +307,8 @@ class ModelRouter:
         """At a batch boundary: re-resolve ``cameras`` if the registry changed; return the ones switched."""
         now = time.monotonic()
         if not force and not self._changed.is_set():
+            if self._unresolved and now >= self._retry_at:
+                return self._retry_unresolved(cameras)
             if not self.uses_registry or now < self._next_poll:
                 return []
             self._next_poll = now + self.poll_s
@@ -270,6 +325,13 @@ class ModelRouter:
         used = {id(m) for m in self._assigned.values()}
         self._cache = {k: m for k, m in self._cache.items() if id(m) in used}
         return switched
+
+    def _retry_unresolved(self, cameras: list[str]) -> list[str]:
+        """Try again the cameras whose model could not be resolved (a fix may come without an announce)."""
+        self._retry_at = time.monotonic() + self.poll_s
+        retry = [c for c in cameras if c in self._unresolved]
+        self._none.difference_update(retry)
+        return [c for c in retry if self._update(c)]
 
     def close(self) -> None:
         """Stop the change listener."""

@@ -32,7 +32,7 @@ from dfm_stream.alarms import AlarmSettings
 from dfm_stream.artifact import normalize_score
 from dfm_stream.batcher import DEFAULT_BATCH_SIZE, DEFAULT_MAX_WAIT_MS, Batcher
 from dfm_stream.connect import RedisClient
-from dfm_stream.consumer import StreamConsumer, StreamEntry
+from dfm_stream.consumer import DEFAULT_MAX_CAMERAS, StreamConsumer, StreamEntry
 from dfm_stream.deadletter import send_to_deadletter
 from dfm_stream.errors import WireError
 from dfm_stream.inference import DecodedFrame, DecodeFailure, Decoder, Engine, parse_entry
@@ -73,6 +73,7 @@ class WorkerSettings:
     burst: bool = False
     max_frames: int | None = None
     discover_interval_s: float = 5.0
+    max_cameras: int = DEFAULT_MAX_CAMERAS
     stats_interval_s: float = 5.0
     heartbeat_interval_s: float = 10.0
     outbox_interval_s: float = 5.0
@@ -344,6 +345,9 @@ class Worker:
         now_ns = time.time_ns()
         for entry in entries:
             self.stats.read += 1
+            model = self.router.resolve(entry.camera)
+            if model is None:  # its model went away: it waits, pending, until its camera has one
+                continue
             if claimed and entry.deliveries > self.settings.max_deliveries:
                 self._dead_letter(entry, "max_deliveries", f"delivered {entry.deliveries} times")
                 continue
@@ -351,9 +355,6 @@ class Worker:
                 msg = parse_entry(entry, self.settings.max_pixels)
             except WireError as e:
                 self._dead_letter(entry, e.reason, str(e))
-                continue
-            model = self.router.resolve(entry.camera)
-            if model is None:  # its model went away: leave it pending for another worker to reclaim
                 continue
             frame_id = make_frame_id(entry.camera, entry.entry_id)
             with self._lock:
@@ -475,7 +476,7 @@ class Worker:
             self.metrics.stream_pending.labels(camera).set(pending)
 
     def _discover(self) -> None:
-        added = self.consumer.discover(self.settings.cameras)
+        added = self.consumer.discover(self.settings.cameras, self.settings.max_cameras)
         for camera in added if self.metrics else ():
             self.metrics.init_camera(camera)
         if added:
@@ -484,7 +485,11 @@ class Worker:
     def _reclaim(self) -> None:
         with self._lock:
             exclude = set(self._inflight)
-        result = self.consumer.reclaim(int(self.settings.claim_idle_s * 1000), exclude=exclude)
+        # only cameras with a model: claiming raises the delivery count, and their frames must wait
+        scored = [c for c in self.consumer.cameras if self.router.resolve(c) is not None]
+        result = self.consumer.reclaim(
+            int(self.settings.claim_idle_s * 1000), exclude=exclude, cameras=scored
+        )
         for camera, ids in result.deleted.items():  # never one in flight here: the publish acks those
             self._drop(camera, "trimmed", len(ids))
         if result.entries:

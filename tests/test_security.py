@@ -38,11 +38,11 @@ ADMIN_SECRET = "admin-Pw-31"
 
 DFM_COMMANDS = (
     "ping hello"
-    # reader: frames, health events, camera registration
-    " xadd publish hset"
+    # reader: frames, health events, camera registration and heartbeats
+    " xadd publish hset zadd zremrangebyscore"
     # worker: consumer group, scripted read / publish + ack, reclaim, stats, heartbeat
     " xgroup|create xreadgroup xread xrevrange xack xclaim xpending xinfo|groups exists"
-    " evalsha eval script|load time hget hmget hkeys set get xdel"
+    " evalsha eval script|load time hget hmget hkeys set get xdel zrangebyscore"
     # model registry (push, assign, worker lookups and change notifications)
     " subscribe lrange rpush sadd smembers del incrby multi exec watch"
     # inspection commands (scores, alarms)

@@ -72,6 +72,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--burst", action="store_true", help="exit once every stream is drained and nothing pending"
     )
     w.add_argument("--max-frames", type=int, default=None, help="exit after reading this many frames")
+    w.add_argument(
+        "--max-cameras",
+        type=int,
+        default=None,
+        help="most cameras followed by discovery (no --cameras/config cameras); the rest are refused (256)",
+    )
     a = p.add_argument_group("alarms")
     a.add_argument("--alarm-k", type=int, default=None, help="raise when k of the last n are anomalous (1)")
     a.add_argument("--alarm-n", type=int, default=None, help="window of the k-of-n rule (1)")
@@ -92,6 +98,7 @@ def _pick(*values: Any) -> Any:
 
 def _settings(args: argparse.Namespace, config: Any) -> Any:
     from dfm_stream.alarms import AlarmSettings
+    from dfm_stream.consumer import DEFAULT_MAX_CAMERAS
     from dfm_stream.wire import DEFAULT_MAX_PIXELS
     from dfm_stream.worker import WorkerSettings
 
@@ -127,6 +134,7 @@ def _settings(args: argparse.Namespace, config: Any) -> Any:
         alarm=alarm,
         burst=args.burst,
         max_frames=args.max_frames,
+        max_cameras=_pick(args.max_cameras, wc.max_cameras if wc else None, DEFAULT_MAX_CAMERAS),
     )
     _check_ranges(settings)
     return settings
@@ -152,6 +160,7 @@ def _check_ranges(settings: Any) -> None:
             "must be >= 100 (the score stream would throw scores away before anyone reads them)",
         ),
         ("--max-pixels", settings.max_pixels, settings.max_pixels >= 1, "must be >= 1"),
+        ("--max-cameras", settings.max_cameras, settings.max_cameras >= 1, "must be >= 1"),
     )
     for flag, value, ok, rule in rules:
         if not ok:
