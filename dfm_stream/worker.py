@@ -30,7 +30,13 @@ import redis
 from dfm_stream import keys
 from dfm_stream.alarms import AlarmSettings
 from dfm_stream.artifact import normalize_score
-from dfm_stream.batcher import DEFAULT_BATCH_SIZE, DEFAULT_MAX_WAIT_MS, Batch, Batcher
+from dfm_stream.batcher import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_MAX_BATCH_BYTES,
+    DEFAULT_MAX_WAIT_MS,
+    Batch,
+    Batcher,
+)
 from dfm_stream.connect import RedisClient
 from dfm_stream.consumer import StreamConsumer, StreamEntry
 from dfm_stream.deadletter import send_to_deadletter
@@ -69,6 +75,8 @@ class WorkerSettings:
     max_age_s: float | None = None
     scores_maxlen: int = DEFAULT_SCORES_MAXLEN
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES
+    """Decoded bytes (3 per pixel) one batch may hold: huge frames make smaller batches."""
     alarm: AlarmSettings = field(default_factory=AlarmSettings)
     burst: bool = False
     max_frames: int | None = None
@@ -132,7 +140,7 @@ class Worker:
         )
         self.decoder = Decoder(self.engine.device, self.settings.max_pixels)
         self.batcher: Batcher[tuple[StreamEntry, FrameMsg, LoadedModel]] = Batcher(
-            self.settings.batch_size, self.settings.max_wait_ms
+            self.settings.batch_size, self.settings.max_wait_ms, self.settings.max_batch_bytes
         )
         self._ready: queue.Queue[PreparedBatch | None] = queue.Queue(maxsize=2)
         self._inflight: set[str] = set()
@@ -377,7 +385,7 @@ class Worker:
             if max_age and now_ns - msg.ts > max_age * 1e9:
                 skipped.append(self._skipped(entry, msg, model))
                 continue
-            self.batcher.add(model.label, (entry, msg, model))
+            self.batcher.add(model.label, (entry, msg, model), nbytes=msg.w * msg.h * 3)  # decoded RGB
 
     def _skipped(self, entry: StreamEntry, msg: FrameMsg, model: LoadedModel) -> ScoredItem:
         self._drop(entry.camera, "stale", 1)

@@ -1,4 +1,6 @@
-"""Pre-processing memory, measured by behaviour: the peak RSS a batch of large frames adds.
+"""Worker memory per frame: what pre-processing adds, and batches closed by decoded bytes.
+
+Pre-processing memory is measured by behaviour, as the peak RSS a batch of large frames adds.
 
 Measured in a fresh child process: reset the kernel's peak-RSS mark (``/proc/self/clear_refs``),
 run the worker's pre-processing (:meth:`dfm_stream.inference.Engine.to_tensor`) on frames that are
@@ -12,8 +14,12 @@ import sys
 
 import numpy as np
 import torch
+from worker_helpers import SIZE, artifact, frame_ids, push_frames, run_worker, scores
 
+from dfm_stream.batcher import Batcher
 from dfm_stream.images import preprocess, preprocess_tensor
+
+__all__ = ["artifact"]
 
 SIDE = 2896
 N = 2
@@ -64,3 +70,30 @@ def test_preprocessing_keeps_the_scores_of_the_float_rule():
     expected = (images - mean) / std
     torch.testing.assert_close(preprocess_tensor(rgb, (64, 64)), expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(preprocess(list(bgr), (64, 64)), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_batch_takes_no_frame_that_would_bring_its_decoded_bytes_over_the_cap():
+    batcher = Batcher(batch_size=8, max_wait_ms=1000, max_bytes=100)
+    for i, nbytes in enumerate([40, 40, 40, 150, 10, 10]):
+        batcher.add("m", i, now=0.0, nbytes=nbytes)
+    assert [b.items for b in batcher.ready(now=0.0)] == [[0, 1], [2], [3]]  # [4, 5] may still grow
+    assert [b.items for b in batcher.ready(now=0.0, flush=True)] == [[4, 5]]
+    counted = Batcher(batch_size=3, max_wait_ms=1000)  # without a byte cap: by count only
+    for i in range(4):
+        counted.add("m", i, now=0.0, nbytes=10**9)
+    assert [b.items for b in counted.ready(now=0.0)] == [[0, 1, 2]]
+
+
+def test_a_worker_scores_large_frames_in_batches_that_fit_the_byte_cap(redis_client, redis_url, artifact):
+    push_frames(redis_client, "c1", artifact.good[:6])
+    frame_bytes = SIZE * SIZE * 3
+    stats = run_worker(
+        redis_url,
+        artifact.path,
+        cameras=["c1"],
+        batch_size=6,
+        max_wait_ms=2000,
+        max_batch_bytes=2 * frame_bytes,
+    )
+    assert sorted(s.frame_id for s in scores(redis_client, "c1")) == frame_ids(redis_client, "c1")
+    assert stats.scored == 6 and stats.batches == 3
