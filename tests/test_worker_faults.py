@@ -3,6 +3,8 @@
 Real ``redis-server``, real ``dfm-stream work`` processes where the fault is the process's.
 """
 
+import time
+
 import pytest
 import redis
 from conftest import wait_until
@@ -73,3 +75,26 @@ def test_frames_of_a_batch_whose_hand_off_hit_a_redis_error_are_scored_once_it_c
     assert sorted(s.frame_id for s in scores(redis_client, "c1")) == good
     dead = [DeadLetterMsg.from_bytes(f[b"msg"]) for _, f in redis_client.xrange(keys.deadletter_key())]
     assert [(d.frame_id, d.reason) for d in dead] == [(f"c1:{corrupt}", "decode_error")]
+
+
+def test_stale_frames_taken_before_a_refused_dead_letter_are_skipped_once_it_clears(
+    redis_client, redis_url, artifact, procs
+):
+    """A Redis error while dead-lettering an unparsable entry: the stale frame read with it is not stuck."""
+    stale = push_frame(redis_client, "c1", artifact.good[0], 0, ts=time.time_ns() - 600 * 10**9)
+    garbage = redis_client.xadd(keys.frames_key("c1"), {FIELD: b"\xc1garbage"}).decode()
+    redis_client.xgroup_create(keys.frames_key("c1"), GROUP, id="0")
+    redis_client.config_set("maxmemory-policy", "noeviction")
+    redis_client.config_set("maxmemory", 1)
+    args = ["--cameras", "c1", "--max-age", "30", "--claim-idle", "1", "--max-deliveries", "20"]
+    worker = procs.dfm(*worker_args(redis_url, artifact, *args), name="w")
+    try:
+        wait_until(lambda: "OutOfMemoryError" in procs.log(worker), 90, what="the refused dead letter")
+    finally:
+        redis_client.config_set("maxmemory", 0)
+    wait_until(lambda: scores(redis_client, "c1"), 60, what="the stale frame's skipped score")
+    wait_until(lambda: pending(redis_client, "c1") == 0, 30, what="nothing pending")
+    assert procs.stop(worker) == 0
+    assert [(s.frame_id, s.status) for s in scores(redis_client, "c1")] == [(f"c1:{stale}", "skipped")]
+    dead = [DeadLetterMsg.from_bytes(f[b"msg"]) for _, f in redis_client.xrange(keys.deadletter_key())]
+    assert [(d.frame_id, d.reason) for d in dead] == [(f"c1:{garbage}", "bad_msgpack")]
