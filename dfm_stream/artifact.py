@@ -32,10 +32,14 @@ from dfm_stream.model.dfm import DFMModel
 FORMAT_VERSION = 1
 _META_KEY = "dfm_stream"
 
-#: Largest image side (px) an artifact may ask for. Workers resize every frame to ``image_size`` and
-#: batch it as float32, so this bounds what one artifact can make them allocate (4096 x 4096 x 3 x 4
-#: bytes = 192 MiB per image); the content hash is a checksum, not a signature, so a forged artifact
-#: asking for 100000 x 100000 px (~120 GB) must be refused here, not by the worker's allocator.
+#: Largest image side (px) an artifact may ask for. It bounds what one artifact can make a worker
+#: allocate, and the bound is set by the backbone, not by the input: per batch slot, fp32, the input
+#: is 12 bytes per model pixel (4096 x 4096 x 3 x 4 = 192 MiB) but the ResNet stem's output and its
+#: batch-norm copy (2 x 64 channels at half the side, 4 bytes each) add 128 more, so about
+#: 140 x h x w bytes: ~2.2 GiB per slot at 4096 x 4096 (at load, when the runner is built for
+#: ``--batch-size`` slots, and for every batch after), ~9 MiB at 256 x 256. The content hash is a
+#: checksum, not a signature, so a forged artifact asking for 100000 x 100000 px (~1.3 TB per slot)
+#: must be refused here, not by the worker's allocator.
 MAX_IMAGE_SIDE = 4096
 #: Smallest image side (px): below this a ResNet's deeper layers have no spatial extent left.
 MIN_IMAGE_SIDE = 16

@@ -264,12 +264,15 @@ class StreamConsumer:
         self._lag = client.register_script(LAG_SCRIPT)
 
     def add_cameras(self, cameras: list[str]) -> list[str]:
-        """Create the group on each new camera's stream (idempotent); return the cameras added."""
+        """Create the group on each new camera's stream (idempotent); return the cameras added.
+
+        A camera whose group cannot be created yet (Redis at ``maxmemory``, see
+        :meth:`_create_group`) is left out; the next call tries it again.
+        """
         added = []
         for camera in cameras:
-            if camera in self.cameras:
+            if camera in self.cameras or not self._create_group(camera):
                 continue
-            self._create_group(camera)
             self.cameras.append(camera)
             self._top.setdefault(camera, "0-0")
             added.append(camera)
@@ -293,18 +296,42 @@ class StreamConsumer:
         return self.add_cameras(good[:room])
 
     def ensure_groups(self) -> None:
-        """Create the group again on every camera's stream where it is missing (Redis lost its data)."""
-        for camera in list(self.cameras):
-            self._create_group(camera)
+        """Create the group again on every camera's stream where it is missing (Redis lost its data).
 
-    def _create_group(self, camera: str) -> None:
+        A camera whose group is missing and cannot be created now (Redis at ``maxmemory``) is
+        dropped from :attr:`cameras`, so it cannot stall the others; discovery adds it back later.
+        """
+        for camera in list(self.cameras):
+            if not self._create_group(camera):
+                self.remove_camera(camera)
+
+    def _create_group(self, camera: str) -> bool:
+        """Make sure the group exists on ``camera``'s stream; False when Redis refuses to create it now.
+
+        ``XGROUP CREATE`` is a ``denyoom`` command: at ``maxmemory`` (``noeviction``) Redis refuses
+        it even when the group exists already, while reading, scoring and acknowledging still work.
+        So a refusal is checked with ``XINFO GROUPS`` (a read): an existing group is all we need.
+        """
         key = keys.frames_key(camera, self.prefix)
         try:
             self.client.xgroup_create(key, self.group, id="0", mkstream=True)
             log.info("created consumer group %s on %s", self.group, key)
+        except redis.exceptions.OutOfMemoryError as e:
+            if self._group_exists(key):
+                return True
+            log.warning("cannot create consumer group %s on %s yet (%s): retrying later", self.group, key, e)
+            return False
         except redis.ResponseError as e:
             if "BUSYGROUP" not in str(e):
                 raise
+        return True
+
+    def _group_exists(self, key: str) -> bool:
+        try:
+            groups = self.client.xinfo_groups(key)
+        except redis.ResponseError:  # no such stream
+            return False
+        return any(_s(g["name"]) == self.group for g in groups)
 
     def remove_camera(self, camera: str) -> None:
         """Stop reading ``camera`` (its pending entries stay for other consumers to reclaim)."""
@@ -437,9 +464,19 @@ class StreamConsumer:
                 out[camera] = (int(lag), int(pending))
         return out
 
-    def heartbeat(self, ttl_s: int = 30) -> None:
-        """Refresh this worker's heartbeat key (it expires ``ttl_s`` after the worker dies)."""
-        self.client.set(keys.worker_heartbeat_key(self.name, self.prefix), b"1", ex=ttl_s)
+    def heartbeat(self, ttl_s: int = 30) -> bool:
+        """Refresh this worker's heartbeat key (it expires ``ttl_s`` after the worker dies).
+
+        Returns False, with a warning, when Redis refuses the write (``maxmemory``, a read-only
+        replica, an ACL): the heartbeat is for observers, and scoring must not depend on it.
+        Connection errors still raise (the worker reconnects).
+        """
+        try:
+            self.client.set(keys.worker_heartbeat_key(self.name, self.prefix), b"1", ex=ttl_s)
+        except redis.ResponseError as e:
+            log.warning("could not refresh the heartbeat of worker %s: %s", self.name, e)
+            return False
+        return True
 
 
 def _id_key(entry_id: str) -> tuple[int, int]:

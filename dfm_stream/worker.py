@@ -30,7 +30,13 @@ import redis
 from dfm_stream import keys
 from dfm_stream.alarms import AlarmSettings
 from dfm_stream.artifact import normalize_score
-from dfm_stream.batcher import DEFAULT_BATCH_SIZE, DEFAULT_MAX_WAIT_MS, Batcher
+from dfm_stream.batcher import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_MAX_BATCH_BYTES,
+    DEFAULT_MAX_WAIT_MS,
+    Batch,
+    Batcher,
+)
 from dfm_stream.connect import RedisClient
 from dfm_stream.consumer import DEFAULT_MAX_CAMERAS, StreamConsumer, StreamEntry
 from dfm_stream.deadletter import send_to_deadletter
@@ -69,6 +75,8 @@ class WorkerSettings:
     max_age_s: float | None = None
     scores_maxlen: int = DEFAULT_SCORES_MAXLEN
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES
+    """Decoded bytes (3 per pixel) one batch may hold: huge frames make smaller batches."""
     alarm: AlarmSettings = field(default_factory=AlarmSettings)
     burst: bool = False
     max_frames: int | None = None
@@ -133,7 +141,7 @@ class Worker:
         )
         self.decoder = Decoder(self.engine.device, self.settings.max_pixels)
         self.batcher: Batcher[tuple[StreamEntry, FrameMsg, LoadedModel]] = Batcher(
-            self.settings.batch_size, self.settings.max_wait_ms
+            self.settings.batch_size, self.settings.max_wait_ms, self.settings.max_batch_bytes
         )
         self._ready: queue.Queue[PreparedBatch | None] = queue.Queue(maxsize=2)
         self._inflight: set[str] = set()
@@ -340,8 +348,23 @@ class Worker:
         return all(stats.get(c, (0, 0))[1] == 0 for c in cameras)
 
     def _take(self, entries: list[StreamEntry], claimed: bool = False) -> None:
-        """Route new entries: dead letters, stale skips, or into the batcher."""
+        """Route new entries: dead letters, stale skips, or into the batcher.
+
+        If a Redis error stops this half-way (a dead letter refused), the stale frames collected so
+        far leave the in-flight set (reclaimed later); the rest are in the batcher or never entered
+        the in-flight set.
+        """
         skipped: list[ScoredItem] = []
+        try:
+            self._route(entries, claimed, skipped)
+        except BaseException:
+            self._forget_ids([i.template.frame_id for i in skipped])
+            raise
+        if skipped:
+            self.stats.skipped += len(skipped)
+            self._publish_direct(skipped)
+
+    def _route(self, entries: list[StreamEntry], claimed: bool, skipped: list[ScoredItem]) -> None:
         now_ns = time.time_ns()
         for entry in entries:
             self.stats.read += 1
@@ -363,10 +386,7 @@ class Worker:
             if max_age and now_ns - msg.ts > max_age * 1e9:
                 skipped.append(self._skipped(entry, msg, model))
                 continue
-            self.batcher.add(model.label, (entry, msg, model))
-        if skipped:
-            self.stats.skipped += len(skipped)
-            self._publish_direct(skipped)
+            self.batcher.add(model.label, (entry, msg, model), nbytes=msg.w * msg.h * 3)  # decoded RGB
 
     def _skipped(self, entry: StreamEntry, msg: FrameMsg, model: LoadedModel) -> ScoredItem:
         self._drop(entry.camera, "stale", 1)
@@ -384,30 +404,44 @@ class Worker:
         self._published(items, result)
 
     def _dispatch(self, batches: list) -> None:
-        for batch in batches:
-            model = batch.items[0][2]  # the version resolved when the batch's frames were read
-            t0 = time.perf_counter()
-            decoded = self.decoder.decode([(e, m) for e, m, _ in batch.items])
-            good = [d for d in decoded if isinstance(d, DecodedFrame)]
-            for bad in (d for d in decoded if isinstance(d, DecodeFailure)):
-                self._dead_letter(bad.entry, bad.reason, bad.error)
-            if not good:
-                continue
-            tensor = self.engine.to_tensor([g.image for g in good], model.fitted.info.image_size)
-            if self.metrics:
-                self.metrics.decode_seconds.observe(time.perf_counter() - t0)
-                now_ms = time.time() * 1000
-                for g in good:
-                    self.metrics.queue_wait_seconds.labels(g.entry.camera).observe(
-                        max(0.0, now_ms - g.entry.entry_ms) / 1000
-                    )
-            self._ready.put(PreparedBatch(model, good, tensor, time.monotonic()))
+        """Prepare and queue batches taken from the batcher; on any error, release what is left.
+
+        The batches are out of the batcher already, so a batch that fails (a Redis error while
+        dead-lettering one of its frames, a failed pre-processing) and every batch after it leave
+        the in-flight set: they stay pending and :meth:`_reclaim` takes them again, instead of
+        waiting for a restart (reclaim skips frames in flight).
+        """
+        for n, batch in enumerate(batches):
+            try:
+                self._prepare(batch)
+            except BaseException:
+                self._forget([e for b in batches[n:] for e, _, _ in b.items])
+                raise
+
+    def _prepare(self, batch: Batch) -> None:
+        model = batch.items[0][2]  # the version resolved when the batch's frames were read
+        t0 = time.perf_counter()
+        decoded = self.decoder.decode([(e, m) for e, m, _ in batch.items])
+        good = [d for d in decoded if isinstance(d, DecodedFrame)]
+        for bad in (d for d in decoded if isinstance(d, DecodeFailure)):
+            self._dead_letter(bad.entry, bad.reason, bad.error)
+        if not good:
+            return
+        tensor = self.engine.to_tensor([g.image for g in good], model.fitted.info.image_size)
+        if self.metrics:
+            self.metrics.decode_seconds.observe(time.perf_counter() - t0)
+            now_ms = time.time() * 1000
+            for g in good:
+                self.metrics.queue_wait_seconds.labels(g.entry.camera).observe(
+                    max(0.0, now_ms - g.entry.entry_ms) / 1000
+                )
+        self._ready.put(PreparedBatch(model, good, tensor, time.monotonic()))
 
     def _flush_batches(self) -> None:
         try:
             self._dispatch(self.batcher.ready(flush=True))
         except Exception:
-            log.exception("could not prepare the last batches at shutdown: they stay pending")
+            log.exception("could not prepare the last batches at shutdown: they stay pending (reclaimed)")
             self._count_error("fetch")
 
     def _dead_letter(self, entry: StreamEntry, reason: str, error: str) -> None:
