@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
-from conftest import Processes, wait_until
 from registry_helpers import tiny_artifact
+from support import Processes, wait_until
 
 from dfm_stream import keys
 from dfm_stream.frame_codec import encode_frame

@@ -14,12 +14,10 @@ import sys
 
 import numpy as np
 import torch
-from worker_helpers import SIZE, artifact, frame_ids, push_frames, run_worker, scores
+from worker_helpers import SIZE, frame_ids, push_frames, run_worker, scores
 
 from dfm_stream.batcher import Batcher
 from dfm_stream.images import preprocess, preprocess_tensor
-
-__all__ = ["artifact"]
 
 SIDE = 2896
 N = 2

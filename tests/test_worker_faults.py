@@ -7,14 +7,12 @@ import time
 
 import pytest
 import redis
-from conftest import wait_until
-from worker_helpers import GROUP, artifact, frame_ids, pending, push_frame, push_frames, scores
+from support import wait_until
+from worker_helpers import GROUP, frame_ids, pending, push_frame, push_frames, scores
 
 from dfm_stream import keys
 from dfm_stream.frame_codec import encode_frame
 from dfm_stream.wire import FIELD, DeadLetterMsg
-
-__all__ = ["artifact"]
 
 
 def worker_args(redis_url, artifact, *extra):
