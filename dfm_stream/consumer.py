@@ -35,14 +35,29 @@ import redis
 
 from dfm_stream import keys
 from dfm_stream.connect import RedisClient
-from dfm_stream.wire import FIELD
+from dfm_stream.wire import FIELD, frame_bytes_cap
 
 log = logging.getLogger(__name__)
 
-READ_SCRIPT = """
+SCAN_MAX_ITEMS = 1000
+"""Most msgpack items the read script looks at per entry to find ``seq``/``session`` (bounded work)."""
+SCAN_MAX_STR = 256
+"""Longest string prefix the read script copies out of a payload (keys, ``session``)."""
+SEQ_MAX = 2**53
+"""``seq`` at or above this is absurd (not exact in Lua's numbers): counted, never used for gaps."""
+GAP_PER_MS = 100
+"""Most frames a camera can have lost per millisecond between two delivered entries (100k/s)."""
+GAP_SLACK = 1000
+"""Frames allowed on top of :data:`GAP_PER_MS` (entry ids have millisecond resolution)."""
+
+READ_SCRIPT = f"""
+local MAX_ITEMS, MAX_STR, SEQ_MAX = {SCAN_MAX_ITEMS}, {SCAN_MAX_STR}, {SEQ_MAX}
+local GAP_PER_MS, GAP_SLACK = {GAP_PER_MS}, {GAP_SLACK}
+""" + """
+local steps = 0
 local mp_read
 local function mp_skip_items(s, p, count, depth)
-  if depth > 16 then return nil end
+  if depth > 16 or count > steps then return nil end
   for _ = 1, count do
     local v
     v, p = mp_read(s, p, depth + 1)
@@ -52,6 +67,8 @@ local function mp_skip_items(s, p, count, depth)
 end
 mp_read = function(s, p, depth)
   depth = depth or 0
+  steps = steps - 1
+  if steps < 0 then return nil end
   local t = string.byte(s, p)
   if not t then return nil end
   if t <= 0x7f then return t, p + 1 end
@@ -85,9 +102,10 @@ mp_read = function(s, p, depth)
   else return nil end
   if not l then return nil end
   if t == 0xc4 or t == 0xc5 or t == 0xc6 then return false, p + h + l end
-  return string.sub(s, p + h, p + h + l - 1), p + h + l
+  return string.sub(s, p + h, p + h + math.min(l, MAX_STR) - 1), p + h + l
 end
 local function frame_seq(s)
+  steps = MAX_ITEMS
   local b = string.byte(s, 1)
   local n, p
   if not b then return nil end
@@ -96,7 +114,7 @@ local function frame_seq(s)
   elseif b == 0xdf then n, p = struct.unpack('>I4', s, 2), 6
   else return nil end
   local seq, session = nil, nil
-  for _ = 1, n do
+  for _ = 1, math.min(n, MAX_ITEMS) do
     local k, v
     k, p = mp_read(s, p)
     if k == nil then return nil end
@@ -112,40 +130,61 @@ end
 local r = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', tonumber(ARGV[3]),
                      'STREAMS', KEYS[1], '>')
 if not r then
-  local top = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
-  local top_id = '0-0'
-  if top[1] then top_id = top[1][1] end
-  return {{}, 0, top_id}
+  local top = '0-0'
+  for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+    local name, id = nil, nil
+    for i = 1, #g, 2 do
+      if g[i] == 'name' then name = g[i + 1] elseif g[i] == 'last-delivered-id' then id = g[i + 1] end
+    end
+    if name == ARGV[1] and id then top = id end
+  end
+  return {{}, 0, top, 0}
 end
 local entries = r[1][2]
-local session = redis.call('HGET', KEYS[2], 'session')
-local last = tonumber(redis.call('HGET', KEYS[2], 'seq') or '-1')
-local gaps = 0
+local max_bytes = tonumber(ARGV[4])
+local state = redis.call('HMGET', KEYS[2], 'session', 'seq', 'ms')
+local session, last, last_ms = state[1], tonumber(state[2]), tonumber(state[3])
+local gaps, odd = 0, 0
 for _, e in ipairs(entries) do
   local fields = e[2]
   local payload = nil
   for i = 1, #fields, 2 do
     if fields[i] == 'msg' then payload = fields[i + 1] end
   end
-  if payload then
-    local ok, seq, s = pcall(frame_seq, payload)
-    if ok and seq then
-      if s ~= session then
-        session = s
-      elseif seq > last + 1 then
-        gaps = gaps + (seq - last - 1)
+  local ok, seq, s = false, nil, nil
+  if payload and #payload <= max_bytes then ok, seq, s = pcall(frame_seq, payload) end
+  if ok and seq then
+    local ms = tonumber(string.match(e[1], '^(%d+)'))
+    if seq >= SEQ_MAX then
+      odd, session = odd + 1, false
+    elseif s ~= session or not last then
+      session, last, last_ms = s, seq, ms
+    else
+      local gap = seq - last - 1
+      if gap < 0 or gap > GAP_PER_MS * math.max(0, ms - (last_ms or ms)) + GAP_SLACK then
+        odd = odd + 1
+      else
+        gaps = gaps + gap
       end
-      last = seq
+      last, last_ms = seq, ms
     end
   end
 end
 if session then
   redis.call('HSET', KEYS[2], 'session', session, 'seq', last)
+  if last_ms then redis.call('HSET', KEYS[2], 'ms', last_ms) end
+elseif state[1] then
+  redis.call('HDEL', KEYS[2], 'session', 'seq', 'ms')
 end
-return {entries, gaps, entries[#entries][1]}
+return {entries, gaps, entries[#entries][1], odd}
 """
-"""KEYS: frames stream, seq hash. ARGV: group, consumer, count. Returns {entries, gaps, last id}."""
+"""KEYS: frames stream, seq hash. ARGV: group, consumer, count, max payload bytes.
 
+Returns {entries, trimmed gaps, last id (when none: the group's last-delivered id), odd seqs}."""
+
+
+SCORED_FIELD = "scored"
+"""Field of ``{prefix}:{camera}:seq``: the highest frame entry id with a score (written on publish)."""
 
 LAG_COUNT_CAP = 10_000
 """Most entries :data:`LAG_SCRIPT` counts one by one (a larger lag is reported as this number).
@@ -211,10 +250,11 @@ class StreamEntry:
 
 @dataclass
 class ReadResult:
-    """What one read pass returned: entries, trimmed-gap counts per camera, and the drained cameras."""
+    """What one read pass returned: entries, trimmed gaps and absurd seqs per camera, drained cameras."""
 
     entries: list[StreamEntry] = field(default_factory=list)
     trimmed: dict[str, int] = field(default_factory=dict)
+    seq_anomalies: dict[str, int] = field(default_factory=dict)
     drained: set[str] = field(default_factory=set)
 
 
@@ -247,12 +287,14 @@ class StreamConsumer:
         group: str = keys.DEFAULT_GROUP,
         name: str | None = None,
         cluster: bool = False,
+        max_frame_bytes: int | None = None,
     ) -> None:
         self.client = client
         self.prefix = prefix
         self.group = group
         self.name = name or consumer_name()
         self.cluster = cluster
+        self.max_frame_bytes = int(max_frame_bytes or frame_bytes_cap())
         self.cameras: list[str] = []
         self._top: dict[str, str] = {}
         self._rr = 0
@@ -284,27 +326,38 @@ class StreamConsumer:
             self._create_group(camera)
 
     def _create_group(self, camera: str) -> None:
+        """Create the group at id 0, or right after the camera's last scored frame if there is one.
+
+        A group destroyed (``XGROUP DESTROY``) and created again would otherwise deliver every
+        stored frame again and give already scored frames a second score. The gap accounting of
+        the camera restarts with the new group (its deliveries start over).
+        """
         key = keys.frames_key(camera, self.prefix)
+        seq = keys.seq_key(camera, self.prefix)
+        start = _s(self.client.hget(seq, SCORED_FIELD) or "0")
         try:
-            self.client.xgroup_create(key, self.group, id="0", mkstream=True)
-            log.info("created consumer group %s on %s", self.group, key)
+            self.client.xgroup_create(key, self.group, id=start, mkstream=True)
         except redis.ResponseError as e:
             if "BUSYGROUP" not in str(e):
                 raise
+            return
+        self.client.hdel(seq, "session", "seq", "ms")
+        log.info("created consumer group %s on %s at id %s", self.group, key, start)
 
     def remove_camera(self, camera: str) -> None:
         """Stop reading ``camera`` (its pending entries stay for other consumers to reclaim)."""
         if camera in self.cameras:
             self.cameras.remove(camera)
 
-    def read_camera(self, camera: str, count: int) -> tuple[list[StreamEntry], int]:
-        """Deliver up to ``count`` new entries of ``camera`` to this consumer; return them and the gaps."""
+    def read_camera(self, camera: str, count: int) -> tuple[list[StreamEntry], int, int]:
+        """Deliver up to ``count`` new entries of ``camera``; return them, the gaps and the absurd seqs."""
         frames = keys.frames_key(camera, self.prefix)
         seq = keys.seq_key(camera, self.prefix)
-        reply = self._read(keys=[frames, seq], args=[self.group, self.name, int(count)])
-        raw_entries, gaps, top = reply[0], int(reply[1]), _s(reply[2])
+        args = [self.group, self.name, int(count), self.max_frame_bytes]
+        reply = self._read(keys=[frames, seq], args=args)
+        raw_entries, gaps, top, odd = reply[0], max(0, int(reply[1])), _s(reply[2]), max(0, int(reply[3]))
         self._top[camera] = top
-        return [_entry(camera, e[0], e[1]) for e in raw_entries], gaps
+        return [_entry(camera, e[0], e[1]) for e in raw_entries], gaps, odd
 
     def read(self, count: int, cameras: list[str] | None = None) -> ReadResult:
         """Read up to ``count`` new entries in total, round-robin over ``cameras`` (default all)."""
@@ -318,9 +371,11 @@ class StreamConsumer:
             room = count - len(result.entries)
             if room <= 0:
                 break
-            entries, gaps = self.read_camera(camera, room)
+            entries, gaps, odd = self.read_camera(camera, room)
             if gaps:
                 result.trimmed[camera] = gaps
+            if odd:
+                result.seq_anomalies[camera] = odd
             if not entries:
                 result.drained.add(camera)
             result.entries.extend(entries)
