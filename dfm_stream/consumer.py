@@ -50,10 +50,12 @@ GAP_PER_MS = 100
 GAP_SLACK = 1000
 """Frames allowed on top of :data:`GAP_PER_MS` (entry ids have millisecond resolution)."""
 
-READ_SCRIPT = f"""
+READ_SCRIPT = (
+    f"""
 local MAX_ITEMS, MAX_STR, SEQ_MAX = {SCAN_MAX_ITEMS}, {SCAN_MAX_STR}, {SEQ_MAX}
 local GAP_PER_MS, GAP_SLACK = {GAP_PER_MS}, {GAP_SLACK}
-""" + """
+"""
+    + """
 local steps = 0
 local mp_read
 local function mp_skip_items(s, p, count, depth)
@@ -178,6 +180,7 @@ elseif state[1] then
 end
 return {entries, gaps, entries[#entries][1], odd}
 """
+)
 """KEYS: frames stream, seq hash. ARGV: group, consumer, count, max payload bytes.
 
 Returns {entries, trimmed gaps, last id (when none: the group's last-delivered id), odd seqs}."""
