@@ -14,7 +14,7 @@ import time
 import msgpack
 import numpy as np
 import redis
-from chaos_helpers import scrape, score_counts, undelivered, wait_metrics_port
+from chaos_helpers import score_counts, scrape, undelivered, wait_metrics_port
 from conftest import wait_until
 from worker_helpers import artifact, pending, push_frame, push_frames
 
@@ -39,11 +39,8 @@ def padded_frame(camera: str, seq: int = 0) -> bytes:
 
 
 def worker_args(redis_url, artifact, cameras, *extra):
-    return ["work", "--redis", redis_url, "--model", str(artifact.path), "--device", "cpu"] + [
-        "--cameras",
-        cameras,
-        *extra,
-    ]
+    model = ["--model", str(artifact.path), "--device", "cpu"]
+    return ["work", "--redis", redis_url, *model, "--cameras", cameras, *extra]
 
 
 def deadletters(client):
