@@ -1,24 +1,34 @@
 """The consumer side of the frame streams: groups, reads with exact gap accounting, reclaim, stats.
 
 Every frame stream has one consumer group (default ``dfm-workers``) created idempotently at id
-``0`` with ``MKSTREAM``, so frames written before any worker started are scored too.
+``0`` with ``MKSTREAM``, so frames written before any worker started are scored too; a group
+created again after ``XGROUP DESTROY`` starts after the camera's last scored frame instead
+(:data:`SCORED_FIELD`, kept by the publish script), so no frame is scored twice.
 
-Reading goes through a Lua script (:data:`READ_SCRIPT`, one camera per call, so it is cluster
-safe: the frame stream and the camera's seq hash share the ``{camera}`` hash tag). The script does
-a non-blocking ``XREADGROUP ... COUNT n STREAMS frames >`` and, in the same atomic step, walks the
-``seq``/``session`` of the delivered entries against the last delivered seq stored
+Reading goes through a Lua script (:data:`dfm_stream.read_script.READ_SCRIPT`, one camera per call,
+so it is cluster safe: the frame stream and the camera's seq hash share the ``{camera}`` hash tag).
+The script does a non-blocking ``XREADGROUP ... COUNT n STREAMS frames >`` and, in the same atomic
+step, walks the ``seq``/``session`` of the delivered entries against the last delivered seq stored
 in ``{prefix}:{camera}:seq``. Because deliveries of new entries to a group happen in stream order
 and the script is atomic, the gap count is exact however many workers share a camera: a gap is a
-frame of the same reader session that was trimmed by ``MAXLEN`` before the group delivered it.
-Not counted (never over-counted): frames trimmed at the very end of a reader session (the next
-session starts a new count), and frames of a second reader writing the same camera at the same
-time (each session switch restarts the count). Entries whose ``msg`` cannot be unpacked are
-ignored by the accounting and handed over as they are (the worker dead-letters them). The script
-reads ``seq``/``session`` with a small msgpack scanner of its own (Redis' ``cmsgpack`` refuses the
+frame of the same reader session that was trimmed by ``MAXLEN`` before the group delivered it. Not
+counted (never over-counted): frames trimmed at the very end of a reader session (the next session
+starts a new count), and frames of a second reader writing the same camera at the same time (each
+session switch restarts the count). Entries whose ``msg`` cannot be unpacked are ignored by the
+accounting and handed over as they are (the worker dead-letters them). The script reads
+``seq``/``session`` with a small msgpack scanner of its own (Redis' ``cmsgpack`` refuses the
 ``bin`` type that carries the image), which stops as soon as it has both fields.
 
+Bounded work per entry, whatever it holds (constants in :mod:`dfm_stream.read_script`): the
+scanner looks at no more than ``SCAN_MAX_ITEMS`` msgpack items (strings and binaries are jumped
+over, at most ``SCAN_MAX_STR`` bytes of a string are copied), an entry above ``max_frame_bytes``
+is not scanned at all, and the gap count is bounded per camera: a ``seq`` that goes back, is at
+least ``SEQ_MAX``, or jumps further than ``GAP_PER_MS`` frames per millisecond of entry-id time
+(plus ``GAP_SLACK``) is returned as a seq anomaly, never as a gap, and the count restarts.
+
 Waiting for frames costs no polling: when a scripted read returns nothing, the script also
-returns the id of the newest entry of the stream, and the worker blocks on ``XREAD BLOCK`` from
+returns the group's last-delivered id (from ``XINFO GROUPS``: no entry is copied into Lua), which
+no entry of the stream is newer than, and the worker blocks on ``XREAD BLOCK`` from
 those ids (all cameras in one call on a standalone server; on a cluster one camera at a time,
 round-robin, with a short block, because keys of different cameras live in different slots).
 """
@@ -35,156 +45,10 @@ import redis
 
 from dfm_stream import keys
 from dfm_stream.connect import RedisClient
+from dfm_stream.read_script import READ_SCRIPT
 from dfm_stream.wire import FIELD, frame_bytes_cap
 
 log = logging.getLogger(__name__)
-
-SCAN_MAX_ITEMS = 1000
-"""Most msgpack items the read script looks at per entry to find ``seq``/``session`` (bounded work)."""
-SCAN_MAX_STR = 256
-"""Longest string prefix the read script copies out of a payload (keys, ``session``)."""
-SEQ_MAX = 2**53
-"""``seq`` at or above this is absurd (not exact in Lua's numbers): counted, never used for gaps."""
-GAP_PER_MS = 100
-"""Most frames a camera can have lost per millisecond between two delivered entries (100k/s)."""
-GAP_SLACK = 1000
-"""Frames allowed on top of :data:`GAP_PER_MS` (entry ids have millisecond resolution)."""
-
-READ_SCRIPT = (
-    f"""
-local MAX_ITEMS, MAX_STR, SEQ_MAX = {SCAN_MAX_ITEMS}, {SCAN_MAX_STR}, {SEQ_MAX}
-local GAP_PER_MS, GAP_SLACK = {GAP_PER_MS}, {GAP_SLACK}
-"""
-    + """
-local steps = 0
-local mp_read
-local function mp_skip_items(s, p, count, depth)
-  if depth > 16 or count > steps then return nil end
-  for _ = 1, count do
-    local v
-    v, p = mp_read(s, p, depth + 1)
-    if v == nil then return nil end
-  end
-  return false, p
-end
-mp_read = function(s, p, depth)
-  depth = depth or 0
-  steps = steps - 1
-  if steps < 0 then return nil end
-  local t = string.byte(s, p)
-  if not t then return nil end
-  if t <= 0x7f then return t, p + 1 end
-  if t >= 0x80 and t <= 0x8f then return mp_skip_items(s, p + 1, 2 * (t - 0x80), depth) end
-  if t >= 0x90 and t <= 0x9f then return mp_skip_items(s, p + 1, t - 0x90, depth) end
-  if t == 0xdc then return mp_skip_items(s, p + 3, struct.unpack('>I2', s, p + 1), depth) end
-  if t == 0xdd then return mp_skip_items(s, p + 5, struct.unpack('>I4', s, p + 1), depth) end
-  if t == 0xde then return mp_skip_items(s, p + 3, 2 * struct.unpack('>I2', s, p + 1), depth) end
-  if t == 0xdf then return mp_skip_items(s, p + 5, 2 * struct.unpack('>I4', s, p + 1), depth) end
-  local fixext = {[0xd4] = 3, [0xd5] = 4, [0xd6] = 6, [0xd7] = 10, [0xd8] = 18}
-  if fixext[t] then return false, p + fixext[t] end
-  if t == 0xc7 then return false, p + 3 + string.byte(s, p + 1) end
-  if t == 0xc8 then return false, p + 4 + struct.unpack('>I2', s, p + 1) end
-  if t == 0xc9 then return false, p + 6 + struct.unpack('>I4', s, p + 1) end
-  if t >= 0xe0 then return t - 256, p + 1 end
-  if t >= 0xa0 and t <= 0xbf then return string.sub(s, p + 1, p + t - 0xa0), p + 1 + t - 0xa0 end
-  if t == 0xc0 or t == 0xc2 or t == 0xc3 then return false, p + 1 end
-  if t == 0xcc then return string.byte(s, p + 1), p + 2 end
-  if t == 0xcd then return (struct.unpack('>I2', s, p + 1)), p + 3 end
-  if t == 0xce then return (struct.unpack('>I4', s, p + 1)), p + 5 end
-  if t == 0xcf then
-    local hi, lo = struct.unpack('>I4I4', s, p + 1)
-    return hi * 4294967296 + lo, p + 9
-  end
-  local fixed = {[0xd0] = 2, [0xd1] = 3, [0xd2] = 5, [0xd3] = 9, [0xca] = 5, [0xcb] = 9}
-  if fixed[t] then return false, p + fixed[t] end
-  local l, h
-  if t == 0xd9 or t == 0xc4 then l, h = string.byte(s, p + 1), 2
-  elseif t == 0xda or t == 0xc5 then l, h = struct.unpack('>I2', s, p + 1), 3
-  elseif t == 0xdb or t == 0xc6 then l, h = struct.unpack('>I4', s, p + 1), 5
-  else return nil end
-  if not l then return nil end
-  if t == 0xc4 or t == 0xc5 or t == 0xc6 then return false, p + h + l end
-  return string.sub(s, p + h, p + h + math.min(l, MAX_STR) - 1), p + h + l
-end
-local function frame_seq(s)
-  steps = MAX_ITEMS
-  local b = string.byte(s, 1)
-  local n, p
-  if not b then return nil end
-  if b >= 0x80 and b <= 0x8f then n, p = b - 0x80, 2
-  elseif b == 0xde then n, p = struct.unpack('>I2', s, 2), 4
-  elseif b == 0xdf then n, p = struct.unpack('>I4', s, 2), 6
-  else return nil end
-  local seq, session = nil, nil
-  for _ = 1, math.min(n, MAX_ITEMS) do
-    local k, v
-    k, p = mp_read(s, p)
-    if k == nil then return nil end
-    v, p = mp_read(s, p)
-    if v == nil then return nil end
-    if k == 'seq' then seq = v elseif k == 'session' then session = v end
-    if seq and session then break end
-  end
-  if type(seq) ~= 'number' or seq < 0 then return nil end
-  if type(session) ~= 'string' then session = '' end
-  return seq, session
-end
-local r = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', tonumber(ARGV[3]),
-                     'STREAMS', KEYS[1], '>')
-if not r then
-  local top = '0-0'
-  for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
-    local name, id = nil, nil
-    for i = 1, #g, 2 do
-      if g[i] == 'name' then name = g[i + 1] elseif g[i] == 'last-delivered-id' then id = g[i + 1] end
-    end
-    if name == ARGV[1] and id then top = id end
-  end
-  return {{}, 0, top, 0}
-end
-local entries = r[1][2]
-local max_bytes = tonumber(ARGV[4])
-local state = redis.call('HMGET', KEYS[2], 'session', 'seq', 'ms')
-local session, last, last_ms = state[1], tonumber(state[2]), tonumber(state[3])
-local gaps, odd = 0, 0
-for _, e in ipairs(entries) do
-  local fields = e[2]
-  local payload = nil
-  for i = 1, #fields, 2 do
-    if fields[i] == 'msg' then payload = fields[i + 1] end
-  end
-  local ok, seq, s = false, nil, nil
-  if payload and #payload <= max_bytes then ok, seq, s = pcall(frame_seq, payload) end
-  if ok and seq then
-    local ms = tonumber(string.match(e[1], '^(%d+)'))
-    if seq >= SEQ_MAX then
-      odd, session = odd + 1, false
-    elseif s ~= session or not last then
-      session, last, last_ms = s, seq, ms
-    else
-      local gap = seq - last - 1
-      if gap < 0 or gap > GAP_PER_MS * math.max(0, ms - (last_ms or ms)) + GAP_SLACK then
-        odd = odd + 1
-      else
-        gaps = gaps + gap
-      end
-      last, last_ms = seq, ms
-    end
-  end
-end
-if session then
-  redis.call('HSET', KEYS[2], 'session', session, 'seq', last)
-  if last_ms then redis.call('HSET', KEYS[2], 'ms', last_ms) end
-elseif state[1] then
-  redis.call('HDEL', KEYS[2], 'session', 'seq', 'ms')
-end
-return {entries, gaps, entries[#entries][1], odd}
-"""
-)
-"""KEYS: frames stream, seq hash. ARGV: group, consumer, count, max payload bytes.
-
-Returns {entries, trimmed gaps, last id (when none: the group's last-delivered id), odd seqs}."""
-
 
 SCORED_FIELD = "scored"
 """Field of ``{prefix}:{camera}:seq``: the highest frame entry id with a score (written on publish)."""
