@@ -13,6 +13,7 @@ Compatibility rules:
 """
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -51,7 +52,8 @@ def _unpack_map(data: bytes, what: str, max_items: int | None = None) -> dict[st
     try:
         obj = msgpack.unpackb(bytes(data), raw=False, strict_map_key=True, **limits)
     except Exception as e:  # msgpack raises several unrelated types for corrupt input
-        if isinstance(e, ValueError) and " exceeds max_" in str(e):
+        claimed = re.match(r"(\d+) exceeds max_(array|map)_len", str(e))
+        if claimed and int(claimed.group(1)) <= len(data):  # there, not just claimed by a corrupt header
             raise WireError(f"{what}: a msgpack array or map is too long ({e})", reason="oversized") from e
         raise WireError(f"{what}: not valid msgpack ({e})", reason="bad_msgpack") from e
     if not isinstance(obj, dict):
