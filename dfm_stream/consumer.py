@@ -196,12 +196,16 @@ class StreamConsumer:
         """Create the group at id 0, or right after the camera's last scored frame if there is one.
 
         A group destroyed (``XGROUP DESTROY``) and created again would otherwise deliver every
-        stored frame again and give already scored frames a second score. The gap accounting of
-        the camera restarts with the new group (its deliveries start over).
+        stored frame again and give already scored frames a second score. At 0 all the same when
+        the stream is empty or missing, or its newest entry is older than that frame (the stream
+        was deleted and written again). The gap accounting of the camera restarts with the group.
         """
         key = keys.frames_key(camera, self.prefix)
         seq = keys.seq_key(camera, self.prefix)
         start = _s(self.client.hget(seq, SCORED_FIELD) or "0")
+        newest = self.client.xrevrange(key, count=1) if start != "0" else []
+        if not newest or _id_key(_s(newest[0][0])) < _id_key(start):  # nothing stored, or a new stream
+            start = "0"
         try:
             self.client.xgroup_create(key, self.group, id=start, mkstream=True)
         except redis.ResponseError as e:

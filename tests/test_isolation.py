@@ -160,3 +160,20 @@ def test_a_destroyed_group_starts_again_after_the_last_scored_frame(redis_client
     wait_until(lambda: len(score_counts(redis_client, "cam1")) >= 8 and settled(), 60, what="later frames")
     assert procs.stop(worker) == 0
     assert score_counts(redis_client, "cam1") == {f"cam1:{i}": 1 for i in first + later}
+
+
+def test_a_group_created_again_starts_after_the_last_scored_frame_unless_the_stream_is_new(redis_client):
+    ids = [push_frame(redis_client, "c1", IMG, seq) for seq in range(4)]
+    redis_client.hset(keys.seq_key("c1"), "scored", ids[1])  # as the publish script leaves it
+    consumer = StreamConsumer(redis_client, name="a")
+    consumer.add_cameras(["c1"])
+    assert [e.entry_id for e in consumer.read(10).entries] == ids[2:]
+    # the stream deleted and written again (ids older than the last score): everything is new
+    redis_client.delete(keys.frames_key("c1"))
+    msg = FrameMsg("c1", 0, 1, "raw", 16, 16, 3, IMG.tobytes(), session="s2").to_bytes()
+    again = [
+        redis_client.xadd(keys.frames_key("c1"), {FIELD: msg}, id=f"1-{i}").decode() for i in range(1, 3)
+    ]
+    other = StreamConsumer(redis_client, name="b")
+    other.add_cameras(["c1"])
+    assert [e.entry_id for e in other.read(10).entries] == again
