@@ -138,7 +138,7 @@ for _, e in ipairs(entries) do
     end
   end
 end
-if session then
+if session and last then
   redis.call('HSET', KEYS[2], 'session', session, 'seq', last)
   if last_ms then redis.call('HSET', KEYS[2], 'ms', last_ms) end
 elseif state[1] then
