@@ -1,24 +1,34 @@
 """The consumer side of the frame streams: groups, reads with exact gap accounting, reclaim, stats.
 
 Every frame stream has one consumer group (default ``dfm-workers``) created idempotently at id
-``0`` with ``MKSTREAM``, so frames written before any worker started are scored too.
+``0`` with ``MKSTREAM``, so frames written before any worker started are scored too; a group
+created again after ``XGROUP DESTROY`` starts after the camera's last scored frame instead
+(:data:`SCORED_FIELD`, kept by the publish script), so no frame is scored twice.
 
-Reading goes through a Lua script (:data:`READ_SCRIPT`, one camera per call, so it is cluster
-safe: the frame stream and the camera's seq hash share the ``{camera}`` hash tag). The script does
-a non-blocking ``XREADGROUP ... COUNT n STREAMS frames >`` and, in the same atomic step, walks the
-``seq``/``session`` of the delivered entries against the last delivered seq stored
+Reading goes through a Lua script (:data:`dfm_stream.read_script.READ_SCRIPT`, one camera per call,
+so it is cluster safe: the frame stream and the camera's seq hash share the ``{camera}`` hash tag).
+The script does a non-blocking ``XREADGROUP ... COUNT n STREAMS frames >`` and, in the same atomic
+step, walks the ``seq``/``session`` of the delivered entries against the last delivered seq stored
 in ``{prefix}:{camera}:seq``. Because deliveries of new entries to a group happen in stream order
 and the script is atomic, the gap count is exact however many workers share a camera: a gap is a
-frame of the same reader session that was trimmed by ``MAXLEN`` before the group delivered it.
-Not counted (never over-counted): frames trimmed at the very end of a reader session (the next
-session starts a new count), and frames of a second reader writing the same camera at the same
-time (each session switch restarts the count). Entries whose ``msg`` cannot be unpacked are
-ignored by the accounting and handed over as they are (the worker dead-letters them). The script
-reads ``seq``/``session`` with a small msgpack scanner of its own (Redis' ``cmsgpack`` refuses the
+frame of the same reader session that was trimmed by ``MAXLEN`` before the group delivered it. Not
+counted (never over-counted): frames trimmed at the very end of a reader session (the next session
+starts a new count), and frames of a second reader writing the same camera at the same time (each
+session switch restarts the count). Entries whose ``msg`` cannot be unpacked are ignored by the
+accounting and handed over as they are (the worker dead-letters them). The script reads
+``seq``/``session`` with a small msgpack scanner of its own (Redis' ``cmsgpack`` refuses the
 ``bin`` type that carries the image), which stops as soon as it has both fields.
 
+Bounded work per entry, whatever it holds (constants in :mod:`dfm_stream.read_script`): the
+scanner looks at no more than ``SCAN_MAX_ITEMS`` msgpack items (strings and binaries are jumped
+over, at most ``SCAN_MAX_STR`` bytes of a string are copied), an entry above ``max_frame_bytes``
+is not scanned at all, and the gap count is bounded per camera: a ``seq`` that goes back, is at
+least ``SEQ_MAX``, or jumps further than ``GAP_PER_MS`` frames per millisecond of entry-id time
+(plus ``GAP_SLACK``) is returned as a seq anomaly, never as a gap, and the count restarts.
+
 Waiting for frames costs no polling: when a scripted read returns nothing, the script also
-returns the id of the newest entry of the stream, and the worker blocks on ``XREAD BLOCK`` from
+returns the group's last-delivered id (from ``XINFO GROUPS``: no entry is copied into Lua), which
+no entry of the stream is newer than, and the worker blocks on ``XREAD BLOCK`` from
 those ids (all cameras in one call on a standalone server; on a cluster one camera at a time,
 round-robin, with a short block, because keys of different cameras live in different slots).
 """
@@ -35,120 +45,16 @@ import redis
 
 from dfm_stream import keys, liveness
 from dfm_stream.connect import RedisClient
-from dfm_stream.wire import FIELD
+from dfm_stream.read_script import READ_SCRIPT
+from dfm_stream.wire import FIELD, frame_bytes_cap
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_CAMERAS = 256
 """Most cameras a worker follows by discovery (``--max-cameras``); given cameras are not limited."""
 
-READ_SCRIPT = """
-local mp_read
-local function mp_skip_items(s, p, count, depth)
-  if depth > 16 then return nil end
-  for _ = 1, count do
-    local v
-    v, p = mp_read(s, p, depth + 1)
-    if v == nil then return nil end
-  end
-  return false, p
-end
-mp_read = function(s, p, depth)
-  depth = depth or 0
-  local t = string.byte(s, p)
-  if not t then return nil end
-  if t <= 0x7f then return t, p + 1 end
-  if t >= 0x80 and t <= 0x8f then return mp_skip_items(s, p + 1, 2 * (t - 0x80), depth) end
-  if t >= 0x90 and t <= 0x9f then return mp_skip_items(s, p + 1, t - 0x90, depth) end
-  if t == 0xdc then return mp_skip_items(s, p + 3, struct.unpack('>I2', s, p + 1), depth) end
-  if t == 0xdd then return mp_skip_items(s, p + 5, struct.unpack('>I4', s, p + 1), depth) end
-  if t == 0xde then return mp_skip_items(s, p + 3, 2 * struct.unpack('>I2', s, p + 1), depth) end
-  if t == 0xdf then return mp_skip_items(s, p + 5, 2 * struct.unpack('>I4', s, p + 1), depth) end
-  local fixext = {[0xd4] = 3, [0xd5] = 4, [0xd6] = 6, [0xd7] = 10, [0xd8] = 18}
-  if fixext[t] then return false, p + fixext[t] end
-  if t == 0xc7 then return false, p + 3 + string.byte(s, p + 1) end
-  if t == 0xc8 then return false, p + 4 + struct.unpack('>I2', s, p + 1) end
-  if t == 0xc9 then return false, p + 6 + struct.unpack('>I4', s, p + 1) end
-  if t >= 0xe0 then return t - 256, p + 1 end
-  if t >= 0xa0 and t <= 0xbf then return string.sub(s, p + 1, p + t - 0xa0), p + 1 + t - 0xa0 end
-  if t == 0xc0 or t == 0xc2 or t == 0xc3 then return false, p + 1 end
-  if t == 0xcc then return string.byte(s, p + 1), p + 2 end
-  if t == 0xcd then return (struct.unpack('>I2', s, p + 1)), p + 3 end
-  if t == 0xce then return (struct.unpack('>I4', s, p + 1)), p + 5 end
-  if t == 0xcf then
-    local hi, lo = struct.unpack('>I4I4', s, p + 1)
-    return hi * 4294967296 + lo, p + 9
-  end
-  local fixed = {[0xd0] = 2, [0xd1] = 3, [0xd2] = 5, [0xd3] = 9, [0xca] = 5, [0xcb] = 9}
-  if fixed[t] then return false, p + fixed[t] end
-  local l, h
-  if t == 0xd9 or t == 0xc4 then l, h = string.byte(s, p + 1), 2
-  elseif t == 0xda or t == 0xc5 then l, h = struct.unpack('>I2', s, p + 1), 3
-  elseif t == 0xdb or t == 0xc6 then l, h = struct.unpack('>I4', s, p + 1), 5
-  else return nil end
-  if not l then return nil end
-  if t == 0xc4 or t == 0xc5 or t == 0xc6 then return false, p + h + l end
-  return string.sub(s, p + h, p + h + l - 1), p + h + l
-end
-local function frame_seq(s)
-  local b = string.byte(s, 1)
-  local n, p
-  if not b then return nil end
-  if b >= 0x80 and b <= 0x8f then n, p = b - 0x80, 2
-  elseif b == 0xde then n, p = struct.unpack('>I2', s, 2), 4
-  elseif b == 0xdf then n, p = struct.unpack('>I4', s, 2), 6
-  else return nil end
-  local seq, session = nil, nil
-  for _ = 1, n do
-    local k, v
-    k, p = mp_read(s, p)
-    if k == nil then return nil end
-    v, p = mp_read(s, p)
-    if v == nil then return nil end
-    if k == 'seq' then seq = v elseif k == 'session' then session = v end
-    if seq and session then break end
-  end
-  if type(seq) ~= 'number' or seq < 0 then return nil end
-  if type(session) ~= 'string' then session = '' end
-  return seq, session
-end
-local r = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', tonumber(ARGV[3]),
-                     'STREAMS', KEYS[1], '>')
-if not r then
-  local top = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
-  local top_id = '0-0'
-  if top[1] then top_id = top[1][1] end
-  return {{}, 0, top_id}
-end
-local entries = r[1][2]
-local session = redis.call('HGET', KEYS[2], 'session')
-local last = tonumber(redis.call('HGET', KEYS[2], 'seq') or '-1')
-local gaps = 0
-for _, e in ipairs(entries) do
-  local fields = e[2]
-  local payload = nil
-  for i = 1, #fields, 2 do
-    if fields[i] == 'msg' then payload = fields[i + 1] end
-  end
-  if payload then
-    local ok, seq, s = pcall(frame_seq, payload)
-    if ok and seq then
-      if s ~= session then
-        session = s
-      elseif seq > last + 1 then
-        gaps = gaps + (seq - last - 1)
-      end
-      last = seq
-    end
-  end
-end
-if session then
-  redis.call('HSET', KEYS[2], 'session', session, 'seq', last)
-end
-return {entries, gaps, entries[#entries][1]}
-"""
-"""KEYS: frames stream, seq hash. ARGV: group, consumer, count. Returns {entries, gaps, last id}."""
-
+SCORED_FIELD = "scored"
+"""Field of ``{prefix}:{camera}:seq``: the highest frame entry id with a score (written on publish)."""
 
 LAG_COUNT_CAP = 10_000
 """Most entries :data:`LAG_SCRIPT` counts one by one (a larger lag is reported as this number).
@@ -214,10 +120,11 @@ class StreamEntry:
 
 @dataclass
 class ReadResult:
-    """What one read pass returned: entries, trimmed-gap counts per camera, and the drained cameras."""
+    """What one read pass returned: entries, trimmed gaps and absurd seqs per camera, drained cameras."""
 
     entries: list[StreamEntry] = field(default_factory=list)
     trimmed: dict[str, int] = field(default_factory=dict)
+    seq_anomalies: dict[str, int] = field(default_factory=dict)
     drained: set[str] = field(default_factory=set)
 
 
@@ -250,12 +157,14 @@ class StreamConsumer:
         group: str = keys.DEFAULT_GROUP,
         name: str | None = None,
         cluster: bool = False,
+        max_frame_bytes: int | None = None,
     ) -> None:
         self.client = client
         self.prefix = prefix
         self.group = group
         self.name = name or consumer_name()
         self.cluster = cluster
+        self.max_frame_bytes = int(max_frame_bytes or frame_bytes_cap())
         self.cameras: list[str] = []
         self._top: dict[str, str] = {}
         self._refused = liveness.Refusals()
@@ -311,11 +220,20 @@ class StreamConsumer:
         ``XGROUP CREATE`` is a ``denyoom`` command: at ``maxmemory`` (``noeviction``) Redis refuses
         it even when the group exists already, while reading, scoring and acknowledging still work.
         So a refusal is checked with ``XINFO GROUPS`` (a read): an existing group is all we need.
+
+        A new group starts right after the camera's last scored frame (a group destroyed and created
+        again would otherwise give already scored frames a second score), or at 0 when the stream is
+        empty, missing, or newer than that frame (deleted and written again). The camera's gap
+        accounting restarts with the group.
         """
         key = keys.frames_key(camera, self.prefix)
+        seq = keys.seq_key(camera, self.prefix)
+        start = _s(self.client.hget(seq, SCORED_FIELD) or "0")
+        newest = self.client.xrevrange(key, count=1) if start != "0" else []
+        if not newest or _id_key(_s(newest[0][0])) < _id_key(start):  # nothing stored, or a new stream
+            start = "0"
         try:
-            self.client.xgroup_create(key, self.group, id="0", mkstream=True)
-            log.info("created consumer group %s on %s", self.group, key)
+            self.client.xgroup_create(key, self.group, id=start, mkstream=True)
         except redis.exceptions.OutOfMemoryError as e:
             if self._group_exists(key):
                 return True
@@ -324,6 +242,9 @@ class StreamConsumer:
         except redis.ResponseError as e:
             if "BUSYGROUP" not in str(e):
                 raise
+            return True
+        self.client.hdel(seq, "session", "seq", "ms")
+        log.info("created consumer group %s on %s at id %s", self.group, key, start)
         return True
 
     def _group_exists(self, key: str) -> bool:
@@ -338,14 +259,15 @@ class StreamConsumer:
         if camera in self.cameras:
             self.cameras.remove(camera)
 
-    def read_camera(self, camera: str, count: int) -> tuple[list[StreamEntry], int]:
-        """Deliver up to ``count`` new entries of ``camera`` to this consumer; return them and the gaps."""
+    def read_camera(self, camera: str, count: int) -> tuple[list[StreamEntry], int, int]:
+        """Deliver up to ``count`` new entries of ``camera``; return them, the gaps and the absurd seqs."""
         frames = keys.frames_key(camera, self.prefix)
         seq = keys.seq_key(camera, self.prefix)
-        reply = self._read(keys=[frames, seq], args=[self.group, self.name, int(count)])
-        raw_entries, gaps, top = reply[0], int(reply[1]), _s(reply[2])
+        args = [self.group, self.name, int(count), self.max_frame_bytes]
+        reply = self._read(keys=[frames, seq], args=args)
+        raw_entries, gaps, top, odd = reply[0], max(0, int(reply[1])), _s(reply[2]), max(0, int(reply[3]))
         self._top[camera] = top
-        return [_entry(camera, e[0], e[1]) for e in raw_entries], gaps
+        return [_entry(camera, e[0], e[1]) for e in raw_entries], gaps, odd
 
     def read(self, count: int, cameras: list[str] | None = None) -> ReadResult:
         """Read up to ``count`` new entries in total, round-robin over ``cameras`` (default all)."""
@@ -359,9 +281,11 @@ class StreamConsumer:
             room = count - len(result.entries)
             if room <= 0:
                 break
-            entries, gaps = self.read_camera(camera, room)
+            entries, gaps, odd = self.read_camera(camera, room)
             if gaps:
                 result.trimmed[camera] = gaps
+            if odd:
+                result.seq_anomalies[camera] = odd
             if not entries:
                 result.drained.add(camera)
             result.entries.extend(entries)

@@ -107,11 +107,13 @@ class DecodeFailure:
     error: str
 
 
-def parse_entry(entry: StreamEntry, max_pixels: int = DEFAULT_MAX_PIXELS) -> FrameMsg:
-    """Return the frame message of ``entry``; :class:`WireError` when it is missing or bad."""
+def parse_entry(
+    entry: StreamEntry, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int | None = None
+) -> FrameMsg:
+    """Return the frame message of ``entry``; :class:`WireError` when it is missing, bad or oversized."""
     if entry.payload is None:
         raise WireError(f"camera {entry.camera}: entry {entry.entry_id} has no 'msg' field", "bad_message")
-    return FrameMsg.from_bytes(entry.payload, max_pixels=max_pixels)
+    return FrameMsg.from_bytes(entry.payload, max_pixels=max_pixels, max_bytes=max_bytes)
 
 
 def decode_parsed(

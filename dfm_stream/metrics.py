@@ -66,6 +66,7 @@ DEADLETTER_REASONS = (
     "too_large",
     "shape_mismatch",
     "decode_error",
+    "oversized",
     "max_deliveries",
 )
 ALARM_STATES = ("raised", "cleared")
@@ -161,6 +162,7 @@ class WorkerMetrics:
     loop_errors: Counter
     duplicates: Counter
     events_recovered: Counter
+    seq_anomalies: Counter
 
     def init_camera(self, camera: str) -> None:
         """Create the camera's event series at 0, so ``rate()``/``increase()`` also see the first event."""
@@ -173,6 +175,7 @@ class WorkerMetrics:
         self.redelivered.labels(camera)
         self.duplicates.labels(camera)
         self.events_recovered.labels(camera)
+        self.seq_anomalies.labels(camera)
         self.alarm_active.labels(camera)
 
     @classmethod
@@ -287,6 +290,13 @@ class WorkerMetrics:
             Counter(
                 "dfm_worker_alarm_events_recovered",
                 "Alarm events delivered from a camera's outbox after their worker died or gave up.",
+                ["camera"],
+                registry=r,
+            ),
+            Counter(
+                "dfm_worker_seq_anomalies",
+                "Frames whose seq broke the camera's sequence (backwards, out of range, an impossible "
+                "jump): not counted as trimmed.",
                 ["camera"],
                 registry=r,
             ),

@@ -60,6 +60,15 @@ PUBLISH_SCRIPT = (
 local published = {}
 local msgs = {}
 local maxlen = tonumber(ARGV[2])
+local function newer(a, b)
+  local ams, aseq = string.match(a, '^(%d+)-(%d+)$')
+  local bms, bseq = string.match(b or '', '^(%d+)-(%d+)$')
+  if not bms then return true end
+  if tonumber(ams) ~= tonumber(bms) then return tonumber(ams) > tonumber(bms) end
+  return tonumber(aseq) > tonumber(bseq)
+end
+local scored = redis.call('HGET', KEYS[5], 'scored')
+local top = scored
 for i = 7, #ARGV, 3 do
   local id, msg, bit = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   if redis.call('XACK', KEYS[1], ARGV[1], id) == 1 then
@@ -67,8 +76,10 @@ for i = 7, #ARGV, 3 do
     table.insert(published, id)
     msgs[id] = msg
     if bit ~= 's' then alarm_step(bit, id) end
+    if newer(id, top) then top = id end
   end
 end
+if top ~= scored then redis.call('HSET', KEYS[5], 'scored', top) end
 local active = alarm_save()
 for _, t in ipairs(transitions) do
   t[4] = redis.call('XADD', KEYS[4], 'MAXLEN', '~', outbox_maxlen, '*',
@@ -77,7 +88,8 @@ end
 return {published, transitions, active}
 """
 )
-"""KEYS: frames, scores, alarm hash, event outbox. ARGV: group, maxlen, k, n, clear_after,
+"""KEYS: frames, scores, alarm hash, event outbox, seq hash (``scored``: the highest scored entry id,
+where a re-created consumer group starts). ARGV: group, maxlen, k, n, clear_after,
 cooldown_ms, then (entry id, score msg bytes, '1' anomalous | '0' normal | 's' skipped) per frame.
 Returns {published ids, {{type, id, ms, outbox id}...}, alarm active 0/1}."""
 
@@ -182,6 +194,7 @@ class Publisher:
             keys.scores_key(camera, self.prefix),
             keys.alarm_state_key(camera, self.prefix),
             keys.event_outbox_key(camera, self.prefix),
+            keys.seq_key(camera, self.prefix),
         ]
         published_raw, transitions, active = self._script(keys=keys_, args=args)
         published = {_s(i) for i in published_raw}

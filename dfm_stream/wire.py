@@ -13,6 +13,7 @@ Compatibility rules:
 """
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -33,13 +34,27 @@ EVENT_TYPES = ("raised", "cleared", "camera_down", "camera_up", "model_load_fail
 DEFAULT_MAX_PIXELS = 8192 * 8192
 """Largest w*h a consumer accepts unless configured otherwise (guards memory against absurd sizes)."""
 
+FRAME_OVERHEAD_BYTES = 1 << 20
+"""Room for the keys of a frame message besides its pixels (producers may add keys of their own)."""
+MAX_FRAME_ITEMS = 65_536
+"""Most elements one msgpack array or map of a frame message may hold (a frame needs a dozen)."""
 
-def _unpack_map(data: bytes, what: str) -> dict[str, Any]:
+
+def frame_bytes_cap(max_pixels: int = DEFAULT_MAX_PIXELS) -> int:
+    """Default largest ``msg`` of a frame entry: a raw 3-channel frame of ``max_pixels`` plus overhead."""
+    return 3 * int(max_pixels) + FRAME_OVERHEAD_BYTES
+
+
+def _unpack_map(data: bytes, what: str, max_items: int | None = None) -> dict[str, Any]:
     if not isinstance(data, bytes | bytearray | memoryview):
         raise WireError(f"{what}: expected bytes, got {type(data).__name__}", reason="bad_msgpack")
+    limits = {"max_array_len": max_items, "max_map_len": max_items} if max_items else {}
     try:
-        obj = msgpack.unpackb(bytes(data), raw=False, strict_map_key=True)
+        obj = msgpack.unpackb(bytes(data), raw=False, strict_map_key=True, **limits)
     except Exception as e:  # msgpack raises several unrelated types for corrupt input
+        claimed = re.match(r"(\d+) exceeds max_(array|map)_len", str(e))
+        if claimed and int(claimed.group(1)) <= len(data):  # there, not just claimed by a corrupt header
+            raise WireError(f"{what}: a msgpack array or map is too long ({e})", reason="oversized") from e
         raise WireError(f"{what}: not valid msgpack ({e})", reason="bad_msgpack") from e
     if not isinstance(obj, dict):
         raise WireError(f"{what}: expected a msgpack map, got {type(obj).__name__}", reason="bad_message")
@@ -132,10 +147,20 @@ class FrameMsg:
         return msgpack.packb({**self.extra, **body}, use_bin_type=True)
 
     @classmethod
-    def from_bytes(cls, data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> "FrameMsg":
-        """Decode and validate a frame message; raise :class:`WireError` with a reason if it is bad."""
+    def from_bytes(
+        cls, data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int | None = None
+    ) -> "FrameMsg":
+        """Decode and validate a frame message; raise :class:`WireError` with a reason if it is bad.
+
+        ``max_bytes`` (default :func:`frame_bytes_cap` of ``max_pixels``): a longer message is
+        refused unread (reason ``oversized``), and so is one with an array or map of more than
+        :data:`MAX_FRAME_ITEMS` elements.
+        """
         what = cls.WHAT
-        obj = _unpack_map(data, what)
+        cap = frame_bytes_cap(max_pixels) if max_bytes is None else max_bytes
+        if isinstance(data, bytes | bytearray | memoryview) and len(data) > cap:
+            raise WireError(f"{what}: {len(data)} bytes, more than the {cap}-byte cap", reason="oversized")
+        obj = _unpack_map(data, what, MAX_FRAME_ITEMS)
         camera = _get(obj, "camera", str, what)
         seq = _get(obj, "seq", int, what)
         ts = _get(obj, "ts", int, what)

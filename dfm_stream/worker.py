@@ -54,7 +54,7 @@ from dfm_stream.publisher import (
     frame_score,
 )
 from dfm_stream.routing import LoadedModel, ModelRouter
-from dfm_stream.wire import DEFAULT_MAX_PIXELS, FrameMsg, make_frame_id
+from dfm_stream.wire import DEFAULT_MAX_PIXELS, FrameMsg, frame_bytes_cap, make_frame_id
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,7 @@ class WorkerSettings:
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES
     """Decoded bytes (3 per pixel) one batch may hold: huge frames make smaller batches."""
+    max_frame_bytes: int | None = None  # None: frame_bytes_cap(max_pixels)
     alarm: AlarmSettings = field(default_factory=AlarmSettings)
     burst: bool = False
     max_frames: int | None = None
@@ -133,7 +134,10 @@ class Worker:
         self.settings = settings or WorkerSettings()
         self.prefix = prefix
         self.metrics = metrics
-        self.consumer = StreamConsumer(client, prefix, self.settings.group, name, cluster)
+        self.max_frame_bytes = self.settings.max_frame_bytes or frame_bytes_cap(self.settings.max_pixels)
+        self.consumer = StreamConsumer(
+            client, prefix, self.settings.group, name, cluster, max_frame_bytes=self.max_frame_bytes
+        )
         self.name = self.consumer.name
         self.stats = WorkerStats()
         self.publisher = Publisher(
@@ -319,9 +323,11 @@ class Worker:
                 self._stop.set()
                 return
         result = self.consumer.read(room, cameras)
+        self._take(result.entries)
         for camera, gaps in result.trimmed.items():
             self._drop(camera, "trimmed", gaps)
-        self._take(result.entries)
+        for camera, odd in result.seq_anomalies.items() if self.metrics else ():
+            self.metrics.seq_anomalies.labels(camera).inc(odd)
         self._dispatch(self.batcher.ready())
         if len(result.entries) >= room:
             return
@@ -375,7 +381,7 @@ class Worker:
                 self._dead_letter(entry, "max_deliveries", f"delivered {entry.deliveries} times")
                 continue
             try:
-                msg = parse_entry(entry, self.settings.max_pixels)
+                msg = parse_entry(entry, self.settings.max_pixels, self.max_frame_bytes)
             except WireError as e:
                 self._dead_letter(entry, e.reason, str(e))
                 continue

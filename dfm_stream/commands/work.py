@@ -69,6 +69,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     w.add_argument("--scores-maxlen", type=int, default=10_000, help="approximate MAXLEN of score streams")
     w.add_argument("--max-pixels", type=int, default=None, help="largest w*h accepted (default 8192*8192)")
     w.add_argument(
+        "--max-frame-bytes",
+        type=int,
+        default=None,
+        help="larger frame messages are dead-lettered as oversized (default 3 * max-pixels + 1 MiB)",
+    )
+    w.add_argument(
         "--burst", action="store_true", help="exit once every stream is drained and nothing pending"
     )
     w.add_argument("--max-frames", type=int, default=None, help="exit after reading this many frames")
@@ -131,6 +137,7 @@ def _settings(args: argparse.Namespace, config: Any) -> Any:
         max_age_s=None if max_age is None or max_age == 0 else max_age,
         scores_maxlen=args.scores_maxlen,
         max_pixels=_pick(args.max_pixels, DEFAULT_MAX_PIXELS),
+        max_frame_bytes=args.max_frame_bytes,
         alarm=alarm,
         burst=args.burst,
         max_frames=args.max_frames,
@@ -161,6 +168,12 @@ def _check_ranges(settings: Any) -> None:
         ),
         ("--max-pixels", settings.max_pixels, settings.max_pixels >= 1, "must be >= 1"),
         ("--max-cameras", settings.max_cameras, settings.max_cameras >= 1, "must be >= 1"),
+        (
+            "--max-frame-bytes",
+            settings.max_frame_bytes,
+            settings.max_frame_bytes is None or settings.max_frame_bytes >= 1,
+            "must be >= 1",
+        ),
     )
     for flag, value, ok, rule in rules:
         if not ok:
