@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ from dfm_stream.errors import ConfigError, WireError
 from dfm_stream.wire import FIELD, EventMsg, ScoreMsg
 
 FOLLOW_BLOCK_MS = 1000
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -89,10 +92,34 @@ def _event_line(entry_id: str, fields: dict[bytes, bytes], images: Path | None) 
         return {"id": entry_id, "error": str(e)}
     line = {"id": entry_id, **event.to_json_dict()}
     if event.image is not None and images is not None:
-        path = images / f"{event.camera}_{entry_id}.jpg"
-        path.write_bytes(event.image)
-        line["image_file"] = str(path)
+        try:
+            line["image_file"] = str(save_event_image(images, event.camera, entry_id, event.image))
+        except OSError as e:
+            line["image_error"] = f"not saved: {e.strerror or e}"
+            print(f"warning: event {entry_id}: image not saved ({e.strerror or e}); skipped", file=sys.stderr)
     return line
+
+
+def image_file_name(camera: str, entry_id: str) -> str:
+    """Return ``{camera}_{entry id}.jpg`` made of letters, digits, ``_``, ``.``, ``-`` only.
+
+    Both parts come from Redis, i.e. from whoever can write the alarm stream: a camera named
+    ``../x`` or ``/etc/x`` must not pick the file that is written.
+    """
+    stem = _UNSAFE.sub("_", f"{camera}_{entry_id}")[:120].lstrip(".")
+    return f"{stem or 'event'}.jpg"
+
+
+def save_event_image(folder: Path, camera: str, entry_id: str, image: bytes) -> Path:
+    """Write ``image`` to ``folder`` under :func:`image_file_name`; never outside ``folder``."""
+    path = folder / image_file_name(camera, entry_id)
+    if path.parent.resolve() != folder.resolve():
+        raise OSError(f"{path} is outside {folder}")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(path, flags, 0o644)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(image)
+    return path
 
 
 def run_alarms(args: argparse.Namespace) -> int:
@@ -100,7 +127,10 @@ def run_alarms(args: argparse.Namespace) -> int:
     settings = RedisSettings.from_args(args)
     images = Path(args.images) if args.images else None
     if images is not None:
-        images.mkdir(parents=True, exist_ok=True)
+        try:
+            images.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"--images {images}: cannot create the folder ({e.strerror or e})") from e
     client = connect(settings)
     try:
         for entry_id, fields in _entries(client, keys.alarms_key(settings.prefix), args):
