@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from dfm_stream import keys
+from dfm_stream.commands.argtypes import positive_int, stream_id
 from dfm_stream.connect import RedisClient, RedisSettings, add_redis_args, connect
 from dfm_stream.errors import ConfigError, WireError
 from dfm_stream.wire import FIELD, EventMsg, ScoreMsg
@@ -40,10 +41,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--follow", "-f", action="store_true", help="keep printing new entries")
-    p.add_argument("--since", help="start after this stream entry id (default: the beginning)")
+    p.add_argument(
+        "--since", type=stream_id, help="start after this stream entry id (default: the beginning)"
+    )
     p.add_argument(
         "--count",
-        type=int,
+        type=positive_int,
         help="at most N entries (no --since: the last N; with --follow: the last N, then new ones)",
     )
     add_redis_args(p)
@@ -55,8 +58,6 @@ def _s(value: bytes | str) -> str:
 
 def _entries(client: RedisClient, key: str, args: argparse.Namespace) -> Any:
     """Yield ``(entry id, fields)`` of ``key`` as the options ask."""
-    if args.count is not None and args.count < 1:
-        raise ConfigError("--count must be >= 1")
     remaining = None if args.follow else args.count
     if args.since is None and args.count is not None:
         rows = list(reversed(client.xrevrange(key, count=args.count)))
@@ -151,6 +152,7 @@ def run_scores(args: argparse.Namespace) -> int:
         raise ConfigError(str(e)) from e
     client = connect(settings)
     try:
+        _check_camera_known(client, args.camera, settings)
         for entry_id, fields in _entries(client, key, args):
             try:
                 line = {"id": entry_id, **ScoreMsg.from_bytes(fields.get(FIELD.encode(), b"")).__dict__}
@@ -162,3 +164,19 @@ def run_scores(args: argparse.Namespace) -> int:
     finally:
         client.close()
     return 0
+
+
+def _check_camera_known(client: RedisClient, camera: str, settings: RedisSettings) -> None:
+    """Refuse a camera that has no score stream and no reader registration, naming those that do."""
+    prefix = settings.prefix
+    if client.exists(keys.scores_key(camera, prefix)) or client.hexists(keys.cameras_key(prefix), camera):
+        return
+    known = {_s(name) for name in client.hkeys(keys.cameras_key(prefix))}
+    for key in client.scan_iter(match=f"{prefix}:{{*}}:scores", count=500):
+        name = _s(key)[len(prefix) + 2 : -len("}:scores")]
+        if keys.valid_name(name):
+            known.add(name)
+    listing = ", ".join(sorted(known)) if known else "none yet (no reader has run with this --prefix)"
+    raise ConfigError(
+        f"no camera {camera!r} in {settings.safe_url()} (prefix {prefix!r}): cameras there: {listing}"
+    )

@@ -174,7 +174,7 @@ def _run(args: argparse.Namespace, stop: threading.Event) -> int:
     from dfm_stream.artifact import read_info
     from dfm_stream.cpus import model_threads
     from dfm_stream.inference import Engine
-    from dfm_stream.metrics import WorkerMetrics, new_registry, serve
+    from dfm_stream.metrics import WorkerMetrics, new_registry, serve_for
     from dfm_stream.routing import ModelRouter
     from dfm_stream.worker import Worker
 
@@ -221,7 +221,7 @@ def _run(args: argparse.Namespace, stop: threading.Event) -> int:
     worker = Worker(client, router, settings, redis_settings.prefix, metrics, cluster=redis_settings.cluster)
     server = None
     if args.metrics_port >= 0 and not stop.is_set():
-        server = serve(registry, args.metrics_host, args.metrics_port, ready=worker.ready)
+        server = serve_for("worker", registry, args.metrics_host, args.metrics_port, ready=worker.ready)
     log.info(
         "worker %s on %s (%s, %s backend, %d threads), %s, group %s, redis %s",
         worker.name,
