@@ -169,6 +169,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, stop: threading.Event) -> int:
+    config = None
+    if args.config:
+        from dfm_stream.config import load_config
+
+        config = load_config(args.config)
+    if args.model and not Path(args.model).is_file():  # before importing torch: a typo is quick to see
+        raise ConfigError(f"--model {args.model}: no such file")
+    settings = _settings(args, config)
+
     import torch
 
     from dfm_stream.artifact import read_info
@@ -178,16 +187,8 @@ def _run(args: argparse.Namespace, stop: threading.Event) -> int:
     from dfm_stream.routing import ModelRouter
     from dfm_stream.worker import Worker
 
-    config = None
-    if args.config:
-        from dfm_stream.config import load_config
-
-        config = load_config(args.config)
     if args.model:
-        if not Path(args.model).is_file():
-            raise ConfigError(f"--model {args.model}: no such file")
         read_info(args.model)  # fail fast on a corrupt or tampered artifact
-    settings = _settings(args, config)
     redis_settings = settings_with_config(args, config.redis if config else None)
     wc = config.worker if config else None
     threads = _pick(args.threads, wc.threads if wc and wc.threads else None) or model_threads(
