@@ -166,7 +166,7 @@ def outcomes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Outcomes]:
         workdir=root / "redis", extra_args=["--user", "dfm", "on", ">right-Pw", "~*", "&*", "+@all"]
     )
     server.dir.mkdir()
-    server.start()
+    server.start(timeout=30)
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
     taken.listen()
