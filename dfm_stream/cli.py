@@ -112,6 +112,11 @@ def explain(error: BaseException, args: argparse.Namespace) -> str | None:
             f"cannot reach Redis{where} ({error}): check --redis / DFM_REDIS_URL (or [redis] url in"
             " --config) and that the server is running and reachable from here"
         )
+    if isinstance(error, redis.exceptions.RedisClusterException) and "reachable node" in str(error):
+        return (
+            f"cannot reach the Redis Cluster{where} ({error}): check the seed node in --redis and that"
+            " the cluster is running (leave out --cluster for a single server)"
+        )
     if isinstance(error, redis.exceptions.NoPermissionError):
         return (
             f"Redis{where} refused a command for lack of rights ({error}): use a Redis user allowed"

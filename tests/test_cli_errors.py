@@ -90,6 +90,7 @@ CASES = [
     Case("work-model-missing", ("work", *NO_REDIS, "--model", "/no/m.st", "--cameras", "c1"), ("/no/m.st",)),
     # alarms / scores
     Case("alarms-redis-unreachable", ("alarms", *NO_REDIS), ("cannot reach Redis", "127.0.0.1:1")),
+    Case("alarms-cluster-unreachable", ("alarms", "--cluster", *NO_REDIS), ("Redis Cluster",)),
     Case("alarms-wrong-password", ("alarms", "--redis", "redis://dfm:" + WRONG_PW + "@{redis_host}/0"),
          ("refused the credentials", ":***@")),
     Case("alarms-since-garbage", ("alarms", *R, "--follow", "--since", "garbage"), ("--since", "'garbage'")),
