@@ -49,7 +49,7 @@ from typing import Any
 
 from dfm_stream.errors import ConfigError
 from dfm_stream.keys import DEFAULT_GROUP, DEFAULT_PREFIX, check_name
-from dfm_stream.sources.base import safe_url
+from dfm_stream.redact import safe_url
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 ENV_PREFIX = "DFM__"
@@ -160,6 +160,9 @@ class CameraConfig(ReaderConfig):
         except ValueError as e:
             raise ConfigError(str(e)) from e
         _check(bool(self.source.strip()), f"camera {self.id}: 'source' is required")
+
+    def __repr__(self) -> str:
+        return f"CameraConfig(id={self.id!r}, source={safe_url(self.source)!r}, model={self.model!r})"
 
     def auto_maxlen(self, rate: float) -> int:
         """Return ``maxlen``, or when it is 0, about 10 s of frames at ``rate`` fps (at least 50)."""

@@ -2,7 +2,7 @@
 
 Every command takes the same options (:func:`add_redis_args`); secrets come from the URL, the
 environment (``DFM_REDIS_PASSWORD``) or a file (``--redis-password-file``), and never appear in a
-``repr`` or a log line (:meth:`RedisSettings.safe_url`).
+``repr``, a log line or ``--help`` (:func:`dfm_stream.redact.safe_url`).
 """
 
 import argparse
@@ -10,13 +10,14 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import redis
 from redis.cluster import RedisCluster
 
 from dfm_stream.errors import RedisConnectError
 from dfm_stream.keys import DEFAULT_PREFIX
+from dfm_stream.redact import help_text, safe_url
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 SOCKET_TIMEOUT_S = 10.0
@@ -42,14 +43,8 @@ class RedisSettings:
         return f"RedisSettings(url={self.safe_url()!r}, cluster={self.cluster}, prefix={self.prefix!r})"
 
     def safe_url(self) -> str:
-        """Return the URL with any password replaced by ``***`` (for logs and errors)."""
-        parts = urlsplit(self.url)
-        if parts.password is None:
-            return self.url
-        # rebuild from the raw netloc: parts.port raises on a non-numeric port, and this must not
-        _, _, hostport = parts.netloc.rpartition("@")
-        netloc = f"{parts.username or ''}:***@{hostport}"
-        return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+        """Return the URL with any password replaced by ``***`` (for logs and errors; never raises)."""
+        return safe_url(self.url)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "RedisSettings":
@@ -95,11 +90,13 @@ def settings_with_config(args: argparse.Namespace, config_redis: object | None) 
 def add_redis_args(parser: argparse.ArgumentParser) -> None:
     """Add the Redis options every command shares (``--redis``, ``--cluster``, TLS, ``--prefix``)."""
     g = parser.add_argument_group("Redis")
+    default_url = os.environ.get("DFM_REDIS_URL", DEFAULT_URL)
     g.add_argument(
         "--redis",
-        default=os.environ.get("DFM_REDIS_URL", DEFAULT_URL),
+        default=default_url,
         help="Redis URL: redis://[user:pass@]host:port/db, rediss:// (TLS) or unix:///path.sock "
-        "(env DFM_REDIS_URL; default %(default)s). DFM_REDIS_USERNAME/DFM_REDIS_PASSWORD override the URL's.",
+        f"(env DFM_REDIS_URL; default {help_text(default_url)}). DFM_REDIS_USERNAME/DFM_REDIS_PASSWORD "
+        "override the URL's.",
     )
     g.add_argument(
         "--cluster",

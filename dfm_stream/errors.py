@@ -67,3 +67,11 @@ class RegistryError(DfmStreamError):
 
 class BackendError(DfmStreamError):
     """A backbone execution backend (onnxruntime, openvino, compile) is not installed or cannot run."""
+
+
+class PortInUseError(DfmStreamError):
+    """A port to listen on (``--metrics-port``) is taken by another process or cannot be bound."""
+
+
+class RedisUnavailableError(RedisConnectError):
+    """Redis cannot be reached, refused the credentials, or refused a command for lack of rights."""

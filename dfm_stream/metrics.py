@@ -28,6 +28,9 @@ from prometheus_client import (
     process_collector,
 )
 
+from dfm_stream.commands.argtypes import port
+from dfm_stream.errors import PortInUseError
+
 log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (
@@ -377,6 +380,24 @@ def serve(
     return server
 
 
+def serve_for(
+    role: str, registry: CollectorRegistry, host: str, port: int, ready: ReadyCheck | None = None
+) -> MetricsServer:
+    """Like :func:`serve`, for a command: a port that cannot be bound is a :class:`PortInUseError`.
+
+    ``role`` (``reader``, ``worker``) goes into the message, which says what to do: two readers on
+    one host with the default port is the usual cause.
+    """
+    try:
+        return serve(registry, host, port, ready=ready)
+    except OSError as e:
+        raise PortInUseError(
+            f"cannot serve the {role}'s metrics on {host}:{port} ({e.strerror or e}; another {role}"
+            " on this host?): give each process its own --metrics-port (or DFM_METRICS_PORT), 0 for a"
+            " free port, or -1 for none"
+        ) from e
+
+
 def add_metrics_args(parser: "object", default_port: int) -> None:
     """Add ``--metrics-host`` / ``--metrics-port`` (env ``DFM_METRICS_HOST``/``DFM_METRICS_PORT``)."""
     g = parser.add_argument_group("metrics")  # type: ignore[attr-defined]
@@ -388,8 +409,8 @@ def add_metrics_args(parser: "object", default_port: int) -> None:
     )
     g.add_argument(
         "--metrics-port",
-        type=int,
-        default=int(os.environ.get("DFM_METRICS_PORT", default_port)),
+        type=port,
+        default=os.environ.get("DFM_METRICS_PORT", str(default_port)),
         help="port of /metrics, /healthz, /readyz (env DFM_METRICS_PORT; default %(default)s;"
         " 0 picks a free port, -1 disables)",
     )

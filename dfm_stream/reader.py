@@ -65,15 +65,31 @@ class Decimator:
         return True
 
 
+def roi_problem(roi: tuple[int, int, int, int], width: int, height: int) -> str | None:
+    """Return why ``roi`` does not fit a ``width`` x ``height`` frame, or None when it does.
+
+    A region beyond the frame is a mistake in the camera's settings, not something to clip
+    silently: the crop would not be the region the model was fitted on.
+    """
+    x, y, w, h = roi
+    if x + w <= width and y + h <= height:
+        return None
+    return (
+        f"roi {x},{y},{w},{h} does not fit the {width}x{height} frame (x + w must be <= {width},"
+        f" y + h <= {height}): fix --roi or the camera's roi"
+    )
+
+
 def transform(
     image: np.ndarray, roi: tuple[int, int, int, int] | None, size: tuple[int, int] | None
 ) -> np.ndarray:
-    """Crop ``roi`` (x, y, w, h in source pixels, clipped to the frame), then resize to ``size`` (w, h)."""
+    """Crop ``roi`` (x, y, w, h in source pixels, inside the frame), then resize to ``size`` (w, h)."""
     if roi is not None:
+        problem = roi_problem(roi, image.shape[1], image.shape[0])
+        if problem:
+            raise WireError(problem, "encode_error")
         x, y, w, h = roi
         image = image[y : y + h, x : x + w]
-        if image.size == 0:
-            raise WireError(f"roi {list(roi)} lies outside the frame", "encode_error")
     if size is not None and (image.shape[1], image.shape[0]) != size:
         shrink = size[0] * size[1] < image.shape[0] * image.shape[1]
         image = cv2.resize(image, size, interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)

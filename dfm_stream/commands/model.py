@@ -15,6 +15,7 @@ from typing import Any
 
 import redis
 
+from dfm_stream.commands.argtypes import positive_int
 from dfm_stream.connect import RedisSettings, add_redis_args, connect
 from dfm_stream.errors import RedisConnectError, RegistryError
 from dfm_stream.files import write_atomic
@@ -39,7 +40,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = _sub(sub, "rollback", "make an older version current (default: the one before current)", cmd_rollback)
     p.add_argument("name", help="model name")
-    p.add_argument("--to", type=int, default=None, metavar="VERSION", help="the version to make current")
+    p.add_argument(
+        "--to", type=positive_int, default=None, metavar="VERSION", help="the version to make current"
+    )
 
     p = _sub(
         sub, "assign", "route a camera to a model (NAME: its current version; NAME@V: pinned)", cmd_assign

@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dfm_stream.commands.argtypes import check_writable_folder, int_at_least, non_negative_int, positive_int
 from dfm_stream.errors import ConfigError, ImageReadError, ScoreTypeError
 
 if TYPE_CHECKING:
@@ -36,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _add_runtime_args(parser: argparse.ArgumentParser, batch_size: int = 16) -> None:
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: auto")
-    parser.add_argument("--batch-size", type=int, default=batch_size, help="default: %(default)s")
+    parser.add_argument("--batch-size", type=positive_int, default=batch_size, help="default: %(default)s")
     parser.add_argument(
         "--on-error",
         default="stop",
@@ -131,11 +132,11 @@ def _positive_float(text: str) -> float:
 def _register_make_dataset(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("make-dataset", help="write a synthetic MVTec-layout data set")
     p.add_argument("--out", required=True, type=Path, help="folder to create")
-    p.add_argument("--size", type=int, default=128, help="image side in pixels (default: %(default)s)")
+    p.add_argument("--size", type=int_at_least(32), default=128, help="image side, px (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n-train", type=int, default=60)
-    p.add_argument("--n-test-good", type=int, default=20)
-    p.add_argument("--n-test-defect", type=int, default=20)
+    p.add_argument("--n-train", type=positive_int, default=60)
+    p.add_argument("--n-test-good", type=non_negative_int, default=20)
+    p.add_argument("--n-test-defect", type=non_negative_int, default=20)
     p.set_defaults(func=cmd_make_dataset)
 
 
@@ -182,6 +183,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from dfm_stream.images import iter_batches
     from dfm_stream.model import Dfm
 
+    check_writable_folder(args.out.parent, "--out")
     paths = _train_paths(args.train)
     device = _device(args.device)
     trainer = Dfm(
@@ -285,6 +287,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     from dfm_stream.heatmaps import heatmap_names, heatmap_scale
     from dfm_stream.images import collect_image_paths
 
+    check_writable_folder(args.out.parent, "--out")
     fitted = _load(args.model, _device(args.device))
     if args.heatmaps is not None and fitted.info.score_type != "fre":
         msg = f"--heatmaps needs a 'fre' model; {args.model} scores with '{fitted.info.score_type}'"
@@ -318,6 +321,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from dfm_stream.evaluate import EvalCollector, write_report
     from dfm_stream.images import mvtec_test_set
 
+    check_writable_folder(args.out, "--out")
     fitted = _load(args.model, _device(args.device))
     samples = {s.path: s for s in mvtec_test_set(args.data)}
     want_maps = fitted.info.score_type == "fre" and any(s.mask_path for s in samples.values())
@@ -379,6 +383,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from dfm_stream.calibration import choose_threshold
 
     fitted = _load(args.model, _device(args.device))
+    check_writable_folder(args.model.parent, "--model (rewritten in place)")
     paths, labels = _calibration_set(args.data)
     label_of = dict(zip(paths, labels, strict=True))
     skipped: list[tuple[Path, str]] = []
@@ -407,6 +412,7 @@ def cmd_make_dataset(args: argparse.Namespace) -> int:
     """Write the synthetic data set."""
     from dfm_stream.synthetic_parts import make_dataset
 
+    check_writable_folder(args.out, "--out")
     root = make_dataset(
         args.out,
         n_train=args.n_train,
