@@ -67,3 +67,7 @@ class RegistryError(DfmStreamError):
 
 class BackendError(DfmStreamError):
     """A backbone execution backend (onnxruntime, openvino, compile) is not installed or cannot run."""
+
+
+class ConsoleError(DfmStreamError):
+    """The operator console cannot start or act: a bad users file, an unknown user, a bad role."""
