@@ -218,7 +218,7 @@ async def alarm_image(request: Request) -> Response:
 
 
 async def healthz(request: Request) -> Response:
-    """GET /healthz: the console process answers."""
+    """GET /healthz (and /readyz): the console process answers."""
     return PlainTextResponse("ok")
 
 
@@ -257,6 +257,7 @@ def build_app(
         Route("/frame/{camera}.jpg", frame),
         Route("/alarm-image/{alarm_id}.jpg", alarm_image),
         Route("/healthz", healthz),
+        Route("/readyz", healthz),
         Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),
     ]
     middleware = [
