@@ -15,11 +15,15 @@ from pathlib import Path
 
 import pytest
 from console_helpers import PASSWORDS, add_users, start_console
+from registry_helpers import tiny_artifact
 from support import wait_until
 from tools import require_tool
 from worker_helpers import push_frame, push_frames
 
 from dfm_stream import keys
+from dfm_stream.alarms import publish_event
+from dfm_stream.registry import ModelRegistry
+from dfm_stream.wire import EventMsg
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 WAIT_MS = 60_000
@@ -165,3 +169,56 @@ def test_an_operator_reviews_alarms_that_every_console_sees_live(
     for name in ("overview.png", "overview-alarm.png", "queue-viewer-reviewed.png", "camera.png"):
         print(f"screenshot: {shots / name}")
     assert procs.stop(worker) == 0
+
+
+PAGES = ("/", "/camera/camB", "/alarms", "/models", "/health")
+SCREENS = {"laptop": (1366, 768), "tablet": (768, 1024)}
+
+
+def test_every_page_passes_axe_and_fits_a_laptop_and_a_tablet_screen(
+    redis_url, redis_client, procs, artifact, chromium, tmp_path: Path
+) -> None:
+    axe = pytest.importorskip("axe_playwright_python.sync_playwright").Axe()
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    users = tmp_path / "users.json"
+    add_users(users)
+    push_frames(redis_client, "camA", artifact.good[:2])
+    entry = push_frame(redis_client, "camB", artifact.defect[0], 0)
+    publish_event(
+        redis_client,
+        EventMsg("raised", "camB", 1, f"camB:{entry}", 0, 9.0, 4.0, "tiny@1", image=_jpeg(artifact)),
+    )
+    registry = ModelRegistry(redis_client)
+    registry.push("parts", tiny_artifact())
+    registry.push("parts", tiny_artifact(seed=1))
+    _, url = start_console(procs, redis_url, users)
+    page = chromium.new_context(bypass_csp=True).new_page()  # lets axe inject its script; not our pages
+    page.set_default_timeout(WAIT_MS)
+    page.goto(f"{url}/login")
+    page.get_by_label("User name").fill("olga")
+    page.get_by_label("Password").fill(PASSWORDS["olga"])
+    page.get_by_role("button", name="Log in").click()
+    page.wait_for_url(f"{url}/")
+    problems = []
+    for screen, (width, height) in SCREENS.items():
+        page.set_viewport_size({"width": width, "height": height})
+        for path in PAGES:
+            page.goto(url + path)
+            page.wait_for_function("() => Number(document.body.dataset.snapshots) >= 1")  # live data shown
+            page.screenshot(path=str(shots / f"{screen}{path.replace('/', '-')}.png"), full_page=True)
+            overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+            if overflow > 0:
+                problems.append(f"{screen} {path}: {overflow} px wider than the screen")
+            if screen == "laptop":
+                for v in axe.run(page).response["violations"]:
+                    problems.append(f"{path}: {v['id']} ({v['impact']}): {[n['target'] for n in v['nodes']]}")
+    assert problems == []
+
+
+def _jpeg(artifact: object) -> bytes:
+    import cv2
+
+    ok, buf = cv2.imencode(".jpg", artifact.defect[0])
+    assert ok
+    return buf.tobytes()
