@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from console_helpers import PASSWORDS, SECRET, Browserless, add_users, start_console
 from registry_helpers import tiny_artifact
+from support import wait_until
 from worker_helpers import push_frame
 
 from dfm_stream import keys
@@ -237,3 +238,34 @@ def test_assign_and_rollback_ask_for_confirmation(redis_url, redis_client, procs
     assert web.request("/models/rollback", {**form, "confirm": "yes"})[0] == 303
     assert registry.current("bolts") == 1
     assert "current version 1" in web.request("/models")[1]
+
+
+def test_the_console_section_of_a_config_file_sets_port_and_users(redis_url, procs, tmp_path: Path) -> None:
+    from dfm_stream.config import load_config
+    from dfm_stream.embedded_redis import free_port
+    from dfm_stream.errors import ConfigError
+
+    users = tmp_path / "users.json"
+    add_users(users)
+    port = free_port()
+    config = tmp_path / "dfm.toml"
+    config.write_text(f'[redis]\nurl = "{redis_url}"\n[console]\nport = {port}\nusers = "{users}"\n')
+    assert load_config(config, env={}).console.port == port
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[console]\nport = 70000\n")
+    with pytest.raises(ConfigError, match="port=70000"):
+        load_config(bad, env={})
+    proc = procs.dfm("console", "--config", str(config), name="console-config")
+    web = Browserless(f"http://127.0.0.1:{port}")
+
+    def up() -> bool:
+        try:
+            return proc.poll() is not None or web.request("/healthz")[0] == 200
+        except OSError:
+            return False
+
+    wait_until(up, 60, interval=0.3, what="the console on the config's port")
+    assert proc.poll() is None, procs.log(proc)
+    status, _, headers = web.request("/")
+    assert status == 303 and headers["location"].startswith("/login")  # the users file is in force
+    assert f"users from {users}" in procs.log(proc)

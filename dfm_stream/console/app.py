@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 from starlette.middleware.sessions import SessionMiddleware
 from starlette.responses import PlainTextResponse, RedirectResponse, Response, StreamingResponse
@@ -148,7 +149,7 @@ async def login(request: Request) -> Response:
     if not csrf_ok(request.session, str(form.get(CSRF_FIELD) or "")):
         return PlainTextResponse("forbidden: missing or wrong CSRF token", status_code=403)
     name, password = str(form.get("username", "")), str(form.get("password", ""))
-    user = c.users.check(name, password) if c.users.enabled else None
+    user = await run_in_threadpool(c.users.check, name, password) if c.users.enabled else None
     if user is None:
         audit(
             c.client, c.prefix, name[:64] or "-", "-", "login", detail="wrong user name or password", ok=False
@@ -197,7 +198,7 @@ def _jpeg(data: bytes | None) -> Response:
     return Response(data, media_type="image/jpeg", headers={"Cache-Control": "no-store"})
 
 
-async def frame(request: Request) -> Response:
+def frame(request: Request) -> Response:
     """GET /frame/{camera}.jpg: the camera's latest frame."""
     c = _console(request)
     camera = request.path_params["camera"]
@@ -208,7 +209,7 @@ async def frame(request: Request) -> Response:
     return _jpeg(c.live.frame(camera))
 
 
-async def alarm_image(request: Request) -> Response:
+def alarm_image(request: Request) -> Response:
     """GET /alarm-image/{alarm_id}.jpg: the overlay picture of a raised alarm."""
     c = _console(request)
     if c.must_view(request) is not None:

@@ -1,9 +1,11 @@
 """The console's pages (overview, camera, alarms, models, health) and the actions operators take.
 
-Each handler reads what its page shows (:mod:`dfm_stream.console.queries`) and renders a template;
-the actions (review an alarm, assign, roll back) check CSRF and the operator role first
-(:meth:`Console.must_act`), write through :mod:`dfm_stream.console.store` or the model registry,
-record the action in the audit stream, and redirect back. Assign and rollback ask for a
+Page handlers are plain functions: Starlette runs them in its thread pool, so Redis reads never
+block the event loop that serves the live streams. Each reads what its page shows
+(:mod:`dfm_stream.console.queries`) and renders a template. The actions (review an alarm, assign,
+roll back) check CSRF and the operator role first (:meth:`Console.must_act`), write through
+:mod:`dfm_stream.console.store` or the model registry (in the thread pool too), record the action
+in the audit stream, and redirect back. Assign and rollback ask for a
 confirmation first: the form posts once to show what will change, and again with
 ``confirm=yes`` to do it.
 """
@@ -14,6 +16,7 @@ import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 
 from dfm_stream import keys
@@ -57,7 +60,7 @@ def _c(request: Request) -> Any:
     return request.app.state.console
 
 
-async def overview(request: Request) -> Response:
+def overview(request: Request) -> Response:
     """GET /: a tile per camera."""
     c = _c(request)
     if (redirect := c.must_view(request)) is not None:
@@ -67,7 +70,7 @@ async def overview(request: Request) -> Response:
     )
 
 
-async def camera(request: Request) -> Response:
+def camera(request: Request) -> Response:
     """GET /camera/{camera}: live frame, last overlay, score chart, alarm history, settings, model."""
     c = _c(request)
     if (redirect := c.must_view(request)) is not None:
@@ -97,7 +100,7 @@ async def camera(request: Request) -> Response:
     )
 
 
-async def camera_scores(request: Request) -> Response:
+def camera_scores(request: Request) -> Response:
     """GET /camera/{camera}/scores?after=ID: the scores after a stream id, for the chart (JSON)."""
     c = _c(request)
     if c.must_view(request) is not None:
@@ -109,7 +112,7 @@ async def camera_scores(request: Request) -> Response:
     return JSONResponse(queries.scores_after(c.client, c.prefix, cam, after))
 
 
-async def alarms(request: Request) -> Response:
+def alarms(request: Request) -> Response:
     """GET /alarms?camera=&since=&until=: the review queue, newest first."""
     c = _c(request)
     if (redirect := c.must_view(request)) is not None:
@@ -134,7 +137,11 @@ async def review(request: Request) -> Response:
     checked = await c.must_act(request, "review")
     if isinstance(checked, Response):
         return checked
-    user, form = checked
+    return await run_in_threadpool(_review, request, checked[0], checked[1], alarm_id)
+
+
+def _review(request: Request, user: Any, form: dict[str, Any], alarm_id: str) -> Response:
+    c = _c(request)
     decision, comment = str(form.get("decision", "")), str(form.get("comment", ""))
     if decision not in REVIEW_TYPES:
         return PlainTextResponse(f"decision must be one of {', '.join(REVIEW_TYPES)}", status_code=400)
@@ -156,7 +163,7 @@ def _back(form: dict[str, Any], default: str) -> str:
     return target if target.startswith("/") and not target.startswith("//") else default
 
 
-async def models(request: Request) -> Response:
+def models(request: Request) -> Response:
     """GET /models: versions with metadata, current versions, camera assignments, assign/rollback forms."""
     c = _c(request)
     if (redirect := c.must_view(request)) is not None:
@@ -172,7 +179,11 @@ async def assign(request: Request) -> Response:
     checked = await c.must_act(request, "assign")
     if isinstance(checked, Response):
         return checked
-    user, form = checked
+    return await run_in_threadpool(_assign, request, checked[0], checked[1])
+
+
+def _assign(request: Request, user: Any, form: dict[str, Any]) -> Response:
+    c = _c(request)
     cam, ref_text = str(form.get("camera", "")).strip(), str(form.get("model", "")).strip()
     reg = ModelRegistry(c.client, c.prefix)
     try:
@@ -198,7 +209,11 @@ async def rollback(request: Request) -> Response:
     checked = await c.must_act(request, "rollback")
     if isinstance(checked, Response):
         return checked
-    user, form = checked
+    return await run_in_threadpool(_rollback, request, checked[0], checked[1])
+
+
+def _rollback(request: Request, user: Any, form: dict[str, Any]) -> Response:
+    c = _c(request)
     name, version_text = str(form.get("name", "")).strip(), str(form.get("version", "")).strip()
     reg = ModelRegistry(c.client, c.prefix)
     try:
@@ -218,7 +233,7 @@ async def rollback(request: Request) -> Response:
     return RedirectResponse("/models", status_code=303)
 
 
-async def health(request: Request) -> Response:
+def health(request: Request) -> Response:
     """GET /health: workers and readers seen alive, stream lag per camera, dead letters."""
     c = _c(request)
     if (redirect := c.must_view(request)) is not None:
