@@ -269,3 +269,17 @@ def test_the_console_section_of_a_config_file_sets_port_and_users(redis_url, pro
     status, _, headers = web.request("/")
     assert status == 303 and headers["location"].startswith("/login")  # the users file is in force
     assert f"users from {users}" in procs.log(proc)
+
+
+def test_a_camera_is_up_only_while_its_frames_keep_coming(redis_client) -> None:
+    from dfm_stream.console.queries import camera_state
+
+    up = {"state": "up"}
+    assert camera_state(redis_client, "dfm", "camA", up)["up"] is False  # no frame at all
+    redis_client.xadd(keys.frames_key("camA"), {"msg": b"x"}, id="1000-0")  # a frame from 1970
+    old = camera_state(redis_client, "dfm", "camA", up)
+    assert (old["up"], old["state"]) == (False, "stale")  # a reader that died without saying so
+    push_frame(redis_client, "camA", np.zeros((8, 8, 3), np.uint8), 1)
+    assert camera_state(redis_client, "dfm", "camA", up)["up"] is True
+    assert camera_state(redis_client, "dfm", "camA", {"state": "down"})["up"] is False
+    assert camera_state(redis_client, "dfm", "camA", {})["state"] == "frames flowing"

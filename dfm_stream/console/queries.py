@@ -31,7 +31,7 @@ STATS_SCORES = 300
 STATS_WINDOW_S = 10.0
 """fps is counted over the scores of this many seconds."""
 UP_WITHIN_S = 10.0
-"""A camera without a reader state counts as up when its last score is this recent."""
+"""A camera counts as up while its newest frame is at most this old."""
 _F = FIELD.encode()
 
 
@@ -121,19 +121,43 @@ def score_stats(scores: list[tuple[str, ScoreMsg]], now_ms: int) -> dict[str, An
     }
 
 
+_LAST_ID = (
+    "local r = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)\n"
+    "if r[1] then return r[1][1] end\nreturn false"
+)
+"""The id of a stream's newest entry, without sending its data (a frame can be tens of KiB)."""
+
+
+def last_frame_ms(client: RedisClient, prefix: str, camera: str) -> int | None:
+    """Return when the newest frame of ``camera`` was added (Unix ms), or None without frames."""
+    last = client.eval(_LAST_ID, 1, keys.frames_key(camera, prefix))
+    return entry_ms(text(last)) if last else None
+
+
 def camera_state(client: RedisClient, prefix: str, camera: str, desc: dict[str, Any]) -> dict[str, Any]:
-    """Return what a tile shows: up/down, fps, p99, last score vs threshold, alarm, model."""
+    """Return what a tile shows: up/down, fps, p99, last score vs threshold, alarm, model.
+
+    A camera is up while frames keep arriving (the newest less than :data:`UP_WITHIN_S` old) and its
+    reader, if it registered one, does not say otherwise; ``state`` says why (the reader's state,
+    ``stale`` when frames stopped though the reader said up, ``no frames`` without a reader).
+    """
     now_ms = int(time.time() * 1000)
     stats = score_stats(recent_scores(client, prefix, camera, STATS_SCORES), now_ms)
     active = client.hget(keys.alarm_state_key(camera, prefix), "active")
+    frame_ms = last_frame_ms(client, prefix, camera)
+    fresh = frame_ms is not None and now_ms - frame_ms < UP_WITHIN_S * 1000
     reader_state = desc.get("state") if isinstance(desc.get("state"), str) else None
-    recent = stats["last_ms"] is not None and now_ms - stats["last_ms"] < UP_WITHIN_S * 1000
-    up = reader_state == "up" if reader_state else recent
+    if reader_state:
+        up = reader_state == "up" and fresh
+        state = "stale" if reader_state == "up" and not fresh else reader_state
+    else:
+        up, state = fresh, ("frames flowing" if fresh else "no frames")
     return {
         "camera": camera,
         "up": bool(up),
-        "state": reader_state or ("scoring" if recent else "idle"),
+        "state": state,
         "alarm": active is not None and text(active) == "1",
+        "last_frame_ms": frame_ms,
         **stats,
     }
 
