@@ -1,8 +1,9 @@
 """Live state of the line, read by one poller thread per console and pushed to browsers over SSE.
 
 However many pages are open, a console reads Redis from one thread: every
-:data:`SNAPSHOT_PERIOD_S` the state of every camera (a handful of bounded reads per camera), and
-every :data:`EVENTS_PERIOD_S` the new entries of ``{prefix}:alarms``. Each browser's
+:data:`SNAPSHOT_PERIOD_S` the state of every camera (a few small reads per camera: the scores
+added since the last snapshot, the newest frame's id, the alarm flag), and every
+:data:`EVENTS_PERIOD_S` the new entries of ``{prefix}:alarms``. Each browser's
 ``/events`` stream only compares in-memory versions, so its cost to Redis is nil. The latest frame
 JPEG of each camera is cached for :data:`FRAME_CACHE_S`.
 """
@@ -23,7 +24,7 @@ from dfm_stream import keys
 from dfm_stream.console import queries
 from dfm_stream.console.store import reviews
 from dfm_stream.errors import WireError
-from dfm_stream.wire import FIELD, REVIEW_TYPES, EventMsg
+from dfm_stream.wire import FIELD, REVIEW_TYPES, EventMsg, ScoreMsg
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
@@ -55,6 +56,7 @@ class Live:
         self._streamed: set[str] = set()
         self._next_scan = 0.0
         self._frames: dict[str, tuple[float, bytes | None]] = {}
+        self._scores: dict[str, deque[tuple[str, ScoreMsg]]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.closing = threading.Event()
@@ -93,8 +95,11 @@ class Live:
         names = sorted(set(described) | self._streamed)
         assigned = {c: str(r) for c, r in _assignments(self.client, self.prefix).items()}
         cams = []
+        self._scores = {cam: self._scores.get(cam, deque(maxlen=queries.STATS_SCORES)) for cam in names}
         for cam in names:
-            state = queries.camera_state(self.client, self.prefix, cam, described.get(cam, {}))
+            kept = self._scores[cam]  # only the scores added since the last snapshot are read
+            kept.extend(queries.scores_since(self.client, self.prefix, cam, kept[-1][0] if kept else ""))
+            state = queries.camera_state(self.client, self.prefix, cam, described.get(cam, {}), list(kept))
             state["assigned"] = assigned.get(cam, "")
             cams.append(state)
         self._publish_snapshot({"cameras": cams, "error": None})

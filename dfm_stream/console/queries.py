@@ -134,15 +134,42 @@ def last_frame_ms(client: RedisClient, prefix: str, camera: str) -> int | None:
     return entry_ms(text(last)) if last else None
 
 
-def camera_state(client: RedisClient, prefix: str, camera: str, desc: dict[str, Any]) -> dict[str, Any]:
+def scores_since(
+    client: RedisClient, prefix: str, camera: str, after: str, count: int = STATS_SCORES
+) -> list[tuple[str, ScoreMsg]]:
+    """Return up to ``count`` ``(entry id, score)`` of ``camera`` after entry id ``after``, oldest first.
+
+    The first call (``after`` = ``""``) returns the newest ``count``; later ones only what is new.
+    """
+    if not after:
+        return recent_scores(client, prefix, camera, count)
+    out = []
+    for entry_id, fields in client.xrange(keys.scores_key(camera, prefix), min=f"({after}", count=count):
+        try:
+            out.append((text(entry_id), ScoreMsg.from_bytes(fields[_F])))
+        except (KeyError, WireError):
+            continue
+    return out
+
+
+def camera_state(
+    client: RedisClient,
+    prefix: str,
+    camera: str,
+    desc: dict[str, Any],
+    scores: list[tuple[str, ScoreMsg]] | None = None,
+) -> dict[str, Any]:
     """Return what a tile shows: up/down, fps, p99, last score vs threshold, alarm, model.
 
     A camera is up while frames keep arriving (the newest less than :data:`UP_WITHIN_S` old) and its
     reader, if it registered one, does not say otherwise; ``state`` says why (the reader's state,
     ``stale`` when frames stopped though the reader said up, ``no frames`` without a reader).
+    ``scores`` are the camera's recent scores, oldest first, when the caller keeps them already.
     """
     now_ms = int(time.time() * 1000)
-    stats = score_stats(recent_scores(client, prefix, camera, STATS_SCORES), now_ms)
+    if scores is None:
+        scores = recent_scores(client, prefix, camera, STATS_SCORES)
+    stats = score_stats(scores, now_ms)
     active = client.hget(keys.alarm_state_key(camera, prefix), "active")
     frame_ms = last_frame_ms(client, prefix, camera)
     fresh = frame_ms is not None and now_ms - frame_ms < UP_WITHIN_S * 1000
