@@ -195,11 +195,12 @@ def test_roles_csrf_and_the_audit_stream(redis_url, redis_client, procs, tmp_pat
     assert operator.request(f"/alarms/{alarm}/review", forged)[0] == 403
     assert operator.request(f"/alarms/{alarm}/review", {**forged, "csrf_token": "guess"})[0] == 403
     assert not redis_client.exists(keys.reviews_key())
-    ok = {"csrf_token": operator.csrf("/alarms"), "decision": "acknowledged", "comment": "seen"}
+    ok = {"csrf_token": operator.csrf("/alarms"), "decision": "acknowledged", "comment": "seen <b>it</b>"}
     status, _, headers = operator.request(f"/alarms/{alarm}/review", ok)
     assert status == 303 and headers["location"] == "/alarms"
     assert json.loads(redis_client.hget(keys.reviews_key(), "camA:7-0"))["user"] == "olga"
-    assert "Acknowledged by olga" in operator.request("/alarms")[1]
+    queue = operator.request("/alarms")[1]
+    assert "Acknowledged by olga: “seen &lt;b&gt;it&lt;/b&gt;”" in queue and "<b>it" not in queue
 
     audit = [msgpack.unpackb(f[FIELD.encode()], raw=False) for _, f in redis_client.xrange(keys.audit_key())]
     documented = names(" ".join(r[0] for r in doc_table("`dfm:audit` is a stream")))

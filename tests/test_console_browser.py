@@ -109,6 +109,12 @@ def test_an_operator_reviews_alarms_that_every_console_sees_live(
     tile(olga, "camA").locator("[data-field=alarm_text]").filter(has_text="OK").wait_for()
     olga.screenshot(path=str(shots / "overview.png"))
 
+    # cameras appear and disappear as they do in Redis, without a reload
+    push_frame(redis_client, "camC", artifact.good[0], 0)
+    tile(olga, "camC").wait_for()
+    redis_client.delete(keys.frames_key("camC"))
+    tile(olga, "camC").wait_for(state="detached")
+
     # a second browser (a viewer) watches the review queue: no buttons, and no reload from here on
     vic = log_in(chromium, url, "vic", shots)
     vic.goto(f"{url}/alarms")
