@@ -164,6 +164,21 @@ def test_without_a_users_file_the_console_is_read_only_and_says_so(redis_url, re
     assert not redis_client.exists(keys.reviews_key())
 
 
+def test_the_alarm_queue_is_newest_first_and_filters_by_camera_and_time(
+    redis_url, redis_client, procs
+) -> None:
+    alarm = raise_alarm(redis_client, "camA", "5-0")
+    other = raise_alarm(redis_client, "camB", "6-0")
+    _, url = start_console(procs, redis_url)
+    web = Browserless(url)
+    newest_first = web.request("/alarms")[1]
+    assert newest_first.index(other) < newest_first.index(alarm)
+    only_b = web.request("/alarms?camera=camB")[1]
+    assert other in only_b and alarm not in only_b
+    assert alarm in web.request("/alarms?since=2000-01-01T00:00")[1]
+    assert alarm not in web.request("/alarms?until=2000-01-01T00:00")[1]
+
+
 def test_roles_csrf_and_the_audit_stream(redis_url, redis_client, procs, tmp_path: Path) -> None:
     users = tmp_path / "users.json"
     add_users(users)
