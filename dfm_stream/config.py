@@ -31,6 +31,10 @@ error that names the key and the file. Example (every key optional except a came
     k = 2
     n = 3
 
+    [console]
+    port = 8080
+    users = "/etc/dfm-stream/console-users.json"
+
 Environment variables override the file: ``DFM_REDIS_URL``, ``DFM_PREFIX``, ``DFM_REDIS_CLUSTER``
 and, for any field, ``DFM__<SECTION>__<KEY>`` (``DFM__WORKER__BATCH_SIZE=16``) or
 ``DFM__CAMERAS__<ID>__<KEY>`` (``DFM__CAMERAS__LINE1__SOURCE=rtsp://...``; the id matches
@@ -231,6 +235,20 @@ class AlarmsConfig:
         _check(self.cooldown_s >= 0, f"cooldown_s={self.cooldown_s} must be >= 0")
 
 
+@dataclass(frozen=True, kw_only=True)
+class ConsoleConfig:
+    """``[console]``: the operator console (``dfm-stream console``); its flags override these."""
+
+    host: str = _f("127.0.0.1", "address the console listens on (keep 127.0.0.1 unless behind a proxy)")
+    port: int = _f(8080, "TCP port of the console")
+    users: str = _f("", "users file written by `dfm-stream console add-user`; empty = read-only console")
+    secret_file: str = _f("", "file holding the cookie signing key; empty = env DFM_CONSOLE_SECRET or random")
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.port <= 65535, f"port={self.port} must be within 0..65535")
+        _check(bool(self.host.strip()), "host must not be empty")
+
+
 @dataclass(frozen=True)
 class Config:
     """A whole config file, after environment overrides."""
@@ -240,6 +258,7 @@ class Config:
     cameras: tuple[CameraConfig, ...] = ()
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     alarms: AlarmsConfig = field(default_factory=AlarmsConfig)
+    console: ConsoleConfig = field(default_factory=ConsoleConfig)
     path: Path | None = None
 
     def camera(self, camera_id: str) -> CameraConfig:
@@ -256,6 +275,7 @@ SECTIONS: dict[str, type] = {
     "reader": ReaderConfig,
     "worker": WorkerConfig,
     "alarms": AlarmsConfig,
+    "console": ConsoleConfig,
 }
 
 
@@ -365,7 +385,8 @@ def config_from_dict(
     for key in data:
         if key not in (*SECTIONS, "cameras"):
             raise ConfigError(
-                f"{origin}: unknown key {key!r} (known: [redis], [reader], [[cameras]], [worker], [alarms])"
+                f"{origin}: unknown key {key!r} (known: [redis], [reader], [[cameras]], [worker], [alarms],"
+                " [console])"
             )
     cams = data.get("cameras", [])
     if not isinstance(cams, list):

@@ -75,3 +75,7 @@ class PortInUseError(DfmStreamError):
 
 class RedisUnavailableError(RedisConnectError):
     """Redis cannot be reached, refused the credentials, or refused a command for lack of rights."""
+
+
+class ConsoleError(DfmStreamError):
+    """The operator console cannot start or act: a bad users file, an unknown user, a bad role."""

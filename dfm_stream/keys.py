@@ -11,8 +11,11 @@ Layout (default prefix ``dfm``)::
     dfm:{cam1}:scores          stream   one score per frame (workers XADD)
     dfm:{cam1}:alarm           hash     alarm state machine of cam1 (survives worker restarts)
     dfm:{cam1}:seq             hash     last sequence number handed to the consumer group, per session
+    dfm:{cam1}:candidates      stream   frames marked false alarm in the console (candidate good samples)
     dfm:alarms                 stream   alarm and health events of every camera (+ pub/sub channel)
     dfm:deadletter             stream   frames that could not be scored, with a reason
+    dfm:reviews                hash     frame id of a raised alarm -> JSON review (console)
+    dfm:audit                  stream   every action of a console user (who, what, when)
     dfm:cameras                hash     camera id -> JSON description written by the reader that owns it
     dfm:cameras:alive          zset     camera id -> Unix time of its reader's last heartbeat
     dfm:worker:NAME            string   worker heartbeat (expires when the worker dies)
@@ -88,6 +91,21 @@ def alarms_key(prefix: str = DEFAULT_PREFIX) -> str:
 def alarms_channel(prefix: str = DEFAULT_PREFIX) -> str:
     """Return the pub/sub channel on which every alarm event is also published."""
     return f"{prefix}:alarms"
+
+
+def candidates_key(camera: str, prefix: str = DEFAULT_PREFIX) -> str:
+    """Return the stream of ``camera``'s frames marked false alarm (candidate good samples)."""
+    return _camera_key(camera, "candidates", prefix)
+
+
+def reviews_key(prefix: str = DEFAULT_PREFIX) -> str:
+    """Return the hash frame id of a raised alarm -> JSON review (acknowledged / false alarm)."""
+    return f"{prefix}:reviews"
+
+
+def audit_key(prefix: str = DEFAULT_PREFIX) -> str:
+    """Return the stream of console user actions (who, what, when)."""
+    return f"{prefix}:audit"
 
 
 def deadletter_key(prefix: str = DEFAULT_PREFIX) -> str:

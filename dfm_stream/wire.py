@@ -29,7 +29,18 @@ FIELD = "msg"
 
 ENCODINGS = ("jpeg", "raw")
 PIXEL_ORDERS = ("bgr", "rgb", "gray")
-EVENT_TYPES = ("raised", "cleared", "camera_down", "camera_up", "model_load_failed", "model_switched")
+EVENT_TYPES = (
+    "raised",
+    "cleared",
+    "camera_down",
+    "camera_up",
+    "model_load_failed",
+    "model_switched",
+    "acknowledged",
+    "false_alarm",
+)
+REVIEW_TYPES = ("acknowledged", "false_alarm")
+"""Event types an operator writes from the console about a ``raised`` alarm (its ``frame_id``)."""
 
 DEFAULT_MAX_PIXELS = 8192 * 8192
 """Largest w*h a consumer accepts unless configured otherwise (guards memory against absurd sizes)."""
@@ -277,7 +288,9 @@ class EventMsg:
 
     ``type`` is one of :data:`EVENT_TYPES`. ``raised``/``cleared`` carry ``frame_id``, ``seq``,
     ``score``, ``threshold`` and ``model``; ``raised`` also carries ``image``, a small JPEG of the
-    frame with the anomaly-map overlay (fre models). Health events carry ``reason``.
+    frame with the anomaly-map overlay (fre models). Health events carry ``reason``. The review
+    events ``acknowledged``/``false_alarm`` (:data:`REVIEW_TYPES`, written by the console) carry the
+    ``frame_id`` of the raised alarm, ``user`` and an optional ``comment``.
     """
 
     type: str
@@ -292,6 +305,8 @@ class EventMsg:
     message: str | None = None
     image: bytes | None = None
     since_ts: int | None = None
+    user: str | None = None
+    comment: str | None = None
 
     WHAT: ClassVar[str] = "event message"
 
@@ -319,6 +334,8 @@ class EventMsg:
             message=_get(obj, "message", str, what, None),
             image=_get(obj, "image", bytes, what, None),
             since_ts=_get(obj, "since_ts", int, what, None),
+            user=_get(obj, "user", str, what, None),
+            comment=_get(obj, "comment", str, what, None),
         )
 
     def to_json_dict(self) -> dict[str, Any]:
@@ -364,4 +381,75 @@ class DeadLetterMsg:
             ts=_get(obj, "ts", int, what),
             deliveries=_get(obj, "deliveries", int, what, 1),
             worker=_get(obj, "worker", str, what, ""),
+        )
+
+
+@dataclass(frozen=True)
+class AuditMsg:
+    """One action of a console user, as written to ``{prefix}:audit`` (who, what, when, outcome)."""
+
+    ts: int
+    user: str
+    role: str
+    action: str
+    target: str = ""
+    detail: str = ""
+    ok: bool = True
+
+    WHAT: ClassVar[str] = "audit message"
+
+    def to_bytes(self) -> bytes:
+        """Encode as the msgpack map stored in the ``msg`` field."""
+        return msgpack.packb({"v": SCHEMA_VERSION, **self.__dict__}, use_bin_type=True)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "AuditMsg":
+        """Decode and validate an audit message."""
+        what = cls.WHAT
+        obj = _unpack_map(data, what)
+        return cls(
+            ts=_get(obj, "ts", int, what),
+            user=_get(obj, "user", str, what),
+            role=_get(obj, "role", str, what),
+            action=_get(obj, "action", str, what),
+            target=_get(obj, "target", str, what, ""),
+            detail=_get(obj, "detail", str, what, ""),
+            ok=_get(obj, "ok", bool, what, True),
+        )
+
+
+@dataclass(frozen=True)
+class CandidateMsg:
+    """A frame an operator marked a false alarm, kept in ``{prefix}:{camera}:candidates`` for the next fit.
+
+    ``image`` is a JPEG: the frame itself when it was still in the frame stream (``source`` =
+    ``"frame"``), else the raised event's picture (``source`` = ``"alarm_image"``, which may carry
+    the anomaly-map overlay).
+    """
+
+    camera: str
+    frame_id: str
+    ts: int
+    user: str
+    source: str
+    image: bytes
+
+    WHAT: ClassVar[str] = "candidate message"
+
+    def to_bytes(self) -> bytes:
+        """Encode as the msgpack map stored in the ``msg`` field."""
+        return msgpack.packb({"v": SCHEMA_VERSION, **self.__dict__}, use_bin_type=True)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "CandidateMsg":
+        """Decode and validate a candidate message."""
+        what = cls.WHAT
+        obj = _unpack_map(data, what)
+        return cls(
+            camera=_get(obj, "camera", str, what),
+            frame_id=_get(obj, "frame_id", str, what),
+            ts=_get(obj, "ts", int, what),
+            user=_get(obj, "user", str, what),
+            source=_get(obj, "source", str, what),
+            image=_get(obj, "image", bytes, what),
         )

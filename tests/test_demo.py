@@ -15,7 +15,19 @@ from typing import Any
 from dfm_stream import keys
 from dfm_stream.embedded_redis import EmbeddedRedis
 
-FAST = ["--size", "96", "--warmup", "96", "--fps", "8", "--metrics-port", "0", "--no-view"]
+FAST = [
+    "--size",
+    "96",
+    "--warmup",
+    "96",
+    "--fps",
+    "8",
+    "--metrics-port",
+    "0",
+    "--console-port",
+    "0",
+    "--no-view",
+]
 
 
 def _alive(pid: int) -> bool:
@@ -53,7 +65,7 @@ def _run_demo(procs: Any, tmp_path: Path, *args: str, timeout: float = 150) -> d
 
 def _assert_children_gone(summary: dict[str, Any]) -> None:
     roles = sorted(p["role"] for p in summary["processes"])
-    assert roles == ["reader", "reader", "worker"]
+    assert roles == ["console", "reader", "reader", "worker"]
     for p in summary["processes"]:
         assert p["exit_code"] == 0, p
         assert not _alive(p["pid"]), p
@@ -76,6 +88,8 @@ def test_demo_raises_alarms_for_the_injected_defects(procs: Any, tmp_path: Path)
     assert summary["model"]["pre_trained"] is False
     assert "random backbone weights" in summary["model"]["weights_note"]
     assert summary["failure"] is None
+    assert summary["console_url"].startswith("http://127.0.0.1:")
+    assert f"console: {summary['console_url']}" in procs.log(procs.procs[0])
 
     _assert_children_gone(summary)
     redis = summary["redis"]

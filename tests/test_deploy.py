@@ -40,6 +40,8 @@ K8S_VERSIONS = ("1.30.0", "1.34.0")
 """Kubernetes releases whose schemas (bundled with kubernetes-validate) every resource must meet."""
 METRICS_PORTS = {"read": 9400, "work": 9401}
 """The metrics ports of readers and workers: deploy/prometheus/prometheus.yml scrapes these."""
+CONSOLE_PORT = 8080
+"""The operator console's port (``dfm-stream console --port``): pages, /healthz and /readyz."""
 SCRIPTS = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
 SCRIPT_SUBCOMMAND = {"dfm-stream": [], "dfm-stream-reader": ["read"], "dfm-stream-worker": ["work"]}
 CRD_GROUPS = ("keda.sh/", "monitoring.coreos.com/")
@@ -304,6 +306,15 @@ def test_compose_healthchecks_probe_healthz_on_each_services_metrics_port() -> N
         server.close()
 
 
+def test_compose_console_is_published_on_loopback_and_probed_on_its_port() -> None:
+    console = compose_services()["console"]
+    cmd = service_command(console)
+    assert cmd[0] == "console" and int(flag_value(cmd, "--port")) == CONSOLE_PORT
+    assert console["ports"] == [f"127.0.0.1:{CONSOLE_PORT}:{CONSOLE_PORT}"], "the console stays on loopback"
+    match = HEALTH_URL.search(console["healthcheck"]["test"][3])
+    assert match and (int(match["port"]), match["path"]) == (CONSOLE_PORT, "/healthz")
+
+
 def test_compose_matches_the_prometheus_scrape_config() -> None:
     scrape = {
         job["job_name"]: job for job in load_yaml(DEPLOY / "prometheus" / "prometheus.yml")["scrape_configs"]
@@ -500,13 +511,15 @@ def test_containers_run_commands_the_cli_accepts(build: tuple[str, list[dict]]) 
         if args.redis_password_file:
             mounts = {m["mountPath"] for m in container["volumeMounts"]}
             assert str(Path(args.redis_password_file).parent) in mounts, ident(res)
-    assert seen == {"read", "work"}
+    assert seen == {"read", "work", "console"}
 
 
 def test_probes_check_healthz_and_readyz_on_the_metrics_port(build: tuple[str, list[dict]]) -> None:
     _, resources = build
     for res, _, container in dfm_containers(resources):
         args = container["args"]
+        if args[0] == "console":
+            continue  # no metrics port: see the console's own test
         port = int(flag_value(args, "--metrics-port") or 0)
         assert port == METRICS_PORTS[args[0]], f"{ident(res)}: Prometheus rules expect {METRICS_PORTS}"
         assert flag_value(args, "--metrics-host") == "0.0.0.0", f"{ident(res)}: metrics unreachable"
@@ -515,6 +528,23 @@ def test_probes_check_healthz_and_readyz_on_the_metrics_port(build: tuple[str, l
         for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
             get = container[probe]["httpGet"]
             assert (get["path"], get["port"]) == (path, "metrics"), f"{ident(res)} {probe}"
+
+
+def test_the_console_listens_on_all_interfaces_of_its_pod_and_is_probed_there(
+    build: tuple[str, list[dict]],
+) -> None:
+    _, resources = build
+    consoles = [(res, c) for res, _, c in dfm_containers(resources) if c["args"][0] == "console"]
+    assert len(consoles) == 1
+    res, container = consoles[0]
+    args = container["args"]
+    assert flag_value(args, "--host") == "0.0.0.0" and int(flag_value(args, "--port")) == CONSOLE_PORT
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"http": CONSOLE_PORT}
+    for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+        get = container[probe]["httpGet"]
+        assert (get["path"], get["port"]) == (path, "http"), f"{ident(res)} {probe}"
+    services = [s for s in of_kind(resources, "Service") if s["metadata"]["name"] == "dfm-console"]
+    assert [p["targetPort"] for p in services[0]["spec"]["ports"]] == ["http"]
 
 
 def test_pods_run_non_root_with_a_read_only_root_filesystem(build: tuple[str, list[dict]]) -> None:
@@ -718,7 +748,7 @@ def test_podmonitors_select_the_pods_and_name_the_scrape_jobs(build: tuple[str, 
                 covered.add(ident(res))
             job = [r["replacement"] for r in endpoint["relabelings"] if r.get("targetLabel") == "job"]
             assert job and job[0] in jobs, f"job {job} is not one the alert rules and dashboard use ({jobs})"
-    readers_and_workers = {ident(r) for r, _, _ in dfm_containers(resources)}
+    readers_and_workers = {ident(r) for r, _, c in dfm_containers(resources) if c["args"][0] in METRICS_PORTS}
     assert readers_and_workers <= covered, readers_and_workers - covered
 
 

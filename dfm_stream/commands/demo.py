@@ -44,6 +44,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-wait-ms", type=positive_int, default=50, help="worker batch wait (default 50)")
     p.add_argument("--no-view", action="store_true", help="print a line per second instead of the live view")
     p.add_argument("--summary-json", type=Path, help="also write the summary to this JSON file")
+    p.add_argument(
+        "--console-port",
+        type=int,
+        default=8080,
+        help="port of the web console (read only), on --metrics-host (default 8080; taken or 0: a free"
+        " port; -1: no console)",
+    )
     p.add_argument("--workdir", type=Path, help="keep the model and logs here (default: a temp folder)")
     add_redis_args(p)
     p.set_defaults(redis=None)
@@ -101,6 +108,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         view=not args.no_view and sys.stdout.isatty(),
         metrics_host=args.metrics_host,
         metrics_port=args.metrics_port,
+        console_port=args.console_port,
         summary_json=args.summary_json,
         workdir=args.workdir,
         redis=RedisSettings.from_args(args) if args.redis else None,
