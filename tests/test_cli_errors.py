@@ -111,6 +111,11 @@ CASES = [
     Case("model-unassign-unreachable", ("model", "unassign", *NO_REDIS, "--camera", "c1"),
          ("cannot reach Redis",)),
     Case("model-pull-unknown", ("model", "pull", *R, "nosuch", "--out", "{tmp}/p.st"), ("nosuch",)),
+    # console
+    Case("console-port-range", ("console", *R, "--port", "70000"), ("--port", "70000")),
+    Case("console-port-taken", ("console", *R, "--port", "{port}"), ("127.0.0.1:{port}", "--port")),
+    Case("console-add-user-role", ("console", "add-user", "--users", "{tmp}/u.json", "--name", "x", "--role",
+                                   "admin"), ("--role", "'admin'")),
     # demo, bench, soak
     Case("demo-cameras", ("demo", "--cameras", "9"), ("--cameras 9",)),
     Case("demo-duration-0", ("demo", "--duration", "0"), ("--duration",)),

@@ -12,24 +12,49 @@ import contextlib
 import getpass
 import logging
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from dfm_stream.commands.argtypes import int_at_least
 from dfm_stream.config import ConsoleConfig, load_config
 from dfm_stream.connect import add_redis_args, connect, settings_with_config
-from dfm_stream.errors import ConsoleError
+from dfm_stream.errors import ConsoleError, PortInUseError
 
 log = logging.getLogger(__name__)
+
+
+def tcp_port(text: str) -> int:
+    """Parse a TCP port to listen on, 0..65535 (0: a free one)."""
+    value = int_at_least(0)(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"must be a port 0..65535 (0: a free one), got {text}")
+    return value
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """Bind the console's socket now, so a taken port is a one-line error, not a server traceback."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        sock = socket.socket(infos[0][0], socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(infos[0][4])
+    except OSError as e:
+        raise PortInUseError(
+            f"cannot serve the console on {host}:{port} ({e.strerror or e}; another console on this host?):"
+            " choose another --port (0 for a free one) or --host"
+        ) from e
+    return sock
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``console`` (and its ``add-user`` action) to ``subparsers``."""
     p = subparsers.add_parser("console", help="serve the operator console (web pages over Redis)")
     p.add_argument("--host", help="listen address (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, help="TCP port (default 8080)")
+    p.add_argument("--port", type=tcp_port, help="TCP port (default 8080; 0: a free one)")
     p.add_argument("--users", help="users file (console add-user); without one the console is read only")
     p.add_argument("--secret-file", help="cookie signing key file (else env DFM_CONSOLE_SECRET, else random)")
     p.add_argument("--secure-cookies", action="store_true", help="send the session cookie over HTTPS only")
@@ -82,12 +107,14 @@ def run_console(args: argparse.Namespace) -> int:
         load_secret(Path(secret_path) if secret_path else None),
         https_only=args.secure_cookies,
     )
+    sock = _listen(host, port)
+    port = sock.getsockname()[1]
     mode = f"users from {users_path}" if users.enabled else "read only: no users file"
     print(f"console: http://{host}:{port}/ ({mode}; Redis {settings.safe_url()})", flush=True)
     config = uvicorn.Config(
         app, host=host, port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=3
     )
-    _Server(config, app.state.console.live.closing).run()
+    _Server(config, app.state.console.live.closing).run(sock)
     return 0
 
 
@@ -114,6 +141,6 @@ class _Server:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
-    def run(self) -> None:
-        """Serve until a signal arrives."""
-        self.server.run()
+    def run(self, sock: socket.socket) -> None:
+        """Serve on ``sock`` until a signal arrives."""
+        self.server.run(sockets=[sock])
