@@ -249,7 +249,8 @@ def test_pipeline_over_tls_as_the_restricted_user_never_shows_the_password(
     wait_until(lambda: admin.xlen(scores) == admin.xlen(frames), 60, what="every frame scored")
     assert procs.stop(worker) == 0
 
-    assert admin.acl_log() == [], "a process needed a command or key outside the dfm user's ACL"
+    denied = admin.acl_log()
+    assert denied == [], f"a process needed a command or key outside the dfm user's ACL: {denied}"
     assert int(admin.xpending(frames, keys.DEFAULT_GROUP)["pending"]) == 0
     logs = procs.log(reader) + procs.log(worker)
     assert "dfm:***@" in logs, "the reader logs the URL it uses, with the password masked"
