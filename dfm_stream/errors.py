@@ -67,3 +67,7 @@ class RegistryError(DfmStreamError):
 
 class BackendError(DfmStreamError):
     """A backbone execution backend (onnxruntime, openvino, compile) is not installed or cannot run."""
+
+
+class NoFramesError(DfmStreamError):
+    """A reader ran to its end and a camera sent nothing to Redis (no frame from the source, none written)."""
