@@ -245,6 +245,7 @@ class CameraLoop:
             msg = encode_frame(image, cam.id, seq, self.session, cam.encoding, cam.jpeg_quality, frame.ts)
         except WireError as e:
             self.metrics.frames_dropped.labels(cam.id, "encode_error").inc()
+            self.last_fault = f"frames not encoded: {e}"
             if time.monotonic() - self._last_encode_log > 10.0:
                 self._last_encode_log = time.monotonic()
                 log.error(
@@ -295,7 +296,7 @@ class CameraLoop:
             why = self.last_fault or "it opened but gave no frame"
             return f"camera {cam.id}: source {safe_url(cam.source)} delivered no frame {took} ({why})"
         if not self.frames_written:
-            why = self.sink.last_error or "see the log"
+            why = self.sink.last_error or self.last_fault or "see the log"
             captured = f"{self.frames_delivered} frame(s) captured {took}"
             return f"camera {cam.id}: {captured}, none written to Redis ({why})"
         return None
