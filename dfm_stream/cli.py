@@ -26,7 +26,9 @@ from dfm_stream import __version__
 from dfm_stream.errors import DfmStreamError
 from dfm_stream.redact import safe_url
 
-COMMAND_MODULES = ("offline", "read", "work", "inspect", "model", "demo", "bench", "soak", "console")
+COMMAND_MODULES = (
+    "offline", "read", "work", "inspect", "model", "cameras", "demo", "bench", "soak", "console",
+)  # fmt: skip
 
 log = logging.getLogger("dfm_stream")
 

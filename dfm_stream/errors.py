@@ -79,3 +79,7 @@ class RedisUnavailableError(RedisConnectError):
 
 class ConsoleError(DfmStreamError):
     """The operator console cannot start or act: a bad users file, an unknown user, a bad role."""
+
+
+class NoFramesError(DfmStreamError):
+    """A reader ran to its end and a camera sent nothing to Redis (no frame from the source, none written)."""

@@ -38,7 +38,15 @@ from dfm_stream.frame_codec import encode_frame
 from dfm_stream.keys import DEFAULT_PREFIX, frames_key
 from dfm_stream.metrics import ReaderMetrics, new_registry
 from dfm_stream.reader_sink import Backoff, RedisSink
-from dfm_stream.sources import Frame, Source, SourceFinished, SourceOptions, make_source, source_kind
+from dfm_stream.sources import (
+    Frame,
+    Source,
+    SourceFinished,
+    SourceOptions,
+    make_source,
+    safe_url,
+    source_kind,
+)
 from dfm_stream.sources.capture import Capture, CaptureTimeoutError
 from dfm_stream.wire import EventMsg
 
@@ -130,6 +138,9 @@ class CameraLoop:
         self._since_ts = self.started_ts
         self._source_info: dict[str, Any] = {"kind": source_kind(cam.source)}
         self._delivered = False
+        self.frames_delivered = 0  # frames the source gave (for the verdict at exit: :meth:`problem`)
+        self.frames_written = 0  # frames written to Redis
+        self.last_fault = ""  # the last reason the camera went down, "reason: message"
         self._fps_window = (time.monotonic(), 0)
         self._last_encode_log = 0.0
         self.on_overrun = self._count_overrun
@@ -157,6 +168,7 @@ class CameraLoop:
                 if self._delivered:
                     backoff.reset()
                 delay = backoff.next()
+                self.last_fault = f"{fault.reason}: {fault}"
                 self._down(fault.reason, str(fault))
                 log.warning("camera %s down (%s: %s); retrying in %.1f s", cam.id, fault.reason, fault, delay)
                 self.stop.wait(delay)
@@ -218,6 +230,7 @@ class CameraLoop:
             if not live:  # a paced source is "captured" when it is due, not when it was pre-read
                 frame = frame._replace(ts=time.time_ns())
             self._captured()
+            self.frames_delivered += 1
             if not self._delivered:
                 self._delivered = True
                 self._up()
@@ -248,6 +261,7 @@ class CameraLoop:
             msg = encode_frame(image, cam.id, seq, self.session, cam.encoding, cam.jpeg_quality, frame.ts)
         except WireError as e:
             self.metrics.frames_dropped.labels(cam.id, "encode_error").inc()
+            self.last_fault = f"frames not encoded: {e}"
             if time.monotonic() - self._last_encode_log > 10.0:
                 self._last_encode_log = time.monotonic()
                 log.error(
@@ -259,6 +273,7 @@ class CameraLoop:
             msg = type(msg)(**{**msg.__dict__, "extra": dict(frame.extra)})
         data = msg.to_bytes()
         if self.sink.add_frame(self.key, data, self.maxlen):
+            self.frames_written += 1
             self.metrics.frames_published.labels(cam.id).inc()
             self.metrics.published_bytes.labels(cam.id).inc(len(data))
         else:
@@ -288,6 +303,19 @@ class CameraLoop:
         self._since_ts = now
         self._register()
         self.sink.emit(event)
+
+    def problem(self) -> str | None:
+        """Return why this camera sent nothing to Redis (no frame from the source, none written), or None."""
+        cam = self.cam
+        took = f"in {(time.time_ns() - self.started_ts) / 1e9:.0f} s"
+        if not self.frames_delivered:
+            why = self.last_fault or "it opened but gave no frame"
+            return f"camera {cam.id}: source {safe_url(cam.source)} delivered no frame {took} ({why})"
+        if not self.frames_written:
+            why = self.sink.last_error or self.last_fault or "see the log"
+            captured = f"{self.frames_delivered} frame(s) captured {took}"
+            return f"camera {cam.id}: {captured}, none written to Redis ({why})"
+        return None
 
     def describe(self) -> dict[str, Any]:
         """Return what the reader registers in ``{prefix}:cameras`` for this camera (no secrets)."""
@@ -379,6 +407,10 @@ class Reader:
         self.wait()
         self.close()
         return 0
+
+    def problems(self) -> list[str]:
+        """Return, per camera that sent nothing to Redis in this run, why (empty: every camera did)."""
+        return [p for p in (loop.problem() for loop in self.loops.values()) if p]
 
     def close(self, timeout: float = 1.5) -> None:
         """Stop every camera and wait up to ``timeout`` seconds for the threads to release them."""

@@ -63,6 +63,8 @@ class RedisSink:
         self._events: deque[EventMsg] = deque(maxlen=PENDING_EVENTS)
         self._registrations: dict[str, str] = {}
         self._dirty: set[str] = set()
+        self.last_error = ""
+        """The last error of a frame write, for the reader's verdict at exit ("" when none failed)."""
 
     @property
     def available(self) -> bool:
@@ -81,6 +83,7 @@ class RedisSink:
 
     def _failed(self, error: Exception) -> None:
         with self._lock:
+            self.last_error = f"Redis: {error}"
             delay = self.backoff.next()
             self._retry_at = time.monotonic() + delay
             self._dropped_while_down += 1

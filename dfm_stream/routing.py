@@ -98,6 +98,7 @@ class ModelRouter:
         self._generation: int | None = None
         self._next_poll = 0.0
         self._watcher: threading.Thread | None = None
+        self._preloaded: dict[str, LoadedModel] = {}
 
     # -- resolution --------------------------------------------------------------------------------
 
@@ -134,6 +135,37 @@ class ModelRouter:
     def loaded(self) -> dict[str, LoadedModel]:
         """Return camera -> model for the cameras resolved so far."""
         return dict(self._assigned)
+
+    def preload(self) -> list[LoadedModel]:
+        """Build the models named by a file now (``--model FILE``, config paths), before any frame.
+
+        A camera's first frames then wait only for the file's hash, not for the build (backbone
+        runner, backend export). ``--model FILE`` failing to build raises: a worker that cannot
+        score anything should not start. A config file failing is logged and reported per camera
+        as before, when its frames arrive.
+        """
+        if self.model_file:
+            specs = [self.model_file]
+        else:
+            configured = {*self.camera_models.values(), self.default_model}
+            specs = sorted(s for s in configured if s and is_path_spec(s))
+        for spec in specs:
+            try:
+                model = self._load(("file", spec))
+            except Exception as e:
+                if spec == self.model_file:
+                    raise
+                log.error(
+                    "model file %s could not be built at start (%s): retried when a camera uses it", spec, e
+                )
+                continue
+            self._preloaded[spec] = model
+            log.info("model %s built from %s", model.label, spec)
+        return list(self._preloaded.values())
+
+    def preloaded(self) -> list[LoadedModel]:
+        """Return the models :meth:`preload` built (a worker with one is ready before any camera)."""
+        return list(self._preloaded.values())
 
     def _target(self, camera: str) -> tuple[str, ...] | None:
         spec = self.spec_for(camera)

@@ -191,13 +191,16 @@ class Worker:
         return self.stats
 
     def ready(self) -> tuple[bool, str]:
-        """Answer ``/readyz``: Redis reachable and a model loaded for at least one camera."""
+        """Answer ``/readyz``: Redis reachable and a model built (at start, or for a camera)."""
         try:
             self.client.ping()
         except Exception as e:
             return False, f"Redis unreachable: {e}"
         models = self.router.loaded()
         if not models:
+            built = sorted({m.label for m in self.router.preloaded()})
+            if built:
+                return True, "model(s) built, no camera with frames yet: " + ", ".join(built)
             return False, "no model loaded yet (no camera with a model)"
         return True, f"{len(models)} camera(s) with a model: " + ", ".join(
             sorted({m.label for m in models.values()})

@@ -111,6 +111,9 @@ CASES = [
     Case("model-unassign-unreachable", ("model", "unassign", *NO_REDIS, "--camera", "c1"),
          ("cannot reach Redis",)),
     Case("model-pull-unknown", ("model", "pull", *R, "nosuch", "--out", "{tmp}/p.st"), ("nosuch",)),
+    # cameras
+    Case("cameras-list-unreachable", ("cameras", "list", *NO_REDIS), ("cannot reach Redis",)),
+    Case("cameras-remove-unknown", ("cameras", "remove", *R, "nosuch"), ("'nosuch'",)),
     # console
     Case("console-port-range", ("console", *R, "--port", "70000"), ("--port", "70000")),
     Case("console-port-taken", ("console", *R, "--port", "{port}"), ("127.0.0.1:{port}", "--port")),

@@ -10,7 +10,9 @@ Examples::
 Options given on the command line override the config file for every selected camera. The
 process serves ``/metrics``, ``/healthz`` and ``/readyz`` (ready = Redis reachable and every
 camera open) and exits 0 on SIGTERM/SIGINT, with ``--duration``, or when every finite source
-(video file or folder without ``--loop``, or ``--max-frames``) is done.
+(video file or folder without ``--loop``, or ``--max-frames``) is done -- unless a camera sent
+nothing to Redis in the run (its source never delivered a frame, or no frame could be written):
+then it says why (one line on stderr, every such camera) and exits 2.
 """
 
 import argparse
@@ -27,7 +29,7 @@ from dfm_stream.commands.argtypes import (
     positive_int,
 )
 from dfm_stream.config import CameraConfig, Config, parse_roi, parse_size
-from dfm_stream.errors import ConfigError, SourceError
+from dfm_stream.errors import ConfigError, NoFramesError, SourceError
 from dfm_stream.metrics import add_metrics_args
 from dfm_stream.signals import stop_on_signals
 
@@ -60,7 +62,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "read",
         help="read cameras and push their frames into Redis Streams",
         description="Push camera frames into Redis Streams: one camera (--camera, --source) or many"
-        " (--config FILE). Exits 0 on SIGTERM/SIGINT, after --duration, or when finite sources end.",
+        " (--config FILE). Exits 0 on SIGTERM/SIGINT, after --duration, or when finite sources end;"
+        " 2 (and says why) when a camera sent nothing to Redis in the run: no frame from its source,"
+        " or none could be written.",
     )
     g = p.add_argument_group("cameras")
     g.add_argument("--config", help="TOML config with [[cameras]] (env DFM__... overrides it)")
@@ -192,7 +196,13 @@ def _run(args: argparse.Namespace, stop: threading.Event) -> int:
     server = None
     if args.metrics_port >= 0:
         server = serve_for("reader", registry, args.metrics_host, args.metrics_port, ready=reader.ready)
-    timer = threading.Timer(args.duration, stop.set) if args.duration else None
+    time_up = threading.Event()
+
+    def _time_up() -> None:
+        time_up.set()
+        stop.set()
+
+    timer = threading.Timer(args.duration, _time_up) if args.duration else None
     if timer is not None:
         timer.daemon = True
         timer.start()
@@ -203,10 +213,29 @@ def _run(args: argparse.Namespace, stop: threading.Event) -> int:
         ", ".join(c.id for c in cameras),
     )
     try:
-        return reader.run()
+        reader.start()
+        reader.wait()
+        signalled = stop.is_set() and not time_up.is_set()
+        reader.close()
     finally:
         if timer is not None:
             timer.cancel()
         if server is not None:
             server.close()
         client.close()
+    return _verdict(reader.problems(), signalled)
+
+
+def _verdict(problems: list[str], signalled: bool) -> int:
+    """Return 0, or raise :class:`NoFramesError` when a camera sent nothing to Redis in this run.
+
+    A run stopped by SIGTERM/SIGINT exits 0 whatever happened (the stop was asked for); the
+    problems are logged as a warning then.
+    """
+    if not problems:
+        return 0
+    text = "; ".join(problems)
+    if signalled:
+        log.warning("stopped by a signal, and nothing reached Redis from: %s", text)
+        return 0
+    raise NoFramesError(text)

@@ -274,18 +274,20 @@ def _run(args: argparse.Namespace, stop: threading.Event) -> int:
     server = None
     if args.metrics_port >= 0 and not stop.is_set():
         server = serve_for("worker", registry, args.metrics_host, args.metrics_port, ready=worker.ready)
-    log.info(
-        "worker %s on %s (%s, %s backend, %d threads), %s, group %s, redis %s",
-        worker.name,
-        engine.device,
-        engine.precision,
-        engine.backend,
-        engine.threads,
-        "cameras " + ",".join(settings.cameras) if settings.cameras else "cameras discovered",
-        settings.group,
-        redis_settings.safe_url(),
-    )
     try:
+        if not stop.is_set():
+            router.preload()  # build file models now: /readyz is ready once built, first frames do not wait
+        log.info(
+            "worker %s on %s (%s, %s backend, %d threads), %s, group %s, redis %s",
+            worker.name,
+            engine.device,
+            engine.precision,
+            engine.backend,
+            engine.threads,
+            "cameras " + ",".join(settings.cameras) if settings.cameras else "cameras discovered",
+            settings.group,
+            redis_settings.safe_url(),
+        )
         worker.run(stop)  # returns at once when a signal came during start-up
     finally:
         if server is not None:
