@@ -103,8 +103,8 @@ def safe_url(url: str) -> str:
     parts = urlsplit(url)
     if parts.password is None:
         return url
-    host = parts.hostname or ""
-    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    _, _, hostport = parts.netloc.rpartition("@")  # raw: several host:port (Sentinel) stay as they are
+    netloc = f"{parts.username or ''}:***@{hostport}"
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
