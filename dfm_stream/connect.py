@@ -61,6 +61,8 @@ class RedisSettings:
     def __post_init__(self) -> None:
         if self.durability not in DURABILITY_LEVELS:
             raise RedisConnectError(f"durability {self.durability!r} must be 'local' or 'replicated'")
+        if self.durability == "replicated" and self.cluster:
+            raise RedisConnectError("--durability replicated is not supported with --cluster yet")
 
     def __repr__(self) -> str:
         return f"RedisSettings(url={self.safe_url()!r}, cluster={self.cluster}, prefix={self.prefix!r})"
@@ -228,7 +230,9 @@ def parse_sentinel_url(url: str) -> SentinelUrl:
     try:
         db = int(path[1]) if len(path) == 2 else 0
     except ValueError:
-        raise RedisConnectError(f"invalid Sentinel URL {shown}: database {path[1]!r} is not a number") from None
+        raise RedisConnectError(
+            f"invalid Sentinel URL {shown}: database {path[1]!r} is not a number"
+        ) from None
     user, colon, password = userinfo.partition(":")
     return SentinelUrl(
         sentinels,
@@ -258,7 +262,7 @@ def _host_port(item: str, shown: str) -> tuple[str, int]:
 
 
 def _sentinel_client(settings: RedisSettings, kwargs: dict[str, object]) -> redis.Redis:
-    """A client of the service's primary that asks the sentinels again after each failover."""
+    """Return a client of the service's primary that asks the sentinels again after each failover."""
     target = parse_sentinel_url(settings.url)
     kwargs = {**kwargs, "db": target.db}
     if target.password is not None and "password" not in kwargs:

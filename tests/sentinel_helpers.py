@@ -146,6 +146,17 @@ class SentinelTopology:
 
         return int(wait_until(promoted, timeout, 0.1, "the sentinels promoting the replica"))  # type: ignore[arg-type]
 
+    def rejoin(self, port: int, timeout: float = 60.0) -> None:
+        """Restart the (killed) server on ``port``; wait until the sentinels made it an in-sync replica."""
+        self.server(port).start()
+
+        def in_sync() -> bool:
+            with redis.Redis(port=port, socket_timeout=2) as r:
+                info = r.info("replication")
+                return info.get("role") == "slave" and info.get("master_link_status") == "up"
+
+        wait_until(in_sync, timeout, 0.2, f"the server on port {port} back as a replica in sync")
+
     def server(self, port: int) -> EmbeddedRedis:
         """The server (primary or replica) listening on ``port``."""
         for server in (self.primary, self.replica):
