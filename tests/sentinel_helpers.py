@@ -10,6 +10,8 @@ The timings are short so a test fails over within seconds: the primary counts as
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import socket
 import subprocess
 import time
@@ -146,9 +148,36 @@ class SentinelTopology:
 
         return int(wait_until(promoted, timeout, 0.1, "the sentinels promoting the replica"))  # type: ignore[arg-type]
 
-    def rejoin(self, port: int, timeout: float = 60.0) -> None:
-        """Restart the (killed) server on ``port``; wait until the sentinels made it an in-sync replica."""
-        self.server(port).start()
+    def cut_replication(self) -> None:
+        """Break the primary's link to its replica for good, as a network fault would.
+
+        The primary gets a password its replica does not know and drops the replica's connection:
+        the replica cannot log in again, so what the primary accepts from now on exists only there
+        (the clients' connections, already logged in, keep working). Kill the primary next.
+        """
+        with redis.Redis(port=self.primary.port, socket_timeout=2) as r:
+            r.config_set("requirepass", "cut-" + os.urandom(8).hex())
+            r.client_kill_filter(_type="replica")
+
+    def freeze_primary(self, timeout: float = 60.0) -> int:
+        """SIGSTOP the primary until the sentinels promoted the replica, then SIGCONT it; the new port.
+
+        The old primary wakes up still believing it is the primary, with its clients' connections
+        open, until the sentinels turn it into a replica: whatever it accepts meanwhile is lost.
+        """
+        old = self.primary.port
+        proc = self.primary.proc
+        assert proc is not None
+        proc.send_signal(signal.SIGSTOP)
+        try:
+            return self.wait_failover(old, timeout)
+        finally:
+            proc.send_signal(signal.SIGCONT)
+
+    def rejoin(self, port: int, timeout: float = 60.0, restart: bool = True) -> None:
+        """Restart the server on ``port`` (unless not ``restart``); wait until it is an in-sync replica."""
+        if restart:
+            self.server(port).start()
 
         def in_sync() -> bool:
             with redis.Redis(port=port, socket_timeout=2) as r:

@@ -112,10 +112,26 @@ def all_scored(client: redis.Redis) -> bool:
     return True
 
 
+def missing_seqs(client: redis.Redis) -> int:
+    """Frames missing from the streams: the gaps in each camera's ``seq`` (one reader session each)."""
+    total = 0
+    for cam in CAMERAS:
+        seqs = sorted(
+            FrameMsg.from_bytes(f[FIELD.encode()]).seq for _, f in client.xrange(keys.frames_key(cam))
+        )
+        assert seqs[0] == 0 and len(set(seqs)) == len(seqs)
+        total += seqs[-1] + 1 - len(seqs)
+    return total
+
+
 def test_reader_and_worker_follow_a_sigkilled_primary(
     sentinel_topology: SentinelTopology, artifact: Artifact, procs: Processes, tmp_path: Path
 ) -> None:
-    """Local durability: the reader keeps publishing, the worker keeps scoring on the promoted replica."""
+    """Local durability: the reader keeps publishing, the worker keeps scoring on the promoted replica.
+
+    The primary loses its replica link shortly before it dies, so frames it accepted alone are
+    lost: the worker's ``trimmed`` count (gaps in ``seq``) must equal the frames missing.
+    """
     topo = sentinel_topology
     client = connect(RedisSettings(url=topo.url))
     config = write_config(tmp_path / "cams.toml")
@@ -130,6 +146,13 @@ def test_reader_and_worker_follow_a_sigkilled_primary(
 
     old = topo.primary_port()
     assert old == topo.primary.port
+    published_alone = scrape(rport, "dfm_reader_frames_published_total")
+    topo.cut_replication()  # what the primary accepts from now on never reaches the replica
+    wait_until(
+        lambda: scrape(rport, "dfm_reader_frames_published_total") >= published_alone + 6,
+        30,
+        what="frames accepted by the primary alone",
+    )
     kill_ns = time.time_ns()
     topo.primary.stop(kill=True)
     new = topo.wait_failover(old)
@@ -146,7 +169,11 @@ def test_reader_and_worker_follow_a_sigkilled_primary(
     direct = redis.Redis(port=new)
     assert procs.stop(reader) == 0, procs.log(reader)
     wait_until(lambda: all_scored(direct), 120, what="every frame on the new primary scored")
+    trimmed = scrape(wport, "dfm_worker_frames_dropped_total", reason="trimmed")
     assert procs.stop(worker) == 0, procs.log(worker)
+    lost = missing_seqs(direct)
+    assert lost >= 6, "the frames only the old primary had are lost in local mode"
+    assert trimmed == lost, "every frame lost (in the failover or dropped by the reader) is counted"
     after = [
         i
         for c in CAMERAS
@@ -180,11 +207,15 @@ def record_accepted(reader: Reader, times: list[int]) -> dict[str, list[int]]:
     return accepted
 
 
+@pytest.mark.parametrize("fault", ["sigkill", "sigstop"])
 def test_replicated_durability_loses_no_accepted_frame(
-    sentinel_topology: SentinelTopology, artifact: Artifact, procs: Processes
+    sentinel_topology: SentinelTopology, artifact: Artifact, procs: Processes, fault: str
 ) -> None:
-    """Replicated durability + SIGKILL: every frame counted as accepted has one score on the new primary.
+    """Replicated durability: every frame counted as accepted has exactly one score on the new primary.
 
+    ``sigkill``: the primary dies, then comes back empty and the sentinels make it a replica.
+    ``sigstop``: the primary freezes until the replica was promoted, then wakes up still taking
+    writes from the connections it had, until the sentinels demote it: none of those may count.
     The reader runs in this process (so the test knows exactly which frames it counted as
     accepted); the worker is a ``dfm-stream work --durability replicated`` process.
     """
@@ -209,11 +240,16 @@ def test_replicated_durability_loses_no_accepted_frame(
         wait_until(lambda: all(len(all_scores(client, c)) >= 10 for c in CAMERAS), 120, what="scores before")
         old = topo.primary.port
         kill_ns = time.time_ns()
-        topo.primary.stop(kill=True)
-        new = topo.wait_failover(old)
+        if fault == "sigkill":
+            topo.cut_replication()  # the primary is alone: nothing may be counted as accepted now
+            time.sleep(1.0)
+            topo.primary.stop(kill=True)
+            new = topo.wait_failover(old)
+        else:
+            new = topo.freeze_primary()
         failover_ns = time.time_ns()
         # the only replica is now the primary: nothing can be confirmed until the old one is back
-        topo.rejoin(old)
+        topo.rejoin(old, restart=fault == "sigkill")
         rejoined_ns = time.time_ns()
         counted = {c: len(accepted[c]) for c in CAMERAS}
         scored = scrape(wport, "dfm_worker_frames_scored_total")
@@ -232,7 +268,7 @@ def test_replicated_durability_loses_no_accepted_frame(
     _, score_s = first_after(direct, kill_ns)
     frame_s = (min(t for t in accepted_ns if t > kill_ns) - kill_ns) / 1e9
     print(
-        f"\nreplicated: SIGKILL -> promotion {(failover_ns - kill_ns) / 1e9:.2f} s, old primary back as a"
+        f"\nreplicated, {fault} -> promotion {(failover_ns - kill_ns) / 1e9:.2f} s, old primary back as a"
         f" replica {(rejoined_ns - kill_ns) / 1e9:.2f} s, first frame accepted (confirmed) {frame_s:.2f} s,"
         f" first score {score_s:.2f} s"
     )
