@@ -17,6 +17,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -222,6 +223,7 @@ def test_dockerfile_copies_files_that_exist_and_are_in_the_build_context(dockerf
 
 COMPOSE = DEPLOY / "compose.yaml"
 COMPOSE_GPU = DEPLOY / "compose.gpu.yaml"
+COMPOSE_SENTINEL = DEPLOY / "compose.sentinel.yaml"
 
 
 def compose_services(path: Path = COMPOSE) -> dict[str, dict]:
@@ -260,7 +262,7 @@ def test_compose_defines_every_service_of_the_pipeline() -> None:
     assert flag_value(redis_cmd, "--maxmemory-policy") == "noeviction"
 
 
-@pytest.mark.parametrize("path", [COMPOSE, COMPOSE_GPU], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [COMPOSE, COMPOSE_GPU, COMPOSE_SENTINEL], ids=lambda p: p.name)
 def test_compose_files_it_references_exist(path: Path) -> None:
     for name, svc in compose_services(path).items():
         build = svc.get("build")
@@ -333,6 +335,72 @@ def test_compose_mounts_what_prometheus_and_grafana_provisioning_expect() -> Non
         assert list((DEPLOY / graf_mounts[path]).glob("*.json")), f"no dashboard JSON in {graf_mounts[path]}"
     datasources = load_yaml(DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml")
     assert datasources["datasources"][0]["url"].startswith("http://prometheus:9090")
+
+
+def sentinel_conf(svc: dict) -> list[str]:
+    """The sentinel.conf lines a compose sentinel service writes (``printf '%s\\n' 'line' ... >``)."""
+    script = shlex.split(service_command(svc)[2])
+    return script[2 : script.index(">")]
+
+
+def test_compose_sentinel_override_points_every_process_at_three_sentinels() -> None:
+    from dfm_stream.connect import parse_sentinel_url
+
+    base, services = compose_services(), compose_services(COMPOSE_SENTINEL)
+    sentinels = sorted(n for n in services if n.startswith("sentinel-"))
+    assert len(sentinels) == 3
+    for name in sentinels:
+        monitor = [
+            line.split() for line in sentinel_conf(services[name]) if line.startswith("sentinel monitor")
+        ]
+        (_, _, service, host, port, quorum), *more = monitor
+        assert not more and host in base and port == "6379" and quorum == "2", monitor
+    replica = service_command(services["redis-replica"])
+    assert replica[replica.index("--replicaof") + 1] == host
+    for name in ("redis", "redis-replica"):
+        cmd = service_command(services[name])
+        assert flag_value(cmd, "--min-replicas-to-write") == "1", f"{name}: a cut-off primary must stop"
+        assert flag_value(cmd, "--appendonly") == "yes"
+    users = [n for n, svc in our_services(base) if "DFM_REDIS_URL" in svc.get("environment", {})]
+    assert {"worker", "reader-cam1", "reader-cam2", "model-push"} <= set(users)
+    for name in users:
+        env = services[name]["environment"]
+        target = parse_sentinel_url(env["DFM_REDIS_URL"])
+        assert target.sentinels == [(n, 26379) for n in sentinels] and target.service == service, name
+        assert env["DFM_DURABILITY"] == "replicated", name
+
+
+def test_compose_sentinel_config_is_accepted_by_a_real_sentinel(tmp_path: Path) -> None:
+    """The lines the compose sentinels write, pointed at a local server, make a working sentinel."""
+    import redis
+
+    from dfm_stream.embedded_redis import EmbeddedRedis, find_redis_server
+
+    lines = sentinel_conf(compose_services(COMPOSE_SENTINEL)["sentinel-1"])
+    port = free_port()
+    (tmp_path / "primary").mkdir()
+    with EmbeddedRedis(workdir=tmp_path / "primary") as primary:
+        text = "\n".join(lines) + "\n"
+        text = text.replace("port 26379", f"port {port}").replace(
+            " redis 6379 ", f" 127.0.0.1 {primary.port} "
+        )
+        (tmp_path / "sentinel.conf").write_text(text + f"dir {tmp_path}\n")
+        proc = subprocess.Popen([find_redis_server(), str(tmp_path / "sentinel.conf"), "--sentinel"])
+        try:
+            client = redis.Redis(port=port, decode_responses=True)
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    state = client.sentinel_master("dfm")
+                    break
+                except redis.ConnectionError:
+                    assert proc.poll() is None and time.monotonic() < deadline, "sentinel did not start"
+                    time.sleep(0.1)
+            assert int(state["port"]) == primary.port and int(state["quorum"]) == 2
+            client.close()
+        finally:
+            proc.kill()
+            proc.wait(10)
 
 
 def test_compose_gpu_override_reserves_gpus_and_builds_the_cuda_image() -> None:
