@@ -10,6 +10,8 @@ ids and ``scored_ts`` stored in Redis, not asserted.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -186,6 +188,11 @@ def test_reader_and_worker_follow_a_sigkilled_primary(
     print(
         f"\nSIGKILL -> first frame accepted on the new primary {frame_s:.2f} s, first score {score_s:.2f} s"
     )
+    cli_args = ["scores", "--redis", topo.url, "--camera", "s1", "--count", "3"]
+    cli = subprocess.run(
+        [sys.executable, "-m", "dfm_stream.cli", *cli_args], check=False, capture_output=True, text=True
+    )
+    assert cli.returncode == 0 and len(cli.stdout.splitlines()) == 3, cli.stderr  # the CLI reads via Sentinel
     client.close()
     direct.close()
 
@@ -239,13 +246,14 @@ def test_replicated_durability_loses_no_accepted_frame(
     try:
         wait_until(lambda: all(len(all_scores(client, c)) >= 10 for c in CAMERAS), 120, what="scores before")
         old = topo.primary.port
-        kill_ns = time.time_ns()
         if fault == "sigkill":
             topo.cut_replication()  # the primary is alone: nothing may be counted as accepted now
             time.sleep(1.0)
+            kill_ns = time.time_ns()
             topo.primary.stop(kill=True)
             new = topo.wait_failover(old)
         else:
+            kill_ns = time.time_ns()
             new = topo.freeze_primary()
         failover_ns = time.time_ns()
         # the only replica is now the primary: nothing can be confirmed until the old one is back
@@ -266,7 +274,7 @@ def test_replicated_durability_loses_no_accepted_frame(
         assert not lost, f"camera {cam}: frames counted as accepted but missing on the new primary: {lost}"
     assert assert_one_score_per_frame(direct) >= sum(len(a) for a in accepted.values())
     _, score_s = first_after(direct, kill_ns)
-    frame_s = (min(t for t in accepted_ns if t > kill_ns) - kill_ns) / 1e9
+    frame_s = (min(t for t in accepted_ns if t > failover_ns) - kill_ns) / 1e9
     print(
         f"\nreplicated, {fault} -> promotion {(failover_ns - kill_ns) / 1e9:.2f} s, old primary back as a"
         f" replica {(rejoined_ns - kill_ns) / 1e9:.2f} s, first frame accepted (confirmed) {frame_s:.2f} s,"
