@@ -129,21 +129,24 @@ def missing_seqs(client: redis.Redis) -> int:
 def test_reader_and_worker_follow_a_sigkilled_primary(
     sentinel_topology: SentinelTopology, artifact: Artifact, procs: Processes, tmp_path: Path
 ) -> None:
-    """Local durability: the reader keeps publishing, the worker keeps scoring on the promoted replica.
+    """Local durability: the reader keeps publishing, two workers keep scoring on the promoted replica.
 
     The primary loses its replica link shortly before it dies, so frames it accepted alone are
-    lost: the worker's ``trimmed`` count (gaps in ``seq``) must equal the frames missing.
+    lost: the workers' ``trimmed`` count (gaps in ``seq``) must equal the frames missing.
     """
     topo = sentinel_topology
     client = connect(RedisSettings(url=topo.url))
     config = write_config(tmp_path / "cams.toml")
     common = ("--redis", topo.url, "--metrics-port", "0")
     reader = procs.dfm("read", *common, "--config", str(config), name="reader")
-    worker = procs.dfm(
-        "work", *common, "--model", str(artifact.path), "--device", "cpu", "--cameras", ",".join(CAMERAS),
-        "--claim-idle", "1", name="worker",
-    )  # fmt: skip
-    rport, wport = wait_metrics_port(procs, reader), wait_metrics_port(procs, worker)
+    work = ("work", *common, "--model", str(artifact.path), "--device", "cpu", "--threads", "1")
+    work += ("--cameras", ",".join(CAMERAS), "--claim-idle", "1")
+    workers = [procs.dfm(*work, name=f"worker{i}") for i in range(2)]
+    rport, wports = wait_metrics_port(procs, reader), [wait_metrics_port(procs, w) for w in workers]
+
+    def worker_sum(name: str, **labels: str) -> float:
+        return sum(scrape(port, name, **labels) for port in wports)
+
     wait_until(lambda: all(len(all_scores(client, c)) >= 10 for c in CAMERAS), 120, what="scores before")
 
     old = topo.primary_port()
@@ -159,20 +162,26 @@ def test_reader_and_worker_follow_a_sigkilled_primary(
     topo.primary.stop(kill=True)
     new = topo.wait_failover(old)
     published = scrape(rport, "dfm_reader_frames_published_total")
-    scored = scrape(wport, "dfm_worker_frames_scored_total")
+    scored = [scrape(port, "dfm_worker_frames_scored_total") for port in wports]
     wait_until(
         lambda: scrape(rport, "dfm_reader_frames_published_total") >= published + 20, 60, what="reader after"
     )
     wait_until(
-        lambda: scrape(wport, "dfm_worker_frames_scored_total") >= scored + 20, 90, what="worker after"
+        lambda: (
+            all(scrape(p, "dfm_worker_frames_scored_total") > n for p, n in zip(wports, scored, strict=True))
+            and worker_sum("dfm_worker_frames_scored_total") >= sum(scored) + 20
+        ),
+        120,
+        what="both workers scoring after",
     )
-    assert reader.poll() is None and worker.poll() is None, "both carry on without a restart"
+    assert all(p.poll() is None for p in [reader, *workers]), "all carry on without a restart"
 
     direct = redis.Redis(port=new)
     assert procs.stop(reader) == 0, procs.log(reader)
     wait_until(lambda: all_scored(direct), 120, what="every frame on the new primary scored")
-    trimmed = scrape(wport, "dfm_worker_frames_dropped_total", reason="trimmed")
-    assert procs.stop(worker) == 0, procs.log(worker)
+    trimmed = worker_sum("dfm_worker_frames_dropped_total", reason="trimmed")
+    for worker in workers:
+        assert procs.stop(worker) == 0, procs.log(worker)
     lost = missing_seqs(direct)
     assert lost >= 6, "the frames only the old primary had are lost in local mode"
     assert trimmed == lost, "every frame lost (in the failover or dropped by the reader) is counted"
