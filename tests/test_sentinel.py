@@ -291,3 +291,28 @@ def test_replicated_durability_loses_no_accepted_frame(
     )
     client.close()
     direct.close()
+
+
+def test_durability_comes_from_the_flag_the_environment_or_the_config(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import argparse
+
+    from dfm_stream.connect import add_redis_args, settings_with_config
+
+    def settings(argv: list[str], config: RedisConfig | None = None) -> RedisSettings:
+        parser = argparse.ArgumentParser()
+        add_redis_args(parser)
+        return settings_with_config(parser.parse_args(argv), config)
+
+    monkeypatch.delenv("DFM_DURABILITY", raising=False)
+    assert settings([]).durability == "local"
+    assert settings(["--durability", "replicated"]).durability == "replicated"
+    assert settings([], RedisConfig(durability="replicated")).durability == "replicated"
+    monkeypatch.setenv("DFM_DURABILITY", "replicated")
+    assert settings([]).durability == "replicated"
+    assert settings([], RedisConfig()).durability == "replicated", "the environment beats the file"
+    with pytest.raises(SystemExit):
+        settings(["--durability", "all"])
+    with pytest.raises(RedisConnectError, match="cluster"):
+        RedisSettings(durability="replicated", cluster=True)
