@@ -26,7 +26,8 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 import redis
 from redis.cluster import RedisCluster
-from redis.sentinel import Sentinel
+from redis.connection import SSLConnection
+from redis.sentinel import Sentinel, SentinelManagedConnection
 
 from dfm_stream.errors import RedisConnectError
 from dfm_stream.keys import DEFAULT_PREFIX
@@ -261,6 +262,29 @@ def _host_port(item: str, shown: str) -> tuple[str, int]:
     return host, number
 
 
+class FailoverConnection(SentinelManagedConnection):
+    """A connection to the service's primary that reports a primary refusing writes as unavailable.
+
+    redis-py already turns ``READONLY`` (a demoted primary) into a ``ConnectionError``; this does
+    the same for ``NOREPLICAS`` (a primary cut off from its replicas, ``min-replicas-to-write``),
+    so readers and workers back off and ask the sentinels again instead of logging an error.
+    """
+
+    def read_response(self, *args: object, **kwargs: object) -> object:
+        """Read a reply; raise ``ConnectionError`` (and disconnect) on a ``NOREPLICAS`` answer."""
+        try:
+            return super().read_response(*args, **kwargs)
+        except redis.ResponseError as e:
+            if not str(e).startswith("NOREPLICAS"):
+                raise
+            self.disconnect()
+            raise redis.ConnectionError(f"the primary refuses writes: {e}") from e
+
+
+class FailoverSSLConnection(FailoverConnection, SSLConnection):
+    """:class:`FailoverConnection` over TLS."""
+
+
 def _sentinel_client(settings: RedisSettings, kwargs: dict[str, object]) -> redis.Redis:
     """Return a client of the service's primary that asks the sentinels again after each failover."""
     target = parse_sentinel_url(settings.url)
@@ -272,8 +296,8 @@ def _sentinel_client(settings: RedisSettings, kwargs: dict[str, object]) -> redi
     sentinel_kwargs: dict[str, object] = {
         k: v for k, v in kwargs.items() if k.startswith(("socket_", "ssl_"))
     }
+    kwargs["connection_class"] = FailoverSSLConnection if target.tls else FailoverConnection
     if target.tls:
-        kwargs["ssl"] = True
         sentinel_kwargs["ssl"] = True
     if os.environ.get("DFM_REDIS_SENTINEL_PASSWORD"):
         sentinel_kwargs["password"] = os.environ["DFM_REDIS_SENTINEL_PASSWORD"]

@@ -19,13 +19,14 @@ from pathlib import Path
 import pytest
 import redis
 from chaos_helpers import group_pending, score_counts, scrape, stream_ids, undelivered, wait_metrics_port
+from redis.connection import SSLConnection
 from sentinel_helpers import SentinelTopology
 from support import Processes, wait_until
 from worker_helpers import Artifact
 
 from dfm_stream import keys
 from dfm_stream.config import CameraConfig, RedisConfig
-from dfm_stream.connect import RedisSettings, connect, parse_sentinel_url
+from dfm_stream.connect import FailoverConnection, RedisSettings, connect, parse_sentinel_url
 from dfm_stream.errors import ConfigError, RedisConnectError
 from dfm_stream.reader import Reader
 from dfm_stream.wire import FIELD, FrameMsg, ScoreMsg
@@ -64,6 +65,31 @@ def test_sentinel_url_parts_and_redaction() -> None:
         connect(RedisSettings(url="redis+sentinel://h1/m/0", cluster=True))
     with pytest.raises(ConfigError, match="durability"):
         RedisConfig(durability="all")
+    for url, tls in (("redis+sentinel://h1/m/0", False), ("rediss+sentinel://h1/m/0", True)):
+        pool = connect(RedisSettings(url=url)).connection_pool
+        conn = pool.make_connection()  # built, not connected: the TLS options must fit the class
+        assert isinstance(conn, FailoverConnection) and isinstance(conn, SSLConnection) == tls
+        pool.disconnect()
+
+
+def test_a_primary_that_refuses_writes_counts_as_unavailable(sentinel_topology: SentinelTopology) -> None:
+    """READONLY (a demoted primary) and NOREPLICAS (one cut off from its replicas) read as outages."""
+    topo = sentinel_topology
+    client = connect(RedisSettings(url=topo.url))
+    script = client.register_script("return redis.call('INCR', KEYS[1])")
+    assert script(keys=["n"]) == 1
+    admin = redis.Redis(port=topo.primary.port)
+    admin.config_set("min-replicas-to-write", 2)  # one replica: every write is refused
+    for write in (lambda: client.incr("n"), lambda: script(keys=["n"])):
+        with pytest.raises(redis.ConnectionError, match="NOREPLICAS"):
+            write()
+    admin.config_set("min-replicas-to-write", 0)
+    assert script(keys=["n"]) == 2
+    replica = redis.Redis(port=topo.replica.port)
+    with pytest.raises(redis.ReadOnlyError):  # what a demoted primary answers to a plain client
+        replica.eval("return redis.call('INCR', KEYS[1])", 1, "n")
+    for c in (client, admin, replica):
+        c.close()
 
 
 def write_config(path: Path, fps: int = 10) -> Path:
