@@ -107,9 +107,20 @@ def _is_int(v: Any) -> bool:
 class RedisConfig:
     """``[redis]``: where the streams live."""
 
-    url: str = _f(DEFAULT_REDIS_URL, "Redis URL: redis://, rediss:// (TLS) or unix://, with user:password")
+    url: str = _f(
+        DEFAULT_REDIS_URL,
+        "Redis URL: redis://, rediss:// (TLS), unix:// or redis+sentinel://h1:26379,h2:26379/SERVICE/db,"
+        " with user:password",
+    )
     cluster: bool = _f(False, "treat url as one seed node of a Redis Cluster")
     prefix: str = _f(DEFAULT_PREFIX, "prefix of every Redis key")
+    durability: str = _f("local", "local, or replicated: writes count once a replica confirmed them (WAIT 1)")
+
+    def __post_init__(self) -> None:
+        _check(
+            self.durability in ("local", "replicated"),
+            f"durability={self.durability!r} must be 'local' or 'replicated'",
+        )
 
     def __repr__(self) -> str:
         return f"RedisConfig(url={safe_url(self.url)!r}, cluster={self.cluster}, prefix={self.prefix!r})"
@@ -409,6 +420,7 @@ def config_from_dict(
 def _apply_env(data: dict[str, Any], cams: list[Any], env: Mapping[str, str], origin: str) -> None:
     shortcuts = {"DFM_REDIS_URL": ("redis", "url"), "DFM_PREFIX": ("redis", "prefix")}
     shortcuts["DFM_REDIS_CLUSTER"] = ("redis", "cluster")
+    shortcuts["DFM_DURABILITY"] = ("redis", "durability")
     for var, (section, key) in shortcuts.items():
         if env.get(var):  # set and not empty
             data.setdefault(section, {})[key] = _env(env[var], var)

@@ -33,6 +33,10 @@ class RedisConnectError(DfmStreamError):
     """A Redis URL is malformed or the server refused the credentials or TLS settings."""
 
 
+class NotReplicatedError(DfmStreamError):
+    """``--durability replicated``: no replica confirmed a write (``WAIT 1``) within the timeout."""
+
+
 class ImageReadError(DfmStreamError):
     """An image file is missing, unreadable or corrupt."""
 

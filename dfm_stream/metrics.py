@@ -60,7 +60,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 SCORE_RATIO_BUCKETS = (0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2, 3, 5, 10)
 """Anomaly score divided by the model's threshold: 1.0 is the alarm line."""
 
-READER_DROP_REASONS = ("decimated", "overrun", "redis_unavailable", "encode_error")
+READER_DROP_REASONS = ("decimated", "overrun", "redis_unavailable", "encode_error", "unreplicated")
 WORKER_DROP_REASONS = ("trimmed", "stale")
 DEADLETTER_REASONS = (
     "bad_msgpack",
@@ -110,7 +110,8 @@ class ReaderMetrics:
             Counter("dfm_reader_frames_published", "Frames written to Redis.", cam, registry=registry),
             Counter(
                 "dfm_reader_frames_dropped",
-                "Frames not published, by reason (decimated, overrun, redis_unavailable, encode_error).",
+                "Frames not published, by reason (decimated, overrun, redis_unavailable, encode_error,"
+                " unreplicated).",
                 ["camera", "reason"],
                 registry=registry,
             ),

@@ -18,6 +18,14 @@ and steps the camera's alarm state machine (:mod:`dfm_stream.alarms`). Guarantee
   outbox, and any worker delivers it after :data:`OUTBOX_DELIVER_AFTER_S` (without the picture):
   alarm events are delivered at least once.
 
+With ``durability="replicated"`` the script and a ``WAIT 1`` go in one round trip, and the
+worker acknowledges the frames (counts them scored, delivers their alarm events) only once a
+replica confirmed the script's effects. A batch no replica confirmed in time is reported as
+``unconfirmed``: its score and XACK are on the primary (and reach the replica later, or are lost
+with the primary together with the XACK, leaving the frame pending or unread on the new primary,
+where it is scored again), and its alarm events stay in the outbox, delivered by the stale-event
+path only if they survive. Either way the new primary ends with exactly one score per frame.
+
 The :class:`PublisherThread` owns a bounded queue, so waiting on Redis never stalls the model, and
 retries with capped exponential backoff while Redis is unavailable.
 """
@@ -37,7 +45,7 @@ import redis
 
 from dfm_stream import keys
 from dfm_stream.alarms import ALARM_LUA, AlarmSettings, overlay_jpeg, publish_event
-from dfm_stream.connect import RedisClient
+from dfm_stream.connect import REPLICA_WAIT_MS, RedisClient
 from dfm_stream.consumer import StreamEntry
 from dfm_stream.errors import WireError
 from dfm_stream.inference import DecodedFrame
@@ -147,6 +155,8 @@ class PublishResult:
     published: list[str] = field(default_factory=list)
     duplicates: list[str] = field(default_factory=list)
     events: list[EventMsg] = field(default_factory=list)
+    unconfirmed: list[str] = field(default_factory=list)
+    """``durability="replicated"``: frame ids whose script no replica confirmed in time (not counted)."""
 
 
 class Publisher:
@@ -160,9 +170,11 @@ class Publisher:
         scores_maxlen: int = DEFAULT_SCORES_MAXLEN,
         alarm: AlarmSettings | None = None,
         metrics: WorkerMetrics | None = None,
+        durability: str = "local",
     ) -> None:
         self.client = client
         self.prefix = prefix
+        self.replicated = durability == "replicated"
         self.group = group
         self.scores_maxlen = int(scores_maxlen)
         self.alarm = alarm or AlarmSettings()
@@ -196,8 +208,11 @@ class Publisher:
             keys.event_outbox_key(camera, self.prefix),
             keys.seq_key(camera, self.prefix),
         ]
-        published_raw, transitions, active = self._script(keys=keys_, args=args)
+        (published_raw, transitions, active), confirmed = self._run_script(keys_, args)
         published = {_s(i) for i in published_raw}
+        if not confirmed:
+            self._unconfirmed(camera, items, published, result)
+            return
         by_id = {item.entry_id: item for item in items}
         for item in items:
             frame_id = item.template.frame_id
@@ -227,6 +242,30 @@ class Publisher:
                 self.metrics.alarms.labels(camera, event.type).inc()
         if self.metrics:
             self.metrics.alarm_active.labels(camera).set(int(active))
+
+    def _run_script(self, keys_: list[str], args: list[object]) -> tuple[list, bool]:
+        """Run the publish script; with ``replicated``, WAIT for one replica in the same round trip."""
+        if not self.replicated:
+            return self._script(keys=keys_, args=args), True
+        pipe = self.client.pipeline(transaction=False)
+        self._script(keys=keys_, args=args, client=pipe)
+        pipe.wait(1, REPLICA_WAIT_MS)
+        reply, replicas = pipe.execute()
+        return reply, int(replicas) >= 1
+
+    def _unconfirmed(
+        self, camera: str, items: list[ScoredItem], published: set[str], result: PublishResult
+    ) -> None:
+        ids = [item.template.frame_id for item in items if item.entry_id in published]
+        result.unconfirmed.extend(ids)
+        result.duplicates.extend(i.template.frame_id for i in items if i.entry_id not in published)
+        log.warning(
+            "camera %s: no replica confirmed %d scores within %d ms: not counted; their alarm events stay "
+            "in the outbox (a failover now would have them scored again on the new primary)",
+            camera,
+            len(ids),
+            REPLICA_WAIT_MS,
+        )
 
     def deliver_stale_events(self, cameras: list[str], min_age_s: float = OUTBOX_DELIVER_AFTER_S) -> int:
         """Deliver the outbox events of ``cameras`` older than ``min_age_s``; return how many.

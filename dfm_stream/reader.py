@@ -272,12 +272,13 @@ class CameraLoop:
         if frame.extra:
             msg = type(msg)(**{**msg.__dict__, "extra": dict(frame.extra)})
         data = msg.to_bytes()
-        if self.sink.add_frame(self.key, data, self.maxlen):
+        reason = self.sink.write_frame(self.key, data, self.maxlen)
+        if reason is None:
             self.frames_written += 1
             self.metrics.frames_published.labels(cam.id).inc()
             self.metrics.published_bytes.labels(cam.id).inc(len(data))
         else:
-            self.metrics.frames_dropped.labels(cam.id, "redis_unavailable").inc()
+            self.metrics.frames_dropped.labels(cam.id, reason).inc()
 
     def _up(self) -> None:
         now = time.time_ns()
@@ -349,6 +350,7 @@ class Reader:
         client: a Redis client (binary replies), e.g. from :func:`dfm_stream.connect.connect`.
         stop: set it to stop every camera (SIGTERM does); a fresh event when None.
         max_frames: per camera, stop after this many frames passed the fps cap (tests, demos).
+        durability: ``local`` or ``replicated`` (see :class:`~dfm_stream.reader_sink.RedisSink`).
     """
 
     def __init__(
@@ -360,6 +362,7 @@ class Reader:
         stop: threading.Event | None = None,
         max_frames: int | None = None,
         factory: SourceFactory = make_source,
+        durability: str = "local",
     ) -> None:
         if not cameras:
             raise SourceError(
@@ -369,7 +372,10 @@ class Reader:
         self.metrics = metrics or ReaderMetrics.create(new_registry(process_metrics=False))
         first = cameras[0]
         self.sink = RedisSink(
-            client, prefix, Backoff(min(0.2, first.backoff_initial), min(5.0, first.backoff_max))
+            client,
+            prefix,
+            Backoff(min(0.2, first.backoff_initial), min(5.0, first.backoff_max)),
+            durability,
         )
         self.loops = {
             c.id: CameraLoop(c, self.sink, self.metrics, self.stop, prefix, max_frames, factory)

@@ -5,6 +5,13 @@ not block the cameras: :meth:`RedisSink.add_frame` returns False at once (the ca
 counts the frame) until the next retry is due, and retries follow a capped exponential backoff
 with jitter; each step is logged once, not each frame. Events and registrations that could not be
 written are kept (bounded) and written when Redis answers again.
+
+With ``durability="replicated"`` a frame counts as accepted only once ``WAIT 1`` confirmed that a
+replica has it (XADD and WAIT go in one round trip). A frame no replica confirmed within
+:data:`~dfm_stream.connect.REPLICA_WAIT_MS` is reported as dropped with reason ``unreplicated``
+(it is on the primary and may well be scored, but a failover now could lose it), and the sink
+backs off as if Redis were down: until a replica confirms again, frames are dropped at once
+(``redis_unavailable``) instead of each waiting for the timeout.
 """
 
 import json
@@ -18,6 +25,8 @@ from typing import Any
 import redis
 
 from dfm_stream import liveness
+from dfm_stream.connect import REPLICA_WAIT_MS
+from dfm_stream.errors import NotReplicatedError
 from dfm_stream.keys import DEFAULT_PREFIX, alarms_channel, alarms_key, cameras_key
 from dfm_stream.wire import FIELD, EventMsg
 
@@ -52,9 +61,16 @@ class Backoff:
 class RedisSink:
     """Writes a reader's frames, events and registrations; see the module docstring."""
 
-    def __init__(self, client: Any, prefix: str = DEFAULT_PREFIX, backoff: Backoff | None = None) -> None:
+    def __init__(
+        self,
+        client: Any,
+        prefix: str = DEFAULT_PREFIX,
+        backoff: Backoff | None = None,
+        durability: str = "local",
+    ) -> None:
         self.client = client
         self.prefix = prefix
+        self.replicated = durability == "replicated"
         self.backoff = backoff or Backoff(0.2, 5.0)
         self._lock = threading.Lock()
         self._down_since: float | None = None
@@ -118,15 +134,30 @@ class RedisSink:
 
     def add_frame(self, key: str, data: bytes, maxlen: int) -> bool:
         """XADD one frame message with ``MAXLEN ~ maxlen``; False (drop it) while Redis is down."""
+        return self.write_frame(key, data, maxlen) is None
+
+    def write_frame(self, key: str, data: bytes, maxlen: int) -> str | None:
+        """XADD one frame; return None when it was accepted, else the reason it counts as dropped."""
         if not self._may_try():
-            return False
+            return "redis_unavailable"
         try:
-            self.client.xadd(key, {FIELD: data}, maxlen=maxlen, approximate=True)
+            if self.replicated:
+                pipe = self.client.pipeline(transaction=False)
+                pipe.xadd(key, {FIELD: data}, maxlen=maxlen, approximate=True)
+                pipe.wait(1, REPLICA_WAIT_MS)
+                replicas = int(pipe.execute()[1])
+                if replicas < 1:
+                    self._failed(
+                        NotReplicatedError(f"no replica confirmed the frame within {REPLICA_WAIT_MS} ms")
+                    )
+                    return "unreplicated"
+            else:
+                self.client.xadd(key, {FIELD: data}, maxlen=maxlen, approximate=True)
         except (redis.RedisError, OSError) as e:
             self._failed(e)
-            return False
+            return "redis_unavailable"
         self._succeeded()
-        return True
+        return None
 
     def emit(self, event: EventMsg) -> None:
         """Write a health event to ``{prefix}:alarms`` and publish it; keep it for later if Redis is down."""

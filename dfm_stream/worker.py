@@ -87,6 +87,7 @@ class WorkerSettings:
     heartbeat_interval_s: float = 10.0
     outbox_interval_s: float = 5.0
     outbox_deliver_after_s: float = OUTBOX_DELIVER_AFTER_S
+    durability: str = "local"
 
 
 @dataclass
@@ -141,7 +142,13 @@ class Worker:
         self.name = self.consumer.name
         self.stats = WorkerStats()
         self.publisher = Publisher(
-            client, prefix, self.settings.group, self.settings.scores_maxlen, self.settings.alarm, metrics
+            client,
+            prefix,
+            self.settings.group,
+            self.settings.scores_maxlen,
+            self.settings.alarm,
+            metrics,
+            durability=self.settings.durability,
         )
         self.decoder = Decoder(self.engine.device, self.settings.max_pixels)
         self.batcher: Batcher[tuple[StreamEntry, FrameMsg, LoadedModel]] = Batcher(
@@ -261,6 +268,7 @@ class Worker:
         if result is not None:
             duplicates = set(result.duplicates)
             self.stats.duplicates += len(duplicates)
+            duplicates.update(result.unconfirmed)  # not acknowledged: counted only if scored again
             self.stats.scored += sum(
                 1 for i in items if i.alarm_bit != "s" and i.template.frame_id not in duplicates
             )

@@ -192,7 +192,10 @@ def _run(args: argparse.Namespace, stop: threading.Event) -> int:
         return 0
     client = connect(settings, socket_timeout=2.0, socket_connect_timeout=2.0)
     registry = new_registry()
-    reader = Reader(cameras, client, settings.prefix, ReaderMetrics.create(registry), stop, args.max_frames)
+    metrics = ReaderMetrics.create(registry)
+    reader = Reader(
+        cameras, client, settings.prefix, metrics, stop, args.max_frames, durability=settings.durability
+    )
     server = None
     if args.metrics_port >= 0:
         server = serve_for("reader", registry, args.metrics_host, args.metrics_port, ready=reader.ready)

@@ -241,6 +241,7 @@ def _run(args: argparse.Namespace, stop: threading.Event) -> int:
     if args.model:
         read_info(args.model)  # fail fast on a corrupt or tampered artifact
     redis_settings = settings_with_config(args, config.redis if config else None)
+    settings.durability = redis_settings.durability
     wc = config.worker if config else None
     threads = _pick(args.threads, wc.threads if wc and wc.threads else None) or model_threads(
         torch.get_num_threads()
