@@ -37,6 +37,7 @@ import redis
 
 from dfm_stream import keys
 from dfm_stream.alarms import ALARM_LUA, AlarmSettings, overlay_jpeg, publish_event
+from dfm_stream.backoff import EVENT_SEND, PUBLISH
 from dfm_stream.connect import RedisClient
 from dfm_stream.consumer import StreamEntry
 from dfm_stream.errors import WireError
@@ -51,6 +52,8 @@ OUTBOX_MAXLEN = 1_000
 """Approximate cap of a camera's undelivered alarm events (only reached with no worker alive)."""
 OUTBOX_DELIVER_AFTER_S = 20.0
 """Age after which any worker delivers an outbox event: longer than a live worker's retries."""
+EVENT_RETRY_S = 15.0
+"""How long a worker retries an alarm event itself before leaving it to the outbox (< the age above)."""
 REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, redis.ReadOnlyError)
 
 PUBLISH_SCRIPT = (
@@ -160,6 +163,7 @@ class Publisher:
         scores_maxlen: int = DEFAULT_SCORES_MAXLEN,
         alarm: AlarmSettings | None = None,
         metrics: WorkerMetrics | None = None,
+        abort: threading.Event | None = None,
     ) -> None:
         self.client = client
         self.prefix = prefix
@@ -167,6 +171,8 @@ class Publisher:
         self.scores_maxlen = int(scores_maxlen)
         self.alarm = alarm or AlarmSettings()
         self.metrics = metrics
+        self.abort = abort or threading.Event()
+        """Set to stop retrying at once (shutdown gave up); undelivered events stay in the outbox."""
         self._script = client.register_script(PUBLISH_SCRIPT)
 
     def publish(self, items: list[ScoredItem]) -> PublishResult:
@@ -270,15 +276,17 @@ class Publisher:
         except REDIS_ERRORS as e:  # delivered but still in the outbox: sent once more later
             log.warning("camera %s: could not clear delivered event %s: %s", camera, outbox_id, e)
 
-    def _send_event(self, event: EventMsg, tries: int = 12) -> bool:
+    def _send_event(self, event: EventMsg) -> bool:
         # The script already ran: retrying it would find the frames acked, so retry the event alone.
-        delay = 0.1
-        for attempt in range(tries):
+        backoff = EVENT_SEND.backoff()
+        deadline = time.monotonic() + EVENT_RETRY_S
+        while True:
             try:
                 publish_event(self.client, event, self.prefix)
                 return True
             except REDIS_ERRORS as e:
-                if attempt == tries - 1:
+                delay = backoff.next()
+                if time.monotonic() + delay > deadline or backoff.wait(self.abort, delay):
                     log.error(
                         "camera %s: alarm event %s not delivered yet, Redis unavailable (%s); it stays in "
                         "the camera's outbox and is delivered once Redis is back",
@@ -287,9 +295,6 @@ class Publisher:
                         e,
                     )
                     return False
-                time.sleep(delay)
-                delay = min(delay * 2, 2.0)
-        return False
 
     def _event(self, kind: str, item: ScoredItem | None, msg: ScoreMsg, ms: int) -> EventMsg:
         image = None
@@ -338,7 +343,7 @@ class PublisherThread:
         self.publisher = publisher
         self.on_done = on_done
         self.metrics = metrics
-        self.abort = threading.Event()
+        self.abort = publisher.abort
         self._queue: queue.Queue[list[ScoredItem] | None] = queue.Queue(maxsize=maxsize)
         self._thread = threading.Thread(target=self._run, name="publisher", daemon=True)
         self._thread.start()
@@ -371,8 +376,9 @@ class PublisherThread:
                 log.exception("publisher: on_done callback failed")
 
     def _publish_with_retry(self, items: list[ScoredItem]) -> PublishResult | None:
-        delay = 0.1
+        backoff = PUBLISH.backoff()
         while not self.abort.is_set():
+            delay = backoff.next()  # drawn first: a publish that succeeds returns before it matters
             try:
                 return self.publisher.publish(items)
             except REDIS_ERRORS as e:
@@ -386,8 +392,7 @@ class PublisherThread:
                 log.exception("publishing %d scores failed; retrying in %.1f s", len(items), delay)
                 if self.metrics:
                     self.metrics.loop_errors.labels("publish").inc()
-            self.abort.wait(delay)
-            delay = min(delay * 2, 5.0)
+            backoff.wait(self.abort, delay)
         log.error(
             "gave up publishing %d scores at shutdown: the frames stay pending and will be reclaimed",
             len(items),

@@ -32,12 +32,13 @@ import cv2
 import numpy as np
 
 from dfm_stream import liveness
+from dfm_stream.backoff import READER_SINK, Backoff
 from dfm_stream.config import CameraConfig
 from dfm_stream.errors import SourceError, WireError
 from dfm_stream.frame_codec import encode_frame
 from dfm_stream.keys import DEFAULT_PREFIX, frames_key
 from dfm_stream.metrics import ReaderMetrics, new_registry
-from dfm_stream.reader_sink import Backoff, RedisSink
+from dfm_stream.reader_sink import RedisSink
 from dfm_stream.sources import Frame, Source, SourceFinished, SourceOptions, make_source, source_kind
 from dfm_stream.sources.capture import Capture, CaptureTimeoutError
 from dfm_stream.wire import EventMsg
@@ -159,7 +160,7 @@ class CameraLoop:
                 delay = backoff.next()
                 self._down(fault.reason, str(fault))
                 log.warning("camera %s down (%s: %s); retrying in %.1f s", cam.id, fault.reason, fault, delay)
-                self.stop.wait(delay)
+                backoff.wait(self.stop, delay)
         if self.state != "down":
             self.metrics.camera_up.labels(cam.id).set(0)
         self.state = "stopped" if self.stop.is_set() else "finished"
@@ -341,7 +342,11 @@ class Reader:
         self.metrics = metrics or ReaderMetrics.create(new_registry(process_metrics=False))
         first = cameras[0]
         self.sink = RedisSink(
-            client, prefix, Backoff(min(0.2, first.backoff_initial), min(5.0, first.backoff_max))
+            client,
+            prefix,
+            Backoff(
+                min(READER_SINK.initial, first.backoff_initial), min(READER_SINK.maximum, first.backoff_max)
+            ),
         )
         self.loops = {
             c.id: CameraLoop(c, self.sink, self.metrics, self.stop, prefix, max_frames, factory)

@@ -9,7 +9,6 @@ written are kept (bounded) and written when Redis answers again.
 
 import json
 import logging
-import random
 import threading
 import time
 from collections import deque
@@ -18,6 +17,7 @@ from typing import Any
 import redis
 
 from dfm_stream import liveness
+from dfm_stream.backoff import READER_SINK, Backoff
 from dfm_stream.keys import DEFAULT_PREFIX, alarms_channel, alarms_key, cameras_key
 from dfm_stream.wire import FIELD, EventMsg
 
@@ -29,33 +29,13 @@ PENDING_EVENTS = 1_000
 """Events kept while Redis is down (the oldest are dropped beyond this)."""
 
 
-class Backoff:
-    """Capped exponential backoff with equal jitter: attempt n waits within [d/2, d], d = initial*2^n."""
-
-    def __init__(self, initial: float, maximum: float, rng: random.Random | None = None) -> None:
-        self.initial = initial
-        self.maximum = max(initial, maximum)
-        self.attempts = 0
-        self._rng = rng or random.Random()
-
-    def next(self) -> float:
-        """Return the next delay in seconds and count the attempt."""
-        delay = min(self.maximum, self.initial * 2 ** min(self.attempts, 30))
-        self.attempts += 1
-        return delay / 2 + self._rng.uniform(0, delay / 2)
-
-    def reset(self) -> None:
-        """Start again from the initial delay (after a success)."""
-        self.attempts = 0
-
-
 class RedisSink:
     """Writes a reader's frames, events and registrations; see the module docstring."""
 
     def __init__(self, client: Any, prefix: str = DEFAULT_PREFIX, backoff: Backoff | None = None) -> None:
         self.client = client
         self.prefix = prefix
-        self.backoff = backoff or Backoff(0.2, 5.0)
+        self.backoff = backoff or READER_SINK.backoff()
         self._lock = threading.Lock()
         self._down_since: float | None = None
         self._retry_at = 0.0

@@ -34,6 +34,7 @@ import redis
 from dfm_stream import keys
 from dfm_stream.alarms import publish_event
 from dfm_stream.artifact import FittedModel, load_artifact
+from dfm_stream.backoff import MODEL_WATCH
 from dfm_stream.connect import RedisClient
 from dfm_stream.errors import DfmStreamError
 from dfm_stream.inference import Engine
@@ -287,21 +288,21 @@ class ModelRouter:
         self._watcher.start()
 
     def _watch(self) -> None:
-        delay = 0.5
+        backoff = MODEL_WATCH.backoff()
         while not self._stop.is_set():
             try:
                 pubsub = self.client.pubsub()  # type: ignore[union-attr]
                 pubsub.subscribe(self.registry().changes_channel)
-                delay = 0.5
+                backoff.reset()
                 while not self._stop.is_set():
                     message = pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5)
                     if message is not None:
                         self._changed.set()
                 pubsub.close()
             except Exception as e:  # the polling fallback covers the gap
+                delay = backoff.next()
                 log.debug("model change subscription lost (%s); retrying in %.1f s", e, delay)
-                self._stop.wait(delay)
-                delay = min(delay * 2, 10.0)
+                backoff.wait(self._stop, delay)
 
     def refresh(self, cameras: list[str], force: bool = False) -> list[str]:
         """At a batch boundary: re-resolve ``cameras`` if the registry changed; return the ones switched."""

@@ -30,6 +30,7 @@ import redis
 from dfm_stream import keys
 from dfm_stream.alarms import AlarmSettings
 from dfm_stream.artifact import normalize_score
+from dfm_stream.backoff import WORKER_FETCH, Backoff
 from dfm_stream.batcher import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_MAX_BATCH_BYTES,
@@ -277,28 +278,26 @@ class Worker:
             self._ready.put(None)
 
     def _fetch_loop(self) -> None:
-        delay = 0.1
+        backoff = WORKER_FETCH.backoff()
         while not self._stop.is_set():
             try:
                 if not self._redis_ok:
                     self._connected()
                 self._fetch_once()
-                delay = 0.1
+                backoff.reset()
             except REDIS_ERRORS as e:
                 self._redis_ok = False
+                delay = backoff.next()
                 log.warning("Redis unavailable (%s); retrying in %.1f s", e, delay)
-                self._stop.wait(delay)
-                delay = min(delay * 2, 5.0)
+                backoff.wait(self._stop, delay)
             except redis.ResponseError as e:
                 if "NOGROUP" in str(e):  # the server lost its data (restart without persistence)
                     log.warning("consumer group missing (%s): creating it again", e)
                     self.consumer.ensure_groups()
                 else:
-                    self._loop_error("fetch", delay)
-                    delay = min(delay * 2, 5.0)
+                    self._loop_error("fetch", backoff)
             except Exception:
-                self._loop_error("fetch", delay)
-                delay = min(delay * 2, 5.0)
+                self._loop_error("fetch", backoff)
 
     def _connected(self) -> None:
         """Ping Redis; once it answers, log it, make sure the groups exist and look for cameras now."""
@@ -308,10 +307,11 @@ class Worker:
         self._redis_ok = True
         log.info("worker %s connected to Redis", self.name)
 
-    def _loop_error(self, where: str, delay: float) -> None:
+    def _loop_error(self, where: str, backoff: Backoff) -> None:
+        delay = backoff.next()
         log.exception("unexpected error in the %s loop; retrying in %.1f s", where, delay)
         self._count_error(where)
-        self._stop.wait(delay)
+        backoff.wait(self._stop, delay)
 
     def _fetch_once(self) -> None:
         self._housekeeping()
