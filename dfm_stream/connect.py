@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 import redis
 from redis.cluster import RedisCluster
 
+from dfm_stream.config import RedisConfig
 from dfm_stream.errors import RedisConnectError
 from dfm_stream.keys import DEFAULT_PREFIX
 from dfm_stream.redact import help_text, safe_url
@@ -68,7 +69,7 @@ class RedisSettings:
         )
 
 
-def settings_with_config(args: argparse.Namespace, config_redis: object | None) -> RedisSettings:
+def settings_with_config(args: argparse.Namespace, config_redis: RedisConfig | None) -> RedisSettings:
     """Return settings from the command line, completed by a config file's ``[redis]`` section.
 
     The command line (or its environment variables) wins where it was given: the file's ``url``
@@ -79,12 +80,13 @@ def settings_with_config(args: argparse.Namespace, config_redis: object | None) 
     settings = RedisSettings.from_args(args)
     if config_redis is None:
         return settings
-    changes: dict[str, object] = {"cluster": settings.cluster or bool(config_redis.cluster)}  # type: ignore[attr-defined]
+    url, prefix = settings.url, settings.prefix
     if args.redis == DEFAULT_URL and "DFM_REDIS_URL" not in os.environ:
-        changes["url"] = config_redis.url  # type: ignore[attr-defined]
+        url = config_redis.url
     if args.prefix == DEFAULT_PREFIX and "DFM_PREFIX" not in os.environ:
-        changes["prefix"] = config_redis.prefix  # type: ignore[attr-defined]
-    return dataclasses.replace(settings, **changes)
+        prefix = config_redis.prefix
+    cluster = settings.cluster or bool(config_redis.cluster)
+    return dataclasses.replace(settings, url=url, prefix=prefix, cluster=cluster)
 
 
 def add_redis_args(parser: argparse.ArgumentParser) -> None:

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import redis
 
-from dfm_stream import keys
+from dfm_stream import keys, replies
 from dfm_stream.alarms import ALARM_LUA, AlarmSettings, overlay_jpeg, publish_event
 from dfm_stream.backoff import EVENT_SEND, PUBLISH
 from dfm_stream.connect import RedisClient
@@ -187,7 +187,7 @@ class Publisher:
 
     def _publish_camera(self, camera: str, items: list[ScoredItem], result: PublishResult) -> None:
         now_ns = time.time_ns()
-        args: list[object] = [self.group, self.scores_maxlen, *self.alarm.script_args()]
+        args: list[replies.ScriptArg] = [self.group, self.scores_maxlen, *self.alarm.script_args()]
         final: dict[str, ScoreMsg] = {}
         for item in items:
             msg = dataclasses.replace(
@@ -245,7 +245,7 @@ class Publisher:
         delivered = 0
         for camera in cameras:
             key = keys.event_outbox_key(camera, self.prefix)
-            for outbox_id, fields in self.client.xrange(key, "-", str(max(0, cutoff_ms)), count=100):
+            for outbox_id, fields in replies.xrange(self.client, key, "-", str(max(0, cutoff_ms)), count=100):
                 event = self._stale_event(camera, fields)
                 if event is not None:
                     publish_event(self.client, event, self.prefix)

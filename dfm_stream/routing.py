@@ -259,11 +259,15 @@ class ModelRouter:
             self.metrics.model_load_failures.labels(label).inc()
         self._event("model_load_failed", camera, label, reason="load_error", message=str(error)[:500])
 
-    def _event(self, kind: str, camera: str, model: str, **fields: str) -> None:
+    def _event(
+        self, kind: str, camera: str, model: str, reason: str | None = None, message: str | None = None
+    ) -> None:
         """Put a model event on the alarm stream, where operators see camera and defect events."""
         if self.client is None:
             return
-        event = EventMsg(type=kind, camera=camera, ts=time.time_ns(), model=model, **fields)
+        event = EventMsg(
+            type=kind, camera=camera, ts=time.time_ns(), model=model, reason=reason, message=message
+        )
         try:
             publish_event(self.client, event, self.prefix)
         except Exception:

@@ -15,7 +15,7 @@ Compatibility rules:
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, overload
 
 import msgpack
 
@@ -102,6 +102,10 @@ def _type_names(types: type | tuple[type, ...]) -> str:
     return types.__name__
 
 
+@overload
+def _finite(value: float, key: str, what: str) -> float: ...
+@overload
+def _finite(value: float | None, key: str, what: str) -> float | None: ...
 def _finite(value: float | None, key: str, what: str) -> float | None:
     if value is None:
         return None

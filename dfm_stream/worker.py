@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import redis
+import torch
 
 from dfm_stream import keys
 from dfm_stream.alarms import AlarmSettings
@@ -112,7 +113,7 @@ class PreparedBatch:
 
     model: LoadedModel
     frames: list[DecodedFrame]
-    tensor: object
+    tensor: torch.Tensor
     started: float
 
 
@@ -326,8 +327,9 @@ class Worker:
         self._take(result.entries)
         for camera, gaps in result.trimmed.items():
             self._drop(camera, "trimmed", gaps)
-        for camera, odd in result.seq_anomalies.items() if self.metrics else ():
-            self.metrics.seq_anomalies.labels(camera).inc(odd)
+        if self.metrics is not None:
+            for camera, odd in result.seq_anomalies.items():
+                self.metrics.seq_anomalies.labels(camera).inc(odd)
         self._dispatch(self.batcher.ready())
         if len(result.entries) >= room:
             return
@@ -511,14 +513,17 @@ class Worker:
             self.metrics.device_info.labels(str(e.device), e.precision, e.backend).set(1)
 
     def _group_stats(self) -> None:
-        for camera, (lag, pending) in self.consumer.group_stats().items() if self.metrics else ():
+        if self.metrics is None:
+            return
+        for camera, (lag, pending) in self.consumer.group_stats().items():
             self.metrics.stream_lag.labels(camera).set(lag)
             self.metrics.stream_pending.labels(camera).set(pending)
 
     def _discover(self) -> None:
         added = self.consumer.discover(self.settings.cameras, self.settings.max_cameras)
-        for camera in added if self.metrics else ():
-            self.metrics.init_camera(camera)
+        if self.metrics is not None:
+            for camera in added:
+                self.metrics.init_camera(camera)
         if added:
             log.info("worker %s reads cameras %s", self.name, ", ".join(added))
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import redis
 
-from dfm_stream import keys
+from dfm_stream import keys, replies
 from dfm_stream.bench.env import percentile
 from dfm_stream.errors import DfmStreamError
 from dfm_stream.frame_codec import encode_frame
@@ -104,7 +104,7 @@ def read_scores(client: redis.Redis, prefix: str, cameras: list[str]) -> list[Sc
         key = keys.scores_key(camera, prefix)
         start = "-"
         while True:
-            rows = client.xrange(key, min=start, max="+", count=2000)
+            rows = replies.xrange(client, key, start, "+", count=2000)
             if not rows:
                 break
             out.extend(ScoreMsg.from_bytes(r[1][FIELD.encode()]) for r in rows)

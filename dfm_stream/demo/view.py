@@ -19,7 +19,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from dfm_stream import keys
+from dfm_stream import keys, replies
 from dfm_stream.connect import RedisClient
 from dfm_stream.errors import WireError
 from dfm_stream.wire import FIELD, EventMsg, FrameMsg, ScoreMsg, split_frame_id
@@ -150,8 +150,7 @@ class Tracker:
         """Return the new ``(entry id, msg)`` of ``key`` (one stream per call: cluster-safe)."""
         out: list[tuple[str, bytes]] = []
         while True:
-            reply = self.client.xread({key: self._last[key]}, count=READ_COUNT)
-            entries = reply[0][1] if reply else []
+            entries = replies.xread_one(self.client, key, self._last[key], READ_COUNT)
             for entry_id, fields in entries:
                 out.append((entry_id.decode(), fields.get(_FIELD, b"")))
             if entries:
