@@ -25,6 +25,7 @@ retries with capped exponential backoff while Redis is unavailable.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import logging
 import queue
 import threading
@@ -43,7 +44,7 @@ from dfm_stream.consumer import StreamEntry
 from dfm_stream.errors import WireError
 from dfm_stream.inference import DecodedFrame
 from dfm_stream.metrics import WorkerMetrics
-from dfm_stream.wire import EventMsg, FrameMsg, ScoreMsg, make_frame_id
+from dfm_stream.wire import EventMsg, EventType, FrameMsg, ScoreMsg, ScoreStatus, make_frame_id
 
 log = logging.getLogger(__name__)
 
@@ -97,13 +98,27 @@ cooldown_ms, then (entry id, score msg bytes, '1' anomalous | '0' normal | 's' s
 Returns {published ids, {{type, id, ms, outbox id}...}, alarm active 0/1}."""
 
 
+class AlarmBit(enum.StrEnum):
+    """What one frame tells the alarm step of the publish script (the ARGV value is the string)."""
+
+    ANOMALOUS = "1"
+    NORMAL = "0"
+    SKIPPED = "s"
+    """Not scored (too old): no alarm step."""
+
+    @classmethod
+    def of(cls, anomalous: bool) -> AlarmBit:
+        """Return ANOMALOUS or NORMAL."""
+        return cls.ANOMALOUS if anomalous else cls.NORMAL
+
+
 @dataclass
 class ScoredItem:
     """One frame's result on its way to Redis (``template`` gets ``scored_ts``/``latency_ms`` at publish)."""
 
     template: ScoreMsg
     entry_id: str
-    alarm_bit: str
+    alarm_bit: AlarmBit
     frame: DecodedFrame | None = None
     anomaly_map: np.ndarray | None = None
 
@@ -122,7 +137,7 @@ def frame_score(
     threshold: float | None,
     score_norm: float | None = None,
     anomalous: bool = False,
-    status: str = "scored",
+    status: ScoreStatus = ScoreStatus.SCORED,
 ) -> ScoreMsg:
     """Return the score message of frame ``msg`` read as ``entry``; the publish sets its times."""
     return ScoreMsg(
@@ -218,7 +233,7 @@ class Publisher:
                 if self.metrics:
                     self.metrics.duplicates.labels(camera).inc()
         for kind, entry_id, ms, outbox_id in transitions:
-            event = self._event(_s(kind), by_id[_s(entry_id)], final[_s(entry_id)], int(ms))
+            event = self._event(EventType(_s(kind)), by_id[_s(entry_id)], final[_s(entry_id)], int(ms))
             if self._send_event(event):
                 self._forget(camera, _s(outbox_id))
             result.events.append(event)
@@ -264,7 +279,7 @@ class Publisher:
     def _stale_event(self, camera: str, fields: dict[bytes, bytes]) -> EventMsg | None:
         try:
             msg = ScoreMsg.from_bytes(fields[b"msg"])
-            kind, ms = _s(fields[b"type"]), int(fields[b"ms"])
+            kind, ms = EventType(_s(fields[b"type"])), int(fields[b"ms"])
         except (KeyError, ValueError, WireError) as e:
             log.error("camera %s: unreadable outbox entry dropped (%s)", camera, e)
             return None
@@ -296,9 +311,9 @@ class Publisher:
                     )
                     return False
 
-    def _event(self, kind: str, item: ScoredItem | None, msg: ScoreMsg, ms: int) -> EventMsg:
+    def _event(self, kind: EventType, item: ScoredItem | None, msg: ScoreMsg, ms: int) -> EventMsg:
         image = None
-        if kind == "raised" and item is not None and item.frame is not None:
+        if kind == EventType.RAISED and item is not None and item.frame is not None:
             try:
                 image = overlay_jpeg(item.frame.rgb_numpy(), item.anomaly_map)
             except Exception:  # an event without a picture beats no event
@@ -313,12 +328,12 @@ class Publisher:
             threshold=msg.threshold,
             model=msg.model,
             image=image,
-            since_ts=ms * 1_000_000 if kind == "cleared" and ms >= 0 else None,
+            since_ts=ms * 1_000_000 if kind == EventType.CLEARED and ms >= 0 else None,
         )
 
     def _count(self, msg: ScoreMsg) -> None:
         m = self.metrics
-        if m is None or msg.status != "scored":
+        if m is None or msg.status != ScoreStatus.SCORED:
             return
         m.frames_scored.labels(msg.camera, msg.model).inc()
         m.e2e_latency_seconds.labels(msg.camera).observe(msg.latency_ms / 1000.0)

@@ -40,7 +40,7 @@ from dfm_stream.errors import DfmStreamError
 from dfm_stream.inference import Engine
 from dfm_stream.metrics import WorkerMetrics
 from dfm_stream.model.backbone import weights_fingerprint
-from dfm_stream.wire import EventMsg
+from dfm_stream.wire import EventMsg, EventType
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +180,9 @@ class ModelRouter:
         self._publish_info(camera, previous, model)
         log.info("camera %s is scored by %s", camera, model.label)
         if previous is not None:
-            self._event("model_switched", camera, model.label, message=f"switched from {previous.label}")
+            self._event(
+                EventType.MODEL_SWITCHED, camera, model.label, message=f"switched from {previous.label}"
+            )
         return True
 
     def _load(self, target: tuple[str, ...]) -> LoadedModel:
@@ -243,7 +245,7 @@ class ModelRouter:
         )
         if self.metrics:
             self.metrics.model_load_failures.labels(label).inc()
-        self._event("model_load_failed", camera, label, reason="unresolved", message=str(error)[:500])
+        self._event(EventType.MODEL_LOAD_FAILED, camera, label, reason="unresolved", message=str(error)[:500])
 
     def _report_failure(self, camera: str, target: tuple[str, ...], error: Exception) -> None:
         label = "@".join(target[1:]) if target[0] == "registry" else target[1]
@@ -257,10 +259,10 @@ class ModelRouter:
         )
         if self.metrics:
             self.metrics.model_load_failures.labels(label).inc()
-        self._event("model_load_failed", camera, label, reason="load_error", message=str(error)[:500])
+        self._event(EventType.MODEL_LOAD_FAILED, camera, label, reason="load_error", message=str(error)[:500])
 
     def _event(
-        self, kind: str, camera: str, model: str, reason: str | None = None, message: str | None = None
+        self, kind: EventType, camera: str, model: str, reason: str | None = None, message: str | None = None
     ) -> None:
         """Put a model event on the alarm stream, where operators see camera and defect events."""
         if self.client is None:

@@ -45,10 +45,12 @@ from dfm_stream.deadletter import send_to_deadletter
 from dfm_stream.errors import WireError
 from dfm_stream.inference import DecodedFrame, DecodeFailure, Decoder, Engine, parse_entry
 from dfm_stream.metrics import WorkerMetrics
+from dfm_stream.model.dfm import ScoreType
 from dfm_stream.publisher import (
     DEFAULT_SCORES_MAXLEN,
     OUTBOX_DELIVER_AFTER_S,
     REDIS_ERRORS,
+    AlarmBit,
     Publisher,
     PublisherThread,
     PublishResult,
@@ -56,7 +58,7 @@ from dfm_stream.publisher import (
     frame_score,
 )
 from dfm_stream.routing import LoadedModel, ModelRouter
-from dfm_stream.wire import DEFAULT_MAX_PIXELS, FrameMsg, frame_bytes_cap, make_frame_id
+from dfm_stream.wire import DEFAULT_MAX_PIXELS, FrameMsg, ScoreStatus, frame_bytes_cap, make_frame_id
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +214,9 @@ class Worker:
         info = model.fitted.info
         t0 = time.perf_counter()
         try:
-            result = self.engine.score(model.fitted.model, batch.tensor, want_maps=info.score_type == "fre")
+            result = self.engine.score(
+                model.fitted.model, batch.tensor, want_maps=info.score_type == ScoreType.FRE
+            )
         except Exception:
             log.exception(
                 "model %s failed on a batch of %d frames: left pending", model.label, len(batch.frames)
@@ -245,11 +249,11 @@ class Worker:
             amap = result.maps[i] if anomalous and result.maps is not None else None
             items.append(
                 ScoredItem(
-                    template,
-                    frame.entry.entry_id,
-                    "1" if anomalous else "0",
-                    frame if anomalous else None,
-                    amap,
+                    template=template,
+                    entry_id=frame.entry.entry_id,
+                    alarm_bit=AlarmBit.of(anomalous),
+                    frame=frame if anomalous else None,
+                    anomaly_map=amap,
                 )
             )
         return items
@@ -261,7 +265,7 @@ class Worker:
             duplicates = set(result.duplicates)
             self.stats.duplicates += len(duplicates)
             self.stats.scored += sum(
-                1 for i in items if i.alarm_bit != "s" and i.template.frame_id not in duplicates
+                1 for i in items if i.alarm_bit != AlarmBit.SKIPPED and i.template.frame_id not in duplicates
             )
             self.stats.events += [f"{e.type}:{e.camera}:{e.frame_id}" for e in result.events]
         self._forget_ids([i.template.frame_id for i in items])
@@ -399,9 +403,9 @@ class Worker:
     def _skipped(self, entry: StreamEntry, msg: FrameMsg, model: LoadedModel) -> ScoredItem:
         self._drop(entry.camera, "stale", 1)
         template = frame_score(
-            entry, msg, self.name, model.label, None, model.fitted.info.threshold, status="skipped"
+            entry, msg, self.name, model.label, None, model.fitted.info.threshold, status=ScoreStatus.SKIPPED
         )
-        return ScoredItem(template, entry.entry_id, "s")
+        return ScoredItem(template=template, entry_id=entry.entry_id, alarm_bit=AlarmBit.SKIPPED)
 
     def _publish_direct(self, items: list[ScoredItem]) -> None:
         try:
@@ -443,7 +447,7 @@ class Worker:
                 self.metrics.queue_wait_seconds.labels(g.entry.camera).observe(
                     max(0.0, now_ms - g.entry.entry_ms) / 1000
                 )
-        self._ready.put(PreparedBatch(model, good, tensor, time.monotonic()))
+        self._ready.put(PreparedBatch(model=model, frames=good, tensor=tensor, started=time.monotonic()))
 
     def _flush_batches(self) -> None:
         try:
