@@ -34,6 +34,7 @@ import numpy as np
 from dfm_stream import liveness
 from dfm_stream.backoff import READER_SINK, Backoff
 from dfm_stream.config import CameraConfig
+from dfm_stream.connect import RedisClient
 from dfm_stream.errors import SourceError, WireError
 from dfm_stream.frame_codec import encode_frame
 from dfm_stream.keys import DEFAULT_PREFIX, frames_key
@@ -340,7 +341,7 @@ class Reader:
     def __init__(
         self,
         cameras: Sequence[CameraConfig],
-        client: Any,
+        client: RedisClient,
         prefix: str = DEFAULT_PREFIX,
         metrics: ReaderMetrics | None = None,
         stop: threading.Event | None = None,

@@ -18,6 +18,7 @@ import redis
 
 from dfm_stream import liveness
 from dfm_stream.backoff import READER_SINK, Backoff
+from dfm_stream.connect import RedisClient
 from dfm_stream.keys import DEFAULT_PREFIX, alarms_channel, alarms_key, cameras_key
 from dfm_stream.wire import FIELD, EventMsg
 
@@ -32,7 +33,9 @@ PENDING_EVENTS = 1_000
 class RedisSink:
     """Writes a reader's frames, events and registrations; see the module docstring."""
 
-    def __init__(self, client: Any, prefix: str = DEFAULT_PREFIX, backoff: Backoff | None = None) -> None:
+    def __init__(
+        self, client: RedisClient, prefix: str = DEFAULT_PREFIX, backoff: Backoff | None = None
+    ) -> None:
         self.client = client
         self.prefix = prefix
         self.backoff = backoff or READER_SINK.backoff()
@@ -128,7 +131,8 @@ class RedisSink:
             self._dirty.clear()
         try:
             if regs:
-                self.client.hset(cameras_key(self.prefix), mapping=regs)
+                # a fresh dict typed by redis-py's parameter: dict[str, str] is not a Mapping[KeyT, ...]
+                self.client.hset(cameras_key(self.prefix), mapping={c: desc for c, desc in regs.items()})
                 liveness.beat(self.client, list(regs), self.prefix)
             while events:
                 data = events[0].to_bytes()
