@@ -27,7 +27,7 @@ from dfm_stream.errors import ArtifactError, DfmStreamError
 from dfm_stream.files import write_atomic
 from dfm_stream.images import IMAGENET_MEAN, IMAGENET_STD
 from dfm_stream.model.backbone import SUPPORTED_BACKBONES, SUPPORTED_LAYERS
-from dfm_stream.model.dfm import DFMModel
+from dfm_stream.model.dfm import DFMModel, ScoreType
 
 FORMAT_VERSION = 1
 _META_KEY = "dfm_stream"
@@ -56,7 +56,7 @@ class ArtifactInfo:
     layer: str
     pooling_kernel_size: int
     image_size: tuple[int, int]
-    score_type: str
+    score_type: ScoreType
     n_comps: float
     n_components: int
     n_train: int
@@ -79,7 +79,7 @@ class ArtifactInfo:
             layer=model.layer,
             pooling_kernel_size=model.pooling_kernel_size,
             image_size=(int(image_size[0]), int(image_size[1])),
-            score_type=str(model.score_type),
+            score_type=model.score_type,
             n_comps=float(model.n_components),
             n_components=model.pca_model.k,
             n_train=int(n_train),
@@ -125,6 +125,7 @@ class ArtifactInfo:
         for key in ("image_size", "mean", "std"):
             if key in values:
                 values[key] = tuple(values[key])
+        values["score_type"] = ScoreType(values["score_type"])
         info = cls(**values)
         _check_consistency(info, source)
         return info
@@ -201,7 +202,7 @@ _VALIDATORS: dict[str, Callable[[Any], str | None]] = {
     "layer": _one_of(SUPPORTED_LAYERS),
     "pooling_kernel_size": _int_in(1, MAX_POOLING_KERNEL),
     "image_size": _image_size,
-    "score_type": _one_of(("fre", "nll")),
+    "score_type": _one_of(tuple(t.value for t in ScoreType)),
     "n_comps": _positive_number,
     "n_components": _int_in(0),
     "n_train": _int_in(0),
@@ -332,7 +333,7 @@ def _check_tensors(tensors: dict[str, torch.Tensor], info: ArtifactInfo, source:
         "pca_model.singular_values": (k,),
         "pca_model.num_components": (1,),
     }
-    if info.score_type == "nll":
+    if info.score_type == ScoreType.NLL:
         rank = tensors["gaussian_model.sigma_mat"].shape if "gaussian_model.sigma_mat" in tensors else ()
         rank_value = rank[0] if len(rank) == 1 and rank[0] > 0 else -1
         expected |= {

@@ -29,6 +29,7 @@ from redis.cluster import RedisCluster
 from redis.connection import SSLConnection
 from redis.sentinel import Sentinel, SentinelManagedConnection
 
+from dfm_stream.config import RedisConfig
 from dfm_stream.errors import RedisConnectError
 from dfm_stream.keys import DEFAULT_PREFIX
 from dfm_stream.redact import help_text, safe_url
@@ -96,7 +97,7 @@ class RedisSettings:
         )
 
 
-def settings_with_config(args: argparse.Namespace, config_redis: object | None) -> RedisSettings:
+def settings_with_config(args: argparse.Namespace, config_redis: RedisConfig | None) -> RedisSettings:
     """Return settings from the command line, completed by a config file's ``[redis]`` section.
 
     The command line (or its environment variables) wins where it was given: the file's ``url``
@@ -107,15 +108,16 @@ def settings_with_config(args: argparse.Namespace, config_redis: object | None) 
     settings = RedisSettings.from_args(args)
     if config_redis is None:
         return settings
-    changes: dict[str, object] = {"cluster": settings.cluster or bool(config_redis.cluster)}  # type: ignore[attr-defined]
+    url, prefix = settings.url, settings.prefix
     if args.redis == DEFAULT_URL and "DFM_REDIS_URL" not in os.environ:
-        changes["url"] = config_redis.url  # type: ignore[attr-defined]
+        url = config_redis.url
     if args.prefix == DEFAULT_PREFIX and "DFM_PREFIX" not in os.environ:
-        changes["prefix"] = config_redis.prefix  # type: ignore[attr-defined]
-    durability = getattr(config_redis, "durability", "local")
+        prefix = config_redis.prefix
+    cluster = settings.cluster or bool(config_redis.cluster)
+    durability = settings.durability
     if getattr(args, "durability", "local") == "local" and "DFM_DURABILITY" not in os.environ:
-        changes["durability"] = durability
-    return dataclasses.replace(settings, **changes)
+        durability = config_redis.durability
+    return dataclasses.replace(settings, url=url, prefix=prefix, cluster=cluster, durability=durability)
 
 
 def add_redis_args(parser: argparse.ArgumentParser) -> None:

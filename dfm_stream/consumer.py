@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 
 import redis
 
-from dfm_stream import keys, liveness
+from dfm_stream import keys, liveness, replies
 from dfm_stream.connect import RedisClient
 from dfm_stream.read_script import READ_SCRIPT
 from dfm_stream.wire import FIELD, frame_bytes_cap
@@ -228,8 +228,8 @@ class StreamConsumer:
         """
         key = keys.frames_key(camera, self.prefix)
         seq = keys.seq_key(camera, self.prefix)
-        start = _s(self.client.hget(seq, SCORED_FIELD) or "0")
-        newest = self.client.xrevrange(key, count=1) if start != "0" else []
+        start = _s(replies.hget(self.client, seq, SCORED_FIELD) or "0")
+        newest = replies.xrevrange(self.client, key, count=1) if start != "0" else []
         if not newest or _id_key(_s(newest[0][0])) < _id_key(start):  # nothing stored, or a new stream
             start = "0"
         try:
@@ -263,7 +263,7 @@ class StreamConsumer:
         """Deliver up to ``count`` new entries of ``camera``; return them, the gaps and the absurd seqs."""
         frames = keys.frames_key(camera, self.prefix)
         seq = keys.seq_key(camera, self.prefix)
-        args = [self.group, self.name, int(count), self.max_frame_bytes]
+        args: list[replies.ScriptArg] = [self.group, self.name, int(count), self.max_frame_bytes]
         reply = self._read(keys=[frames, seq], args=args)
         raw_entries, gaps, top, odd = reply[0], max(0, int(reply[1])), _s(reply[2]), max(0, int(reply[3]))
         self._top[camera] = top
@@ -302,8 +302,7 @@ class StreamConsumer:
             timeout_ms = min(timeout_ms, 100)
         else:
             streams = {keys.frames_key(c, self.prefix): self._top.get(c, "0-0") for c in order}
-        reply = self.client.xread(streams, count=1, block=max(1, int(timeout_ms)))
-        return bool(reply)
+        return replies.xread_any(self.client, streams, count=1, block=max(1, int(timeout_ms)))
 
     def reclaim(
         self,
@@ -330,7 +329,9 @@ class StreamConsumer:
             key = keys.frames_key(camera, self.prefix)
             start = "-"
             for _ in range(100):
-                rows = self.client.xpending_range(key, self.group, start, "+", count, idle=int(min_idle_ms))
+                rows = replies.xpending_range(
+                    self.client, key, self.group, start, count, idle=int(min_idle_ms)
+                )
                 if not rows:
                     break
                 start = "(" + _s(rows[-1]["message_id"])
@@ -348,8 +349,10 @@ class StreamConsumer:
     def _claim(
         self, camera: str, key: str, min_idle_ms: int, wanted: dict[str, int], result: ClaimResult
     ) -> None:
-        reply = self.client.xclaim(key, self.group, self.name, min_idle_ms, list(wanted))
-        got = [_entry(camera, e[0], e[1]) for e in reply if e and e[0] is not None and e[1] is not None]
+        got = [
+            _entry(camera, i, f)
+            for i, f in replies.xclaim(self.client, key, self.group, self.name, min_idle_ms, list(wanted))
+        ]
         for entry in got:
             entry.deliveries = wanted.get(entry.entry_id, 1) + 1
         result.entries.extend(got)

@@ -227,8 +227,8 @@ def heatmap_overlay(image_bgr: np.ndarray, anomaly_map: np.ndarray, vmax: float)
     """Blend a JET colour map of ``anomaly_map`` (0 .. ``vmax``) over the image."""
     height, width = image_bgr.shape[:2]
     scaled = np.clip(anomaly_map / max(vmax, 1e-12), 0, 1)
-    scaled = cv2.resize((scaled * 255).astype(np.uint8), (width, height), interpolation=cv2.INTER_LINEAR)
-    colour = cv2.applyColorMap(scaled, cv2.COLORMAP_JET)
+    levels = cv2.resize((scaled * 255).astype(np.uint8), (width, height), interpolation=cv2.INTER_LINEAR)
+    colour = cv2.applyColorMap(levels, cv2.COLORMAP_JET)
     return cv2.addWeighted(image_bgr, 0.55, colour, 0.45, 0)
 
 

@@ -32,23 +32,18 @@ import cv2
 import numpy as np
 
 from dfm_stream import liveness
+from dfm_stream.backoff import READER_SINK, Backoff
 from dfm_stream.config import CameraConfig
+from dfm_stream.connect import RedisClient
 from dfm_stream.errors import SourceError, WireError
 from dfm_stream.frame_codec import encode_frame
 from dfm_stream.keys import DEFAULT_PREFIX, frames_key
 from dfm_stream.metrics import ReaderMetrics, new_registry
-from dfm_stream.reader_sink import Backoff, RedisSink
-from dfm_stream.sources import (
-    Frame,
-    Source,
-    SourceFinished,
-    SourceOptions,
-    make_source,
-    safe_url,
-    source_kind,
-)
+from dfm_stream.reader_sink import RedisSink
+from dfm_stream.redact import safe_url
+from dfm_stream.sources import Frame, Source, SourceFinished, SourceOptions, make_source, source_kind
 from dfm_stream.sources.capture import Capture, CaptureTimeoutError
-from dfm_stream.wire import EventMsg
+from dfm_stream.wire import CameraState, EventMsg, EventType
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +127,7 @@ class CameraLoop:
         self.factory = factory
         self.session = uuid.uuid4().hex
         self.seq = 0
-        self.state = "starting"
+        self.state = CameraState.STARTING
         self.started_ts = time.time_ns()
         self.maxlen = cam.auto_maxlen(cam.fps)
         self._since_ts = self.started_ts
@@ -171,10 +166,10 @@ class CameraLoop:
                 self.last_fault = f"{fault.reason}: {fault}"
                 self._down(fault.reason, str(fault))
                 log.warning("camera %s down (%s: %s); retrying in %.1f s", cam.id, fault.reason, fault, delay)
-                self.stop.wait(delay)
-        if self.state != "down":
+                backoff.wait(self.stop, delay)
+        if self.state != CameraState.DOWN:
             self.metrics.camera_up.labels(cam.id).set(0)
-        self.state = "stopped" if self.stop.is_set() else "finished"
+        self.state = CameraState.STOPPED if self.stop.is_set() else CameraState.FINISHED
         self._register()
         log.info("camera %s %s after %d frames", cam.id, self.state, self.seq)
 
@@ -284,23 +279,36 @@ class CameraLoop:
         now = time.time_ns()
         self.metrics.camera_up.labels(self.cam.id).set(1)
         was = self.state
-        self.state = "up"
+        self.state = CameraState.UP
         self._register()
-        if was != "up":
+        if was != CameraState.UP:
             log.info("camera %s up (%s)", self.cam.id, self._source_info.get("kind"))
-            since = self._since_ts if was == "down" else None
-            self.sink.emit(EventMsg("camera_up", self.cam.id, now, since_ts=since, reason="frames flowing"))
+            since = self._since_ts if was == CameraState.DOWN else None
+            self.sink.emit(
+                EventMsg(
+                    type=EventType.CAMERA_UP,
+                    camera=self.cam.id,
+                    ts=now,
+                    since_ts=since,
+                    reason="frames flowing",
+                )
+            )
             self._since_ts = now
 
     def _down(self, reason: str, message: str) -> None:
         self.metrics.camera_up.labels(self.cam.id).set(0)
-        if self.state == "down":
+        if self.state == CameraState.DOWN:
             return
         now = time.time_ns()
         event = EventMsg(
-            "camera_down", self.cam.id, now, reason=reason, message=message, since_ts=self._since_ts
+            type=EventType.CAMERA_DOWN,
+            camera=self.cam.id,
+            ts=now,
+            reason=reason,
+            message=message,
+            since_ts=self._since_ts,
         )
-        self.state = "down"
+        self.state = CameraState.DOWN
         self._since_ts = now
         self._register()
         self.sink.emit(event)
@@ -356,7 +364,7 @@ class Reader:
     def __init__(
         self,
         cameras: Sequence[CameraConfig],
-        client: Any,
+        client: RedisClient,
         prefix: str = DEFAULT_PREFIX,
         metrics: ReaderMetrics | None = None,
         stop: threading.Event | None = None,
@@ -374,7 +382,9 @@ class Reader:
         self.sink = RedisSink(
             client,
             prefix,
-            Backoff(min(0.2, first.backoff_initial), min(5.0, first.backoff_max)),
+            Backoff(
+                min(READER_SINK.initial, first.backoff_initial), min(READER_SINK.maximum, first.backoff_max)
+            ),
             durability,
         )
         self.loops = {
@@ -432,7 +442,9 @@ class Reader:
         """Return ``(ready, detail)``: Redis reachable and every camera open (finished counts as ok)."""
         if not self.sink.ping():
             return False, "redis unreachable"
-        down = [c for c, loop in self.loops.items() if loop.state not in ("up", "finished")]
+        down = [
+            c for c, loop in self.loops.items() if loop.state not in (CameraState.UP, CameraState.FINISHED)
+        ]
         if down:
             return False, "cameras not up: " + ", ".join(sorted(down))
         return True, "ok"

@@ -16,7 +16,6 @@ backs off as if Redis were down: until a replica confirms again, frames are drop
 
 import json
 import logging
-import random
 import threading
 import time
 from collections import deque
@@ -25,7 +24,8 @@ from typing import Any
 import redis
 
 from dfm_stream import liveness
-from dfm_stream.connect import REPLICA_WAIT_MS
+from dfm_stream.backoff import READER_SINK, Backoff
+from dfm_stream.connect import REPLICA_WAIT_MS, RedisClient
 from dfm_stream.errors import NotReplicatedError
 from dfm_stream.keys import DEFAULT_PREFIX, alarms_channel, alarms_key, cameras_key
 from dfm_stream.wire import FIELD, EventMsg
@@ -38,32 +38,12 @@ PENDING_EVENTS = 1_000
 """Events kept while Redis is down (the oldest are dropped beyond this)."""
 
 
-class Backoff:
-    """Capped exponential backoff with equal jitter: attempt n waits within [d/2, d], d = initial*2^n."""
-
-    def __init__(self, initial: float, maximum: float, rng: random.Random | None = None) -> None:
-        self.initial = initial
-        self.maximum = max(initial, maximum)
-        self.attempts = 0
-        self._rng = rng or random.Random()
-
-    def next(self) -> float:
-        """Return the next delay in seconds and count the attempt."""
-        delay = min(self.maximum, self.initial * 2 ** min(self.attempts, 30))
-        self.attempts += 1
-        return delay / 2 + self._rng.uniform(0, delay / 2)
-
-    def reset(self) -> None:
-        """Start again from the initial delay (after a success)."""
-        self.attempts = 0
-
-
 class RedisSink:
     """Writes a reader's frames, events and registrations; see the module docstring."""
 
     def __init__(
         self,
-        client: Any,
+        client: RedisClient,
         prefix: str = DEFAULT_PREFIX,
         backoff: Backoff | None = None,
         durability: str = "local",
@@ -71,7 +51,7 @@ class RedisSink:
         self.client = client
         self.prefix = prefix
         self.replicated = durability == "replicated"
-        self.backoff = backoff or Backoff(0.2, 5.0)
+        self.backoff = backoff or READER_SINK.backoff()
         self._lock = threading.Lock()
         self._down_since: float | None = None
         self._retry_at = 0.0
@@ -182,7 +162,8 @@ class RedisSink:
             self._dirty.clear()
         try:
             if regs:
-                self.client.hset(cameras_key(self.prefix), mapping=regs)
+                # a fresh dict typed by redis-py's parameter: dict[str, str] is not a Mapping[KeyT, ...]
+                self.client.hset(cameras_key(self.prefix), mapping={c: desc for c, desc in regs.items()})
                 liveness.beat(self.client, list(regs), self.prefix)
             while events:
                 data = events[0].to_bytes()

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import redis
 
-from dfm_stream import keys
+from dfm_stream import keys, replies
 from dfm_stream.errors import ArtifactError, RegistryError
 
 if TYPE_CHECKING:
@@ -257,7 +257,7 @@ class ModelRegistry:
         """Return the artifact bytes of ``name@version``, verified against the stored size and sha256."""
         info = self.version_info(name, version)
         key = keys.model_chunks_key(name, version, self.prefix)
-        chunks = self.client.lrange(key, 0, -1)
+        chunks = replies.lrange(self.client, key)
         data = b"".join(chunks)
         if len(chunks) != info.chunks or len(data) != info.size:
             raise RegistryError(

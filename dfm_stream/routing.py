@@ -34,12 +34,13 @@ import redis
 from dfm_stream import keys
 from dfm_stream.alarms import publish_event
 from dfm_stream.artifact import FittedModel, load_artifact
+from dfm_stream.backoff import MODEL_WATCH
 from dfm_stream.connect import RedisClient
 from dfm_stream.errors import DfmStreamError
 from dfm_stream.inference import Engine
 from dfm_stream.metrics import WorkerMetrics
 from dfm_stream.model.backbone import weights_fingerprint
-from dfm_stream.wire import EventMsg
+from dfm_stream.wire import EventMsg, EventType
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +212,9 @@ class ModelRouter:
         self._publish_info(camera, previous, model)
         log.info("camera %s is scored by %s", camera, model.label)
         if previous is not None:
-            self._event("model_switched", camera, model.label, message=f"switched from {previous.label}")
+            self._event(
+                EventType.MODEL_SWITCHED, camera, model.label, message=f"switched from {previous.label}"
+            )
         return True
 
     def _load(self, target: tuple[str, ...]) -> LoadedModel:
@@ -274,7 +277,7 @@ class ModelRouter:
         )
         if self.metrics:
             self.metrics.model_load_failures.labels(label).inc()
-        self._event("model_load_failed", camera, label, reason="unresolved", message=str(error)[:500])
+        self._event(EventType.MODEL_LOAD_FAILED, camera, label, reason="unresolved", message=str(error)[:500])
 
     def _report_failure(self, camera: str, target: tuple[str, ...], error: Exception) -> None:
         label = "@".join(target[1:]) if target[0] == "registry" else target[1]
@@ -288,13 +291,17 @@ class ModelRouter:
         )
         if self.metrics:
             self.metrics.model_load_failures.labels(label).inc()
-        self._event("model_load_failed", camera, label, reason="load_error", message=str(error)[:500])
+        self._event(EventType.MODEL_LOAD_FAILED, camera, label, reason="load_error", message=str(error)[:500])
 
-    def _event(self, kind: str, camera: str, model: str, **fields: str) -> None:
+    def _event(
+        self, kind: EventType, camera: str, model: str, reason: str | None = None, message: str | None = None
+    ) -> None:
         """Put a model event on the alarm stream, where operators see camera and defect events."""
         if self.client is None:
             return
-        event = EventMsg(type=kind, camera=camera, ts=time.time_ns(), model=model, **fields)
+        event = EventMsg(
+            type=kind, camera=camera, ts=time.time_ns(), model=model, reason=reason, message=message
+        )
         try:
             publish_event(self.client, event, self.prefix)
         except Exception:
@@ -319,21 +326,21 @@ class ModelRouter:
         self._watcher.start()
 
     def _watch(self) -> None:
-        delay = 0.5
+        backoff = MODEL_WATCH.backoff()
         while not self._stop.is_set():
             try:
                 pubsub = self.client.pubsub()  # type: ignore[union-attr]
                 pubsub.subscribe(self.registry().changes_channel)
-                delay = 0.5
+                backoff.reset()
                 while not self._stop.is_set():
                     message = pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5)
                     if message is not None:
                         self._changed.set()
                 pubsub.close()
             except Exception as e:  # the polling fallback covers the gap
+                delay = backoff.next()
                 log.debug("model change subscription lost (%s); retrying in %.1f s", e, delay)
-                self._stop.wait(delay)
-                delay = min(delay * 2, 10.0)
+                backoff.wait(self._stop, delay)
 
     def refresh(self, cameras: list[str], force: bool = False) -> list[str]:
         """At a batch boundary: re-resolve ``cameras`` if the registry changed; return the ones switched."""

@@ -12,10 +12,11 @@ Compatibility rules:
 * Consumers ignore keys they do not know.
 """
 
+import enum
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, overload
 
 import msgpack
 
@@ -29,18 +30,36 @@ FIELD = "msg"
 
 ENCODINGS = ("jpeg", "raw")
 PIXEL_ORDERS = ("bgr", "rgb", "gray")
-EVENT_TYPES = (
-    "raised",
-    "cleared",
-    "camera_down",
-    "camera_up",
-    "model_load_failed",
-    "model_switched",
-    "acknowledged",
-    "false_alarm",
-)
-REVIEW_TYPES = ("acknowledged", "false_alarm")
+
+
+class EventType(enum.StrEnum):
+    """The ``type`` of an event message (the wire value is the string)."""
+
+    RAISED = "raised"
+    CLEARED = "cleared"
+    CAMERA_DOWN = "camera_down"
+    CAMERA_UP = "camera_up"
+    MODEL_LOAD_FAILED = "model_load_failed"
+    MODEL_SWITCHED = "model_switched"
+    ACKNOWLEDGED = "acknowledged"
+    FALSE_ALARM = "false_alarm"
+
+
+EVENT_TYPES = tuple(t.value for t in EventType)
+"""The event types this build writes (a reader of events keeps types it does not know as strings)."""
+REVIEW_TYPES = (EventType.ACKNOWLEDGED.value, EventType.FALSE_ALARM.value)
 """Event types an operator writes from the console about a ``raised`` alarm (its ``frame_id``)."""
+
+
+class CameraState(enum.StrEnum):
+    """The ``state`` a reader registers for its camera in ``{prefix}:cameras``."""
+
+    STARTING = "starting"
+    UP = "up"
+    DOWN = "down"
+    FINISHED = "finished"
+    STOPPED = "stopped"
+
 
 DEFAULT_MAX_PIXELS = 8192 * 8192
 """Largest w*h a consumer accepts unless configured otherwise (guards memory against absurd sizes)."""
@@ -113,6 +132,10 @@ def _type_names(types: type | tuple[type, ...]) -> str:
     return types.__name__
 
 
+@overload
+def _finite(value: float, key: str, what: str) -> float: ...
+@overload
+def _finite(value: float | None, key: str, what: str) -> float | None: ...
 def _finite(value: float | None, key: str, what: str) -> float | None:
     if value is None:
         return None
@@ -218,15 +241,22 @@ def split_frame_id(frame_id: str) -> tuple[str, str]:
     return camera, entry_id
 
 
-SCORE_STATUSES = ("scored", "skipped")
+class ScoreStatus(enum.StrEnum):
+    """The ``status`` of a score message (the wire value is the string)."""
+
+    SCORED = "scored"
+    SKIPPED = "skipped"
 
 
-def _status(value: str, what: str) -> str:
+SCORE_STATUSES = tuple(s.value for s in ScoreStatus)
+
+
+def _status(value: str, what: str) -> ScoreStatus:
     if value not in SCORE_STATUSES:
         raise WireError(
             f"{what}: 'status' must be one of {SCORE_STATUSES}, got {value!r}", reason="bad_message"
         )
-    return value
+    return ScoreStatus(value)
 
 
 @dataclass(frozen=True)
@@ -248,7 +278,7 @@ class ScoreMsg:
     anomalous: bool
     model: str
     latency_ms: float
-    status: str = "scored"
+    status: ScoreStatus = ScoreStatus.SCORED
     session: str = ""
     worker: str = ""
 

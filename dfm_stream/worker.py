@@ -26,10 +26,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import redis
+import torch
 
 from dfm_stream import keys
 from dfm_stream.alarms import AlarmSettings
 from dfm_stream.artifact import normalize_score
+from dfm_stream.backoff import WORKER_FETCH, Backoff
 from dfm_stream.batcher import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_MAX_BATCH_BYTES,
@@ -43,10 +45,12 @@ from dfm_stream.deadletter import send_to_deadletter
 from dfm_stream.errors import WireError
 from dfm_stream.inference import DecodedFrame, DecodeFailure, Decoder, Engine, parse_entry
 from dfm_stream.metrics import WorkerMetrics
+from dfm_stream.model.dfm import ScoreType
 from dfm_stream.publisher import (
     DEFAULT_SCORES_MAXLEN,
     OUTBOX_DELIVER_AFTER_S,
     REDIS_ERRORS,
+    AlarmBit,
     Publisher,
     PublisherThread,
     PublishResult,
@@ -54,7 +58,7 @@ from dfm_stream.publisher import (
     frame_score,
 )
 from dfm_stream.routing import LoadedModel, ModelRouter
-from dfm_stream.wire import DEFAULT_MAX_PIXELS, FrameMsg, frame_bytes_cap, make_frame_id
+from dfm_stream.wire import DEFAULT_MAX_PIXELS, FrameMsg, ScoreStatus, frame_bytes_cap, make_frame_id
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +116,7 @@ class PreparedBatch:
 
     model: LoadedModel
     frames: list[DecodedFrame]
-    tensor: object
+    tensor: torch.Tensor
     started: float
 
 
@@ -220,7 +224,9 @@ class Worker:
         info = model.fitted.info
         t0 = time.perf_counter()
         try:
-            result = self.engine.score(model.fitted.model, batch.tensor, want_maps=info.score_type == "fre")
+            result = self.engine.score(
+                model.fitted.model, batch.tensor, want_maps=info.score_type == ScoreType.FRE
+            )
         except Exception:
             log.exception(
                 "model %s failed on a batch of %d frames: left pending", model.label, len(batch.frames)
@@ -253,11 +259,11 @@ class Worker:
             amap = result.maps[i] if anomalous and result.maps is not None else None
             items.append(
                 ScoredItem(
-                    template,
-                    frame.entry.entry_id,
-                    "1" if anomalous else "0",
-                    frame if anomalous else None,
-                    amap,
+                    template=template,
+                    entry_id=frame.entry.entry_id,
+                    alarm_bit=AlarmBit.of(anomalous),
+                    frame=frame if anomalous else None,
+                    anomaly_map=amap,
                 )
             )
         return items
@@ -270,7 +276,7 @@ class Worker:
             self.stats.duplicates += len(duplicates)
             duplicates.update(result.unconfirmed)  # not acknowledged: counted only if scored again
             self.stats.scored += sum(
-                1 for i in items if i.alarm_bit != "s" and i.template.frame_id not in duplicates
+                1 for i in items if i.alarm_bit != AlarmBit.SKIPPED and i.template.frame_id not in duplicates
             )
             self.stats.events += [f"{e.type}:{e.camera}:{e.frame_id}" for e in result.events]
         self._forget_ids([i.template.frame_id for i in items])
@@ -288,28 +294,26 @@ class Worker:
             self._ready.put(None)
 
     def _fetch_loop(self) -> None:
-        delay = 0.1
+        backoff = WORKER_FETCH.backoff()
         while not self._stop.is_set():
             try:
                 if not self._redis_ok:
                     self._connected()
                 self._fetch_once()
-                delay = 0.1
+                backoff.reset()
             except REDIS_ERRORS as e:
                 self._redis_ok = False
+                delay = backoff.next()
                 log.warning("Redis unavailable (%s); retrying in %.1f s", e, delay)
-                self._stop.wait(delay)
-                delay = min(delay * 2, 5.0)
+                backoff.wait(self._stop, delay)
             except redis.ResponseError as e:
                 if "NOGROUP" in str(e):  # the server lost its data (restart without persistence)
                     log.warning("consumer group missing (%s): creating it again", e)
                     self.consumer.ensure_groups()
                 else:
-                    self._loop_error("fetch", delay)
-                    delay = min(delay * 2, 5.0)
+                    self._loop_error("fetch", backoff)
             except Exception:
-                self._loop_error("fetch", delay)
-                delay = min(delay * 2, 5.0)
+                self._loop_error("fetch", backoff)
 
     def _connected(self) -> None:
         """Ping Redis; once it answers, log it, make sure the groups exist and look for cameras now."""
@@ -319,10 +323,11 @@ class Worker:
         self._redis_ok = True
         log.info("worker %s connected to Redis", self.name)
 
-    def _loop_error(self, where: str, delay: float) -> None:
+    def _loop_error(self, where: str, backoff: Backoff) -> None:
+        delay = backoff.next()
         log.exception("unexpected error in the %s loop; retrying in %.1f s", where, delay)
         self._count_error(where)
-        self._stop.wait(delay)
+        backoff.wait(self._stop, delay)
 
     def _fetch_once(self) -> None:
         self._housekeeping()
@@ -337,8 +342,9 @@ class Worker:
         self._take(result.entries)
         for camera, gaps in result.trimmed.items():
             self._drop(camera, "trimmed", gaps)
-        for camera, odd in result.seq_anomalies.items() if self.metrics else ():
-            self.metrics.seq_anomalies.labels(camera).inc(odd)
+        if self.metrics is not None:
+            for camera, odd in result.seq_anomalies.items():
+                self.metrics.seq_anomalies.labels(camera).inc(odd)
         self._dispatch(self.batcher.ready())
         if len(result.entries) >= room:
             return
@@ -408,9 +414,9 @@ class Worker:
     def _skipped(self, entry: StreamEntry, msg: FrameMsg, model: LoadedModel) -> ScoredItem:
         self._drop(entry.camera, "stale", 1)
         template = frame_score(
-            entry, msg, self.name, model.label, None, model.fitted.info.threshold, status="skipped"
+            entry, msg, self.name, model.label, None, model.fitted.info.threshold, status=ScoreStatus.SKIPPED
         )
-        return ScoredItem(template, entry.entry_id, "s")
+        return ScoredItem(template=template, entry_id=entry.entry_id, alarm_bit=AlarmBit.SKIPPED)
 
     def _publish_direct(self, items: list[ScoredItem]) -> None:
         try:
@@ -452,7 +458,7 @@ class Worker:
                 self.metrics.queue_wait_seconds.labels(g.entry.camera).observe(
                     max(0.0, now_ms - g.entry.entry_ms) / 1000
                 )
-        self._ready.put(PreparedBatch(model, good, tensor, time.monotonic()))
+        self._ready.put(PreparedBatch(model=model, frames=good, tensor=tensor, started=time.monotonic()))
 
     def _flush_batches(self) -> None:
         try:
@@ -522,14 +528,17 @@ class Worker:
             self.metrics.device_info.labels(str(e.device), e.precision, e.backend).set(1)
 
     def _group_stats(self) -> None:
-        for camera, (lag, pending) in self.consumer.group_stats().items() if self.metrics else ():
+        if self.metrics is None:
+            return
+        for camera, (lag, pending) in self.consumer.group_stats().items():
             self.metrics.stream_lag.labels(camera).set(lag)
             self.metrics.stream_pending.labels(camera).set(pending)
 
     def _discover(self) -> None:
         added = self.consumer.discover(self.settings.cameras, self.settings.max_cameras)
-        for camera in added if self.metrics else ():
-            self.metrics.init_camera(camera)
+        if self.metrics is not None:
+            for camera in added:
+                self.metrics.init_camera(camera)
         if added:
             log.info("worker %s reads cameras %s", self.name, ", ".join(added))
 

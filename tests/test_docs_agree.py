@@ -7,7 +7,7 @@ from pathlib import Path
 
 from dfm_stream.cli import build_parser
 from dfm_stream.metrics import READER_DROP_REASONS, WORKER_DROP_REASONS
-from dfm_stream.publisher import OUTBOX_DELIVER_AFTER_S
+from dfm_stream.publisher import EVENT_RETRY_S, OUTBOX_DELIVER_AFTER_S
 from dfm_stream.worker import WorkerSettings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,6 +31,12 @@ def test_every_doc_gives_the_same_outbox_delivery_time() -> None:
         assert not re.search(r"(about|within about) \d+ s (later|,)", flat), (
             f"{name} still gives another time"
         )
+
+
+def test_the_guarantees_give_the_worker_event_retry_time() -> None:
+    flat = " ".join(DOCS["guarantees.md"].split())
+    assert f"longer than its retries ({_seconds(EVENT_RETRY_S)} s" in flat
+    assert EVENT_RETRY_S < OUTBOX_DELIVER_AFTER_S  # else a live worker and the outbox would both send
 
 
 def _metric_row(metric: str) -> str:

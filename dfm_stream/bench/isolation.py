@@ -31,7 +31,7 @@ from dfm_stream.bench.stream_stages import (
     read_scores,
     wait_for_scores,
 )
-from dfm_stream.wire import FIELD
+from dfm_stream.wire import FIELD, ScoreStatus
 
 HOSTILE = "hostile"
 HOSTILE_PER_S = 3.0
@@ -108,7 +108,7 @@ def _one_run(setup: StreamSetup, tag: str, rate: float, duration: float, hostile
         delete_prefix(setup.client, prefix)
     times = sorted(s.scored_ts for s in scores)
     span = (times[-1] - times[0]) / 1e9 if len(times) > 1 else 0.0
-    lat = [s.latency_ms for s in scores if s.status == "scored"]
+    lat = [s.latency_ms for s in scores if s.status == ScoreStatus.SCORED]
     return {
         "frames": len(scores),
         "throughput_fps": (len(times) - 1) / span if span > 0 else None,

@@ -14,10 +14,11 @@ import json
 import os
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from dfm_stream import keys
+from dfm_stream import keys, replies
 from dfm_stream.commands.argtypes import positive_int, stream_id
 from dfm_stream.connect import RedisClient, RedisSettings, add_redis_args, connect
 from dfm_stream.errors import ConfigError, WireError
@@ -56,14 +57,15 @@ def _s(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _entries(client: RedisClient, key: str, args: argparse.Namespace) -> Any:
+def _entries(
+    client: RedisClient, key: str, args: argparse.Namespace
+) -> Iterator[tuple[str, dict[bytes, bytes]]]:
     """Yield ``(entry id, fields)`` of ``key`` as the options ask."""
     remaining = None if args.follow else args.count
+    rows: list[replies.Record] = []
+    last = args.since or "0-0"
     if args.since is None and args.count is not None:
-        rows = list(reversed(client.xrevrange(key, count=args.count)))
-        last = "0-0"
-    else:
-        rows, last = [], args.since or "0-0"
+        rows = list(reversed(replies.xrevrange(client, key, count=args.count)))
     while True:
         for entry_id, fields in rows:
             last = _s(entry_id)
@@ -75,8 +77,7 @@ def _entries(client: RedisClient, key: str, args: argparse.Namespace) -> Any:
         if args.count is not None and args.since is None and not args.follow:
             return
         block = FOLLOW_BLOCK_MS if args.follow else None
-        reply = client.xread({key: last}, count=500, block=block)
-        rows = reply[0][1] if reply else []
+        rows = replies.xread_one(client, key, last, count=500, block=block)
         if not rows and not args.follow:
             return
 

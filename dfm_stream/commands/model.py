@@ -115,15 +115,15 @@ def cmd_list(args: argparse.Namespace) -> int:
     """Print every model with its versions, current version and assigned cameras."""
     reg = _registry(args)
     assignments = reg.assignments()
-    rows = []
+    rows: list[dict[str, object]] = []
+    lines = [f"{'MODEL':<24} {'CURRENT':>7} {'VERSIONS':<16} CAMERAS"]
     for name in reg.names():
         versions = [v.version for v in reg.versions(name)]
         cameras = sorted(cam for cam, ref in assignments.items() if ref.name == name)
-        rows.append({"name": name, "current": reg.current(name), "versions": versions, "cameras": cameras})
-    lines = [f"{'MODEL':<24} {'CURRENT':>7} {'VERSIONS':<16} CAMERAS"]
-    for r in rows:
-        versions_text = ",".join(str(v) for v in r["versions"])
-        lines.append(f"{r['name']:<24} {r['current']:>7} {versions_text:<16} {','.join(r['cameras']) or '-'}")
+        current = reg.current(name)
+        rows.append({"name": name, "current": current, "versions": versions, "cameras": cameras})
+        versions_text = ",".join(str(v) for v in versions)
+        lines.append(f"{name:<24} {current:>7} {versions_text:<16} {','.join(cameras) or '-'}")
     if not rows:
         lines = ["no models in the registry: push one with `dfm-stream model push --name NAME --file FILE`"]
     return _emit(args, rows, "\n".join(lines))

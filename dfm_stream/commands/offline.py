@@ -286,10 +286,11 @@ def cmd_score(args: argparse.Namespace) -> int:
     """Score ``--images`` into ``--out`` (JSON lines), optionally with heatmap overlays."""
     from dfm_stream.heatmaps import heatmap_names, heatmap_scale
     from dfm_stream.images import collect_image_paths
+    from dfm_stream.model.dfm import ScoreType
 
     check_writable_folder(args.out.parent, "--out")
     fitted = _load(args.model, _device(args.device))
-    if args.heatmaps is not None and fitted.info.score_type != "fre":
+    if args.heatmaps is not None and fitted.info.score_type != ScoreType.FRE:
         msg = f"--heatmaps needs a 'fre' model; {args.model} scores with '{fitted.info.score_type}'"
         raise ScoreTypeError(msg)
     paths = collect_image_paths(args.images)
@@ -320,11 +321,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate on an MVTec-layout set; write ``report.json``, ``roc.png`` and ``histogram.png``."""
     from dfm_stream.evaluate import EvalCollector, write_report
     from dfm_stream.images import mvtec_test_set
+    from dfm_stream.model.dfm import ScoreType
 
     check_writable_folder(args.out, "--out")
     fitted = _load(args.model, _device(args.device))
     samples = {s.path: s for s in mvtec_test_set(args.data)}
-    want_maps = fitted.info.score_type == "fre" and any(s.mask_path for s in samples.values())
+    want_maps = fitted.info.score_type == ScoreType.FRE and any(s.mask_path for s in samples.values())
     collector = EvalCollector(fitted.info.image_size)
     skipped: list[tuple[Path, str]] = []
     for batch_paths, scores, maps in _score_paths(fitted, list(samples), args, want_maps, skipped):
