@@ -270,8 +270,9 @@ class ModelRouter:
         label = self.spec_for(camera) or "assignment"
         keeps = self._assigned.get(camera)
         log.error(
-            "camera %s: no usable model (%s); %s; retried on every registry change",
+            "camera %s: no usable model for %s (%s); %s; retried on every registry change",
             camera,
+            label,
             error,
             f"keeping {keeps.label}" if keeps else "its frames wait in the stream",
         )
