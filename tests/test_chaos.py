@@ -153,7 +153,8 @@ def test_workers_sigkilled_at_random_moments_score_each_frame_exactly_once(
     while time.monotonic() < deadline:
         if reader.poll() is not None and (kills_in_flight >= 3 or all_scored_once(redis_client, cams)):
             break
-        victim = rng.choice(live)
+        holding = [w for w in live if consumer_pending(redis_client, cams, w.pid) > 0]
+        victim = rng.choice(holding or live)  # a worker with frames in flight, when there is one
         t0 = time.monotonic()  # a fresh replacement first imports torch: wait until it holds frames
         while consumer_pending(redis_client, cams, victim.pid) == 0 and time.monotonic() - t0 < 30:
             time.sleep(0.05)

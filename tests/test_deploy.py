@@ -373,7 +373,7 @@ def test_compose_sentinel_override_points_every_process_at_three_sentinels() -> 
         assert flag_value(cmd, "--min-replicas-to-write") == "1", f"{name}: a cut-off primary must stop"
         assert flag_value(cmd, "--appendonly") == "yes"
     users = [n for n, svc in our_services(base) if "DFM_REDIS_URL" in svc.get("environment", {})]
-    assert {"worker", "reader-cam1", "reader-cam2", "model-push"} <= set(users)
+    assert {"worker", "reader-cam1", "reader-cam2", "model-push", "console"} <= set(users)
     for name in users:
         env = services[name]["environment"]
         target = parse_sentinel_url(env["DFM_REDIS_URL"])
@@ -678,7 +678,7 @@ def test_sentinel_overlay_sends_every_process_through_the_sentinels(build: tuple
             check_sentinel_pod_address(f"{host}.{namespace_of(res)}.svc:{port}", namespace_of(res), resources)
         assert env["DFM_DURABILITY"] == "replicated", ident(res)
         seen.add(container["args"][0])
-    assert seen == {"read", "work"}
+    assert seen == {"read", "work", "console"}
     (so,) = of_kind(resources, "ScaledObject")
     assert {t["metadata"]["sentinelMaster"] for t in so["spec"]["triggers"]} == {monitor[0]}
 

@@ -42,7 +42,7 @@ DFM_COMMANDS = (
     " xadd publish hset zadd zremrangebyscore"
     # worker: consumer group, scripted read / publish + ack, reclaim, stats, heartbeat
     " xgroup|create xreadgroup xread xrevrange xack xclaim xpending xinfo|groups exists"
-    " evalsha eval script|load time hget hmget hkeys set get xdel zrangebyscore"
+    " evalsha eval script|load time hget hmget hkeys hdel set get xdel zrangebyscore"
     # model registry (push, assign, worker lookups and change notifications)
     " subscribe lrange rpush sadd smembers del incrby multi exec watch"
     # inspection commands (scores, alarms)
