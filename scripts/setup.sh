@@ -3,7 +3,7 @@
 # dependencies (re-installed only when pyproject.toml changes). With --test it also adds the test
 # dependencies and, where it can (root + apt-get), the system tools the tests use: redis-server,
 # ffmpeg (network camera streams), GStreamer's RTSP server (the RTSP camera test) and
-# prometheus/promtool. Without them those tests skip locally;
+# prometheus/promtool, mosquitto (the MQTT bridge tests). Without them those tests skip locally;
 # under CI=true they fail instead, so CI never goes green by skipping.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -46,6 +46,9 @@ if [ "$want_test" = 1 ]; then
   /usr/bin/python3 -c 'import gi; gi.require_version("GstRtspServer", "1.0")' >/dev/null 2>&1 \
     || missing+=(python3-gi gir1.2-gst-rtsp-server-1.0)
   command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+  # the bridge's MQTT tests run Debian's broker and read it with mosquitto_sub
+  { command -v mosquitto || [ -x /usr/sbin/mosquitto ]; } >/dev/null 2>&1 || missing+=(mosquitto)
+  command -v mosquitto_sub >/dev/null 2>&1 || missing+=(mosquitto-clients)
   if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
       echo "==> installing system packages: ${missing[*]}" >&2
