@@ -40,6 +40,7 @@ MAX_FRAMES = 1000
 MAX_WINDOW_MS = 600_000
 _EVENT_LOOKBACK = 500  # alarm entries searched for the worst frame's `raised` image
 _READ_BLOCK_MS = 200
+_EVENT_WAIT_S = 2.0  # longest wait for the image of a `raised` event still in the outbox
 
 ERROR_REASONS = ("unknown_camera", "busy", "no_frame", "bad_request", "redis_error")
 """``reason`` of an ``error`` result."""
@@ -181,7 +182,7 @@ class Inspector:
             return self._error(req, job.job_id, job.trigger_ts, "no_frame", reason)
         worst = max(scores, key=lambda s: s.score if s.score is not None else float("-inf"))
         ng = any(s.anomalous for s in scores)
-        image, overlay = self._image(req.camera, worst.frame_id)
+        image, overlay = self._image(req.camera, worst.frame_id, worst.anomalous)
         return ResultMsg(
             result_id=job.job_id,
             job_id=job.job_id,
@@ -203,27 +204,52 @@ class Inspector:
             source=req.source,
         )
 
-    def _image(self, camera: str, frame_id: str) -> tuple[bytes | None, bool]:
+    def _image(self, camera: str, frame_id: str, anomalous: bool) -> tuple[bytes | None, bool]:
         """Return the worst frame's JPEG and whether it carries the anomaly overlay."""
+        # the worker writes a `raised` into the outbox with the score, then the event with its image:
+        # when the outbox still holds it, the image is on its way (the outbox is read first, so an
+        # event delivered meanwhile is found in the alarm stream)
+        coming = anomalous and self._raise_in_outbox(camera, frame_id)
+        deadline = time.monotonic() + (_EVENT_WAIT_S if coming else 0)
+        while True:
+            image = self._raised_image(frame_id)
+            if image is not None:
+                return image, True
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.02)
+        return self._frame_image(camera, frame_id), False
+
+    def _raise_in_outbox(self, camera: str, frame_id: str) -> bool:
+        for _, fields in self.client.xrange(keys.event_outbox_key(camera, self.prefix)):
+            score = _score(fields)
+            if fields.get(b"type") == b"raised" and score is not None and score.frame_id == frame_id:
+                return True
+        return False
+
+    def _raised_image(self, frame_id: str) -> bytes | None:
         for _, fields in self.client.xrevrange(keys.alarms_key(self.prefix), count=_EVENT_LOOKBACK):
             try:
                 event = EventMsg.from_bytes(fields.get(FIELD.encode(), b""))
             except WireError:
                 continue
             if event.type == "raised" and event.frame_id == frame_id and event.image:
-                return event.image, True
+                return event.image
+        return None
+
+    def _frame_image(self, camera: str, frame_id: str) -> bytes | None:
         try:
             from dfm_stream.frame_codec import decode_frame
 
             entry_id = frame_id.rpartition(":")[2]
             rows = self.client.xrange(keys.frames_key(camera, self.prefix), entry_id, entry_id)
             if not rows:
-                return None, False
+                return None
             rgb = decode_frame(FrameMsg.from_bytes(rows[0][1][FIELD.encode()]))
-            return overlay_jpeg(rgb, None), False
+            return overlay_jpeg(rgb, None)
         except WireError as e:
             log.info("no image for %s: %s", frame_id, e)
-            return None, False
+            return None
 
     def _error(self, req: JobRequest, job_id: str, trigger_ts: int, reason: str, detail: str) -> ResultMsg:
         return ResultMsg(
