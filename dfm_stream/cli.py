@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dfm_stream import __version__
 from dfm_stream.errors import DfmStreamError
 
-COMMAND_MODULES = ("offline", "read", "work", "inspect", "jobs", "model", "demo", "bench", "soak")
+COMMAND_MODULES = ("offline", "read", "work", "inspect", "jobs", "bridge", "model", "demo", "bench", "soak")
 
 log = logging.getLogger("dfm_stream")
 

@@ -13,7 +13,9 @@ A job is run by the process that starts it (the ``inspect`` command, the bridge,
    threshold and model; its overlay JPEG (the ``raised`` event's image when that frame raised an
    alarm, else the frame itself from the frame stream); ``error`` with a ``reason`` when the camera
    is unknown, busy, or no scored frame came within the timeout. The result is XADDed to
-   ``{prefix}:{camera}:results`` and the lock released. Every started job ends with a result.
+   ``{prefix}:{camera}:results`` and the lock released. Every started job ends with a result
+   there; a job refused at the start (bad request, unknown camera, busy) gets its ``error``
+   result only as the return value (the caller hands it on: the bridge to its protocols).
 
 Frames are matched by capture time (``ts``, the camera's clock) against the trigger time (this
 process's clock): keep both in sync (NTP), as for ``--max-age``.
@@ -57,9 +59,13 @@ class JobRequest:
     window_ms: int | None = None
     timeout_s: float = DEFAULT_TIMEOUT_S
     source: str = "api"
+    invalid: str | None = None
+    """Set by a protocol that could not parse the request: why (the job is refused as ``bad_request``)."""
 
     def check(self) -> None:
         """Raise :class:`InspectionError` (reason ``bad_request``) when the request is not valid."""
+        if self.invalid:
+            raise InspectionError(self.invalid, "bad_request")
         if not keys.valid_name(self.camera):
             raise InspectionError(f"invalid camera id {self.camera!r}", "bad_request")
         if not isinstance(self.part_id, str) or not isinstance(self.meas_id, str):
@@ -113,7 +119,7 @@ class Inspector:
         return self.run(started)
 
     def start(self, request: JobRequest, job_id: str | None = None) -> Job | ResultMsg:
-        """Start a job now; return it, or the (published) ``error`` result when it cannot start."""
+        """Start a job now; return it, or the ``error`` result (not published) when it cannot start."""
         job_id = job_id or new_job_id()
         trigger_ts = time.time_ns()
         try:
@@ -126,9 +132,9 @@ class Inspector:
                 raise InspectionError(f"camera {request.camera!r} is busy with another job", "busy")
             last = self.client.xrevrange(keys.scores_key(request.camera, self.prefix), count=1)
         except InspectionError as e:
-            return self._publish_error(request, job_id, trigger_ts, e.reason, str(e))
-        except Exception as e:  # Redis unreachable: still a result (published if Redis lets us)
-            return self._publish_error(request, job_id, trigger_ts, "redis_error", str(e))
+            return self._error(request, job_id, trigger_ts, e.reason, str(e))
+        except Exception as e:  # Redis unreachable: still a result
+            return self._error(request, job_id, trigger_ts, "redis_error", str(e))
         after_id = _s(last[0][0]) if last else "0-0"
         return Job(job_id, request, trigger_ts, after_id)
 
@@ -267,17 +273,8 @@ class Inspector:
             source=req.source,
         )
 
-    def _publish_error(
-        self, req: JobRequest, job_id: str, trigger_ts: int, reason: str, detail: str
-    ) -> ResultMsg:
-        result = self._error(req, job_id, trigger_ts, reason, detail)
-        self._publish(result)
-        return result
-
     def _publish(self, result: ResultMsg) -> None:
-        """XADD the result to its camera's results stream (not for an invalid camera id)."""
-        if not keys.valid_name(result.camera):
-            return
+        """XADD the result to its camera's results stream."""
         try:
             key = keys.results_key(result.camera, self.prefix)
             self.client.xadd(key, {FIELD: result.to_bytes()}, maxlen=RESULTS_MAXLEN, approximate=True)

@@ -1,0 +1,118 @@
+"""``dfm-stream bridge``: alarm events, camera state and part results to MQTT, OPC UA and Modbus TCP."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import socket
+import threading
+
+from dfm_stream.connect import RedisSettings, add_redis_args, connect
+from dfm_stream.errors import ConfigError
+from dfm_stream.metrics import add_metrics_args
+from dfm_stream.signals import stop_on_signals
+
+log = logging.getLogger(__name__)
+
+DEFAULT_METRICS_PORT = 9403
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``bridge`` to ``subparsers``."""
+    p = subparsers.add_parser(
+        "bridge",
+        help="deliver events and part results to MQTT / OPC UA / Modbus TCP; take inspection jobs",
+        description="Read dfm:alarms and every camera's results through an own consumer group and "
+        "deliver them at least once (acknowledged in Redis only after the far side confirmed), publish "
+        "camera state, and start part inspection jobs asked for over each protocol.",
+    )
+    b = p.add_argument_group("bridge")
+    b.add_argument("--cameras", help="comma-separated camera ids (default: every camera in dfm:cameras)")
+    b.add_argument("--group", default="dfm-bridge", help="consumer group (default %(default)s)")
+    b.add_argument(
+        "--name",
+        default=f"bridge-{socket.gethostname()}",
+        help="consumer name, stable across restarts; each bridge of a pair its own (default %(default)s)",
+    )
+    b.add_argument(
+        "--job-timeout", type=float, default=10.0, help="seconds a job waits for frames (default 10)"
+    )
+    m = p.add_argument_group("MQTT")
+    m.add_argument("--mqtt", help="broker URL: mqtt://[USER@]HOST[:PORT] or mqtts:// (TLS)")
+    m.add_argument("--mqtt-prefix", default="dfm", help="topic prefix (default %(default)s)")
+    m.add_argument("--mqtt-qos", type=int, default=1, help="QoS of events and results (default 1)")
+    m.add_argument("--mqtt-protocol", default="5", choices=("3.1.1", "5"), help="MQTT version (default 5)")
+    m.add_argument("--mqtt-client-id", help="client id (default dfm-bridge-<consumer name>)")
+    m.add_argument("--mqtt-username", help="user name (or in the URL)")
+    m.add_argument("--mqtt-password-file", help="file holding the password")
+    m.add_argument("--mqtt-ca-file", help="CA bundle for mqtts://")
+    m.add_argument("--mqtt-cert-file", help="client certificate for mqtts://")
+    m.add_argument("--mqtt-key-file", help="client key for mqtts://")
+    m.add_argument("--mqtt-scores", action="store_true", help="also publish per-frame scores")
+    m.add_argument(
+        "--mqtt-scores-rate", type=float, default=1.0, help="per-frame scores per second and camera"
+    )
+    add_redis_args(p)
+    add_metrics_args(p, default_port=DEFAULT_METRICS_PORT)
+    p.set_defaults(func=run)
+
+
+def _adapters(args: argparse.Namespace) -> list:
+    adapters = []
+    if args.mqtt:
+        from dfm_stream.bridge.mqtt import MqttAdapter, MqttSettings
+
+        adapters.append(
+            MqttAdapter(
+                MqttSettings(
+                    url=args.mqtt,
+                    prefix=args.mqtt_prefix,
+                    qos=args.mqtt_qos,
+                    protocol=args.mqtt_protocol,
+                    client_id=args.mqtt_client_id or f"dfm-{args.name}",
+                    username=args.mqtt_username,
+                    password_file=args.mqtt_password_file,
+                    ca_file=args.mqtt_ca_file,
+                    cert_file=args.mqtt_cert_file,
+                    key_file=args.mqtt_key_file,
+                    scores=args.mqtt_scores,
+                    scores_rate=args.mqtt_scores_rate,
+                )
+            )
+        )
+    return adapters
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the bridge until SIGTERM/SIGINT."""
+    from dfm_stream.bridge.core import Bridge, BridgeMetrics, BridgeSettings
+    from dfm_stream.metrics import new_registry, serve
+
+    with stop_on_signals(threading.Event(), "stopping the bridge") as stop:
+        adapters = _adapters(args)
+        if not adapters:
+            raise ConfigError("bridge: give at least one of --mqtt, --opcua, --modbus")
+        redis_settings = RedisSettings.from_args(args)
+        cameras = [c for c in args.cameras.split(",") if c] if args.cameras else None
+        settings = BridgeSettings(
+            prefix=redis_settings.prefix,
+            group=args.group,
+            name=args.name,
+            cameras=cameras,
+            job_timeout_s=args.job_timeout,
+        )
+        registry = new_registry()
+        client = connect(redis_settings)
+        bridge = Bridge(client, adapters, settings, BridgeMetrics.create(registry))
+        bridge.stop_event = stop
+        server = None
+        if args.metrics_port >= 0:
+            server = serve(registry, args.metrics_host, args.metrics_port, ready=bridge.ready)
+        log.info("bridge %s: %s", args.name, ", ".join(a.protocol for a in adapters))
+        try:
+            bridge.run()
+        finally:
+            if server is not None:
+                server.close()
+            client.close()
+    return 0
