@@ -37,7 +37,8 @@ class Broker:
         self.conf = self.dir / "mosquitto.conf"
         self.conf.write_text(
             # as root, mosquitto would switch to its own user, which cannot write into pytest's tmp dirs
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\nuser {getpass.getuser()}\n"
+            f"listener {self.port} 127.0.0.1\nallow_anonymous true\nuser {getpass.getuser()}\n"
+            f"persistence true\n"
             f"persistence_location {self.dir}/\nlog_dest file {self.dir}/mosquitto.log\n"
         )
         self.proc: subprocess.Popen[bytes] | None = None
