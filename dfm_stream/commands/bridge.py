@@ -52,6 +52,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     m.add_argument(
         "--mqtt-scores-rate", type=float, default=1.0, help="per-frame scores per second and camera"
     )
+    mb = p.add_argument_group("Modbus TCP")
+    mb.add_argument(
+        "--modbus", help="serve Modbus TCP on HOST:PORT (e.g. 0.0.0.0:502); registers: docs/modbus.md"
+    )
+    mb.add_argument("--modbus-cameras", help="cameras of the register blocks, in order (default: --cameras)")
     add_redis_args(p)
     add_metrics_args(p, default_port=DEFAULT_METRICS_PORT)
     p.set_defaults(func=run)
@@ -80,6 +85,11 @@ def _adapters(args: argparse.Namespace) -> list:
                 )
             )
         )
+    if args.modbus:
+        from dfm_stream.bridge.modbus import ModbusAdapter
+
+        cameras = args.modbus_cameras or args.cameras or ""
+        adapters.append(ModbusAdapter(args.modbus, [c for c in cameras.split(",") if c]))
     return adapters
 
 
