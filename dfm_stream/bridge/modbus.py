@@ -67,7 +67,7 @@ class _Registers(ModbusServerContext):
     async def async_getValues(  # noqa: N802 - pymodbus' name
         self, device_id: int, func_code: int, address: int, count: int = 1
     ) -> list[int] | ExcCodes:
-        if func_code not in _READ_FC:
+        if func_code not in _READ_FC + _WRITE_FC:  # a write is answered with what was stored
             return ExcCodes.ILLEGAL_FUNCTION
         return self.adapter.read(address, count)
 
