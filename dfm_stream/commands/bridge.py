@@ -57,6 +57,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--modbus", help="serve Modbus TCP on HOST:PORT (e.g. 0.0.0.0:502); registers: docs/modbus.md"
     )
     mb.add_argument("--modbus-cameras", help="cameras of the register blocks, in order (default: --cameras)")
+    o = p.add_argument_group("OPC UA")
+    o.add_argument("--opcua", help="serve OPC UA on this endpoint, e.g. opc.tcp://0.0.0.0:4840/dfm/")
+    o.add_argument("--opcua-cameras", help="cameras in the address space (default: --cameras)")
+    o.add_argument("--opcua-users", help="file of user:password lines (Basic256Sha256 Sign&Encrypt)")
+    o.add_argument("--opcua-anonymous", action="store_true", help="also allow anonymous, unencrypted access")
+    o.add_argument("--opcua-cert", help="server certificate (DER); default: created in --opcua-pki")
+    o.add_argument("--opcua-key", help="server private key (PEM) of --opcua-cert")
+    o.add_argument("--opcua-pki", default="opcua-pki", help="where the created certificate is kept")
     add_redis_args(p)
     add_metrics_args(p, default_port=DEFAULT_METRICS_PORT)
     p.set_defaults(func=run)
@@ -90,6 +98,20 @@ def _adapters(args: argparse.Namespace) -> list:
 
         cameras = args.modbus_cameras or args.cameras or ""
         adapters.append(ModbusAdapter(args.modbus, [c for c in cameras.split(",") if c]))
+    if args.opcua:
+        from dfm_stream.bridge.opcua import OpcuaAdapter, OpcuaSettings
+
+        cameras = args.opcua_cameras or args.cameras or ""
+        settings = OpcuaSettings(
+            endpoint=args.opcua,
+            cameras=[c for c in cameras.split(",") if c],
+            anonymous=args.opcua_anonymous,
+            users_file=args.opcua_users,
+            cert_file=args.opcua_cert,
+            key_file=args.opcua_key,
+            pki_dir=args.opcua_pki,
+        )
+        adapters.append(OpcuaAdapter(settings))
     return adapters
 
 
