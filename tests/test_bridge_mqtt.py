@@ -10,6 +10,7 @@ import json
 import signal
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -68,6 +69,13 @@ def event_ids(sub: Subscriber) -> set[str]:
     return {e["event_id"] for e in sub.json("dfm/events")}
 
 
+def ready(port: int) -> int:
+    try:
+        return urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=10).status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
 def metric(port: int, line_start: str) -> float:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     values = [float(x.rsplit(" ", 1)[1]) for x in text.splitlines() if x.startswith(line_start)]
@@ -80,11 +88,13 @@ def test_events_reach_mqtt_once_acknowledged_across_broker_and_bridge_restarts(
     port = free_port()
     bridge = start_bridge(procs, redis_url, broker, port)
     wait_until(lambda: b"online" in subscriber.payloads("dfm/available"), 120, what="available: online")
+    wait_until(lambda: ready(port) == 200, 60, what="/readyz 200 once the broker is connected")
     first = [publish_event(redis_client, health_event(i)) for i in range(3)]
     wait_until(lambda: set(first) <= event_ids(subscriber), 120, what="the first events on MQTT")
     wait_until(lambda: pending(redis_client) == 0, 60, what="the first events acknowledged")
 
     broker.stop()
+    wait_until(lambda: ready(port) == 503, 60, what="/readyz 503 while the broker is away")
     second = [publish_event(redis_client, health_event(i)) for i in range(3, 6)]
     wait_until(lambda: pending(redis_client) >= 1, 120, what="an event read by the bridge")
     assert not set(second) & event_ids(subscriber)
