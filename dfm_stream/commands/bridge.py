@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import socket
 import threading
 
-from dfm_stream.connect import RedisSettings, add_redis_args, connect
+from dfm_stream.connect import add_redis_args, connect, settings_with_config
 from dfm_stream.errors import ConfigError
 from dfm_stream.metrics import add_metrics_args
 from dfm_stream.signals import stop_on_signals
@@ -27,21 +28,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "camera state, and start part inspection jobs asked for over each protocol.",
     )
     b = p.add_argument_group("bridge")
+    b.add_argument("--config", help="TOML config: its [redis] and [bridge] sections (options win)")
     b.add_argument("--cameras", help="comma-separated camera ids (default: every camera in dfm:cameras)")
-    b.add_argument("--group", default="dfm-bridge", help="consumer group (default %(default)s)")
+    b.add_argument("--group", help="consumer group (default dfm-bridge)")
     b.add_argument(
         "--name",
-        default=f"bridge-{socket.gethostname()}",
-        help="consumer name, stable across restarts; each bridge of a pair its own (default %(default)s)",
+        help="consumer name, stable across restarts; each bridge of a pair its own (default bridge-<host>)",
     )
     b.add_argument(
-        "--job-timeout", type=float, default=10.0, help="seconds a job waits for frames (default 10)"
+        "--job-timeout", dest="job_timeout_s", type=float, help="seconds a job waits for frames (default 10)"
     )
     m = p.add_argument_group("MQTT")
     m.add_argument("--mqtt", help="broker URL: mqtt://[USER@]HOST[:PORT] or mqtts:// (TLS)")
-    m.add_argument("--mqtt-prefix", default="dfm", help="topic prefix (default %(default)s)")
-    m.add_argument("--mqtt-qos", type=int, default=1, help="QoS of events and results (default 1)")
-    m.add_argument("--mqtt-protocol", default="5", choices=("3.1.1", "5"), help="MQTT version (default 5)")
+    m.add_argument("--mqtt-prefix", help="topic prefix (default dfm)")
+    m.add_argument("--mqtt-qos", type=int, help="QoS of events and results (default 1)")
+    m.add_argument("--mqtt-protocol", choices=("3.1.1", "5"), help="MQTT version (default 5)")
     m.add_argument("--mqtt-client-id", help="client id (default dfm-bridge-<consumer name>)")
     m.add_argument("--mqtt-username", help="user name (or in the URL)")
     m.add_argument("--mqtt-password-file", help="file holding the password")
@@ -61,13 +62,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     o.add_argument("--opcua", help="serve OPC UA on this endpoint, e.g. opc.tcp://0.0.0.0:4840/dfm/")
     o.add_argument("--opcua-cameras", help="cameras in the address space (default: --cameras)")
     o.add_argument("--opcua-users", help="file of user:password lines (Basic256Sha256 Sign&Encrypt)")
-    o.add_argument("--opcua-anonymous", action="store_true", help="also allow anonymous, unencrypted access")
+    o.add_argument(
+        "--opcua-anonymous",
+        action="store_true",
+        default=None,
+        help="also allow anonymous, unencrypted access",
+    )
     o.add_argument("--opcua-cert", help="server certificate (DER); default: created in --opcua-pki")
     o.add_argument("--opcua-key", help="server private key (PEM) of --opcua-cert")
-    o.add_argument("--opcua-pki", default="opcua-pki", help="where the created certificate is kept")
+    o.add_argument("--opcua-pki", help="where the created certificate is kept (default opcua-pki)")
     add_redis_args(p)
     add_metrics_args(p, default_port=DEFAULT_METRICS_PORT)
     p.set_defaults(func=run)
+
+
+def _with_config(args: argparse.Namespace) -> object | None:
+    """Fill the options not given on the command line from ``[bridge]`` (or its defaults)."""
+    from dfm_stream.config import BridgeConfig, load_config
+
+    config = load_config(args.config) if args.config else None
+    section = config.bridge if config is not None else BridgeConfig()
+    for f in dataclasses.fields(BridgeConfig):
+        if getattr(args, f.name, None) is None:
+            value = getattr(section, f.name)
+            setattr(args, f.name, value if value != "" else None)
+    args.name = args.name or f"bridge-{socket.gethostname()}"
+    return config.redis if config is not None else None
 
 
 def _adapters(args: argparse.Namespace) -> list:
@@ -121,17 +141,18 @@ def run(args: argparse.Namespace) -> int:
     from dfm_stream.metrics import new_registry, serve
 
     with stop_on_signals(threading.Event(), "stopping the bridge") as stop:
+        config_redis = _with_config(args)
         adapters = _adapters(args)
         if not adapters:
             raise ConfigError("bridge: give at least one of --mqtt, --opcua, --modbus")
-        redis_settings = RedisSettings.from_args(args)
+        redis_settings = settings_with_config(args, config_redis)
         cameras = [c for c in args.cameras.split(",") if c] if args.cameras else None
         settings = BridgeSettings(
             prefix=redis_settings.prefix,
             group=args.group,
             name=args.name,
             cameras=cameras,
-            job_timeout_s=args.job_timeout,
+            job_timeout_s=args.job_timeout_s,
         )
         registry = new_registry()
         client = connect(redis_settings)
