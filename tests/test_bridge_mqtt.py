@@ -178,3 +178,22 @@ def test_mosquitto_sub_reads_the_retained_availability(redis_url, procs, broker)
     assert procs.stop(bridge) == 0
     out = subprocess.run(read, capture_output=True, text=True, timeout=150, check=False)
     assert out.stdout.strip() == "offline"
+
+
+def test_two_bridges_in_one_group_deliver_each_event_once(redis_client, redis_url, procs, broker, subscriber):
+    bridges = [
+        procs.dfm(
+            "bridge", "--redis", redis_url, "--mqtt", broker.url, "--metrics-port", "-1", "--name", n, name=n
+        )
+        for n in ("b1", "b2")
+    ]
+    wait_until(lambda: len(subscriber.payloads("dfm/available")) >= 2, 120, what="both bridges online")
+    wait_until(lambda: redis_client.exists(keys.alarms_key()), 60, what="the bridges' group")
+    sent = [publish_event(redis_client, health_event(i)) for i in range(20)]
+    wait_until(lambda: set(sent) <= event_ids(subscriber), 120, what="every event")
+    wait_until(lambda: pending(redis_client) == 0, 60, what="every event acknowledged")
+    ids = [e["event_id"] for e in subscriber.json("dfm/events")]
+    assert sorted(ids) == sorted(sent)  # none twice
+    for bridge in bridges:
+        assert bridge.poll() is None, procs.log(bridge)
+        assert procs.stop(bridge) == 0
