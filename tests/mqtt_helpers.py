@@ -29,7 +29,7 @@ def mosquitto_binary() -> str:
 class Broker:
     """``mosquitto`` with persistence (sessions survive a restart) on one port; stop/start repeatable."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, users: dict[str, str] | None = None) -> None:
         self.exe = mosquitto_binary()
         self.port = free_port()
         self.dir = workdir
@@ -41,6 +41,14 @@ class Broker:
             f"persistence true\n"
             f"persistence_location {self.dir}/\nlog_dest file {self.dir}/mosquitto.log\n"
         )
+        if users:  # only these users, with passwords hashed by Debian's mosquitto_passwd
+            passwd = self.dir / "passwd"
+            tool = require_tool("mosquitto_passwd")
+            for i, (user, password) in enumerate(users.items()):
+                args = [tool, "-b", *(["-c"] if i == 0 else []), str(passwd), user, password]
+                subprocess.run(args, check=True, capture_output=True)
+            text = self.conf.read_text().replace("allow_anonymous true", "allow_anonymous false")
+            self.conf.write_text(text + f"password_file {passwd}\n")
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -76,12 +84,20 @@ class Broker:
 class Subscriber:
     """An MQTT client outside the project: persistent session, QoS 1, keeps every message it gets."""
 
-    def __init__(self, port: int, topic: str = "#", client_id: str = "test-subscriber") -> None:
+    def __init__(
+        self,
+        port: int,
+        topic: str = "#",
+        client_id: str = "test-subscriber",
+        auth: tuple[str, str] | None = None,
+    ) -> None:
         self.messages: list[tuple[str, bytes, bool]] = []
         self._lock = threading.Lock()
         self.client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311, clean_session=False
         )
+        if auth:
+            self.client.username_pw_set(*auth)
         self.client.on_connect = lambda c, *_: c.subscribe(topic, qos=1)
         self.client.on_message = self._on_message
         self.client.reconnect_delay_set(1, 2)

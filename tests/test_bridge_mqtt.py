@@ -74,6 +74,8 @@ def ready(port: int) -> int:
         return urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=10).status
     except urllib.error.HTTPError as e:
         return e.code
+    except urllib.error.URLError:  # not listening yet
+        return 0
 
 
 def metric(port: int, line_start: str) -> float:
@@ -197,3 +199,33 @@ def test_two_bridges_in_one_group_deliver_each_event_once(redis_client, redis_ur
     for bridge in bridges:
         assert bridge.poll() is None, procs.log(bridge)
         assert procs.stop(bridge) == 0
+
+
+def test_a_broker_with_users_takes_the_password_from_a_file(redis_client, redis_url, procs, tmp_path):
+    broker = Broker(tmp_path / "secured", users={"dfm": "s3cret", "reader": "r3ad"})
+    broker.start()
+    subscriber = Subscriber(broker.port, auth=("reader", "r3ad"))
+    try:
+        wrong, right = tmp_path / "wrong", tmp_path / "right"
+        wrong.write_text("nope\n")
+        right.write_text("s3cret\n")
+        url = f"mqtt://dfm@127.0.0.1:{broker.port}"
+        port = free_port()
+        refused = procs.dfm(
+            "bridge", "--redis", redis_url, "--mqtt", url, "--mqtt-password-file", str(wrong),
+            "--metrics-port", str(port), "--name", "b1", name="refused",
+        )  # fmt: skip
+        wait_until(lambda: ready(port) == 503, 120, what="/readyz 503: the broker refused the login")
+        event_id = publish_event(redis_client, health_event(0))
+        wait_until(lambda: pending(redis_client) == 1, 120, what="the event held, not acknowledged")
+        assert refused.poll() is None, procs.log(refused)
+        assert procs.stop(refused) == 0
+        bridge = procs.dfm(
+            "bridge", "--redis", redis_url, "--mqtt", url, "--mqtt-password-file", str(right),
+            "--metrics-port", "-1", "--name", "b1", name="bridge",
+        )  # fmt: skip
+        wait_until(lambda: event_id in event_ids(subscriber), 120, what="the held event, once logged in")
+        assert procs.stop(bridge) == 0
+    finally:
+        subscriber.close()
+        broker.stop()
