@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from dfm_stream import keys
+from dfm_stream import keys, replies
 from dfm_stream.connect import RedisClient
 from dfm_stream.wire import FIELD, EventMsg
 
@@ -100,7 +100,7 @@ end
 
 def alarm_state(client: RedisClient, camera: str, prefix: str = keys.DEFAULT_PREFIX) -> dict[str, str]:
     """Return the stored alarm state of ``camera`` (empty when it never scored a frame)."""
-    raw = client.hgetall(keys.alarm_state_key(camera, prefix))
+    raw = replies.hgetall(client, keys.alarm_state_key(camera, prefix))
     return {k.decode(): v.decode() for k, v in raw.items()}
 
 

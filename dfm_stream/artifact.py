@@ -12,9 +12,7 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import struct
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -26,17 +24,22 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from dfm_stream.errors import ArtifactError, DfmStreamError
+from dfm_stream.files import write_atomic
 from dfm_stream.images import IMAGENET_MEAN, IMAGENET_STD
 from dfm_stream.model.backbone import SUPPORTED_BACKBONES, SUPPORTED_LAYERS
-from dfm_stream.model.dfm import DFMModel
+from dfm_stream.model.dfm import DFMModel, ScoreType
 
 FORMAT_VERSION = 1
 _META_KEY = "dfm_stream"
 
-#: Largest image side (px) an artifact may ask for. Workers resize every frame to ``image_size`` and
-#: batch it as float32, so this bounds what one artifact can make them allocate (4096 x 4096 x 3 x 4
-#: bytes = 192 MiB per image); the content hash is a checksum, not a signature, so a forged artifact
-#: asking for 100000 x 100000 px (~120 GB) must be refused here, not by the worker's allocator.
+#: Largest image side (px) an artifact may ask for. It bounds what one artifact can make a worker
+#: allocate, and the bound is set by the backbone, not by the input: per batch slot, fp32, the input
+#: is 12 bytes per model pixel (4096 x 4096 x 3 x 4 = 192 MiB) but the ResNet stem's output and its
+#: batch-norm copy (2 x 64 channels at half the side, 4 bytes each) add 128 more, so about
+#: 140 x h x w bytes: ~2.2 GiB per slot at 4096 x 4096 (at load, when the runner is built for
+#: ``--batch-size`` slots, and for every batch after), ~9 MiB at 256 x 256. The content hash is a
+#: checksum, not a signature, so a forged artifact asking for 100000 x 100000 px (~1.3 TB per slot)
+#: must be refused here, not by the worker's allocator.
 MAX_IMAGE_SIDE = 4096
 #: Smallest image side (px): below this a ResNet's deeper layers have no spatial extent left.
 MIN_IMAGE_SIDE = 16
@@ -53,7 +56,7 @@ class ArtifactInfo:
     layer: str
     pooling_kernel_size: int
     image_size: tuple[int, int]
-    score_type: str
+    score_type: ScoreType
     n_comps: float
     n_components: int
     n_train: int
@@ -76,7 +79,7 @@ class ArtifactInfo:
             layer=model.layer,
             pooling_kernel_size=model.pooling_kernel_size,
             image_size=(int(image_size[0]), int(image_size[1])),
-            score_type=str(model.score_type),
+            score_type=model.score_type,
             n_comps=float(model.n_components),
             n_components=model.pca_model.k,
             n_train=int(n_train),
@@ -122,6 +125,7 @@ class ArtifactInfo:
         for key in ("image_size", "mean", "std"):
             if key in values:
                 values[key] = tuple(values[key])
+        values["score_type"] = ScoreType(values["score_type"])
         info = cls(**values)
         _check_consistency(info, source)
         return info
@@ -198,7 +202,7 @@ _VALIDATORS: dict[str, Callable[[Any], str | None]] = {
     "layer": _one_of(SUPPORTED_LAYERS),
     "pooling_kernel_size": _int_in(1, MAX_POOLING_KERNEL),
     "image_size": _image_size,
-    "score_type": _one_of(("fre", "nll")),
+    "score_type": _one_of(tuple(t.value for t in ScoreType)),
     "n_comps": _positive_number,
     "n_components": _int_in(0),
     "n_train": _int_in(0),
@@ -267,25 +271,13 @@ def artifact_to_bytes(model: DFMModel, info: ArtifactInfo) -> bytes:
     return _encode(_model_tensors(model), info)[0]
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        Path(tmp).replace(path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_artifact(path: str | Path, model: DFMModel, info: ArtifactInfo) -> str:
-    """Write the artifact to ``path`` (atomically) and return its content hash."""
+    """Write the artifact to ``path`` (atomically, mode 0666 minus the umask); return its content hash."""
     if not model.fitted:
         msg = f"cannot save an unfitted model to {path}: fit it first"
         raise ArtifactError(msg)
     data, content_hash = _encode(_model_tensors(model), info)
-    _write_atomic(Path(path), data)
+    write_atomic(path, data)
     return content_hash
 
 
@@ -341,7 +333,7 @@ def _check_tensors(tensors: dict[str, torch.Tensor], info: ArtifactInfo, source:
         "pca_model.singular_values": (k,),
         "pca_model.num_components": (1,),
     }
-    if info.score_type == "nll":
+    if info.score_type == ScoreType.NLL:
         rank = tensors["gaussian_model.sigma_mat"].shape if "gaussian_model.sigma_mat" in tensors else ()
         rank_value = rank[0] if len(rank) == 1 and rank[0] > 0 else -1
         expected |= {
@@ -446,7 +438,7 @@ def update_calibration(
         score_max=None if score_max is None else float(score_max),
     )
     encoded, content_hash = _encode(tensors, new_info)
-    _write_atomic(Path(path), encoded)
+    write_atomic(path, encoded)
     return dataclasses.replace(new_info, content_hash=content_hash)
 
 

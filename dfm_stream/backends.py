@@ -266,7 +266,7 @@ def export_onnx(extractor: nn.Module, example_batch: torch.Tensor) -> bytes:
         torch.onnx.export(
             module,
             (example,),
-            buffer,
+            buffer,  # type: ignore[arg-type]  # stubs say a path; the TorchScript exporter takes files too
             input_names=["images"],
             output_names=["features"],
             dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}},

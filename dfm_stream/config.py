@@ -31,6 +31,10 @@ error that names the key and the file. Example (every key optional except a came
     k = 2
     n = 3
 
+    [console]
+    port = 8080
+    users = "/etc/dfm-stream/console-users.json"
+
 Environment variables override the file: ``DFM_REDIS_URL``, ``DFM_PREFIX``, ``DFM_REDIS_CLUSTER``
 and, for any field, ``DFM__<SECTION>__<KEY>`` (``DFM__WORKER__BATCH_SIZE=16``) or
 ``DFM__CAMERAS__<ID>__<KEY>`` (``DFM__CAMERAS__LINE1__SOURCE=rtsp://...``; the id matches
@@ -49,7 +53,7 @@ from typing import Any
 
 from dfm_stream.errors import ConfigError
 from dfm_stream.keys import DEFAULT_GROUP, DEFAULT_PREFIX, check_name
-from dfm_stream.sources.base import safe_url
+from dfm_stream.redact import safe_url
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 ENV_PREFIX = "DFM__"
@@ -103,9 +107,20 @@ def _is_int(v: Any) -> bool:
 class RedisConfig:
     """``[redis]``: where the streams live."""
 
-    url: str = _f(DEFAULT_REDIS_URL, "Redis URL: redis://, rediss:// (TLS) or unix://, with user:password")
+    url: str = _f(
+        DEFAULT_REDIS_URL,
+        "Redis URL: redis://, rediss:// (TLS), unix:// or redis+sentinel://h1:26379,h2:26379/SERVICE/db,"
+        " with user:password",
+    )
     cluster: bool = _f(False, "treat url as one seed node of a Redis Cluster")
     prefix: str = _f(DEFAULT_PREFIX, "prefix of every Redis key")
+    durability: str = _f("local", "local, or replicated: writes count once a replica confirmed them (WAIT 1)")
+
+    def __post_init__(self) -> None:
+        _check(
+            self.durability in ("local", "replicated"),
+            f"durability={self.durability!r} must be 'local' or 'replicated'",
+        )
 
     def __repr__(self) -> str:
         return f"RedisConfig(url={safe_url(self.url)!r}, cluster={self.cluster}, prefix={self.prefix!r})"
@@ -161,6 +176,9 @@ class CameraConfig(ReaderConfig):
             raise ConfigError(str(e)) from e
         _check(bool(self.source.strip()), f"camera {self.id}: 'source' is required")
 
+    def __repr__(self) -> str:
+        return f"CameraConfig(id={self.id!r}, source={safe_url(self.source)!r}, model={self.model!r})"
+
     def auto_maxlen(self, rate: float) -> int:
         """Return ``maxlen``, or when it is 0, about 10 s of frames at ``rate`` fps (at least 50)."""
         if self.maxlen > 0:
@@ -189,6 +207,7 @@ class WorkerConfig:
     max_deliveries: int = _f(3, "deliveries after which a frame goes to the dead-letter stream")
     max_age_s: float = _f(0.0, "skip frames older than this at dequeue; 0 = never skip")
     model: str = _f("", "default model for cameras without one: NAME[@VERSION] or an artifact path")
+    max_cameras: int = _f(256, "most cameras a worker follows by discovery (readers with a live heartbeat)")
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, f"batch_size={self.batch_size} must be >= 1")
@@ -197,6 +216,7 @@ class WorkerConfig:
         _check(self.max_deliveries >= 1, f"max_deliveries={self.max_deliveries} must be >= 1")
         _check(self.max_age_s >= 0, f"max_age_s={self.max_age_s} must be >= 0 (0 = off)")
         _check(self.threads >= 0, f"threads={self.threads} must be >= 0 (0 = automatic)")
+        _check(self.max_cameras >= 1, f"max_cameras={self.max_cameras} must be >= 1")
         _check(
             bool(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device)),
             f"device={self.device!r} must be auto, cpu, cuda or cuda:N",
@@ -252,6 +272,20 @@ class BridgeConfig:
         _check(self.job_timeout_s > 0, f"job_timeout_s={self.job_timeout_s} must be > 0")
 
 
+@dataclass(frozen=True, kw_only=True)
+class ConsoleConfig:
+    """``[console]``: the operator console (``dfm-stream console``); its flags override these."""
+
+    host: str = _f("127.0.0.1", "address the console listens on (keep 127.0.0.1 unless behind a proxy)")
+    port: int = _f(8080, "TCP port of the console")
+    users: str = _f("", "users file written by `dfm-stream console add-user`; empty = read-only console")
+    secret_file: str = _f("", "file holding the cookie signing key; empty = env DFM_CONSOLE_SECRET or random")
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.port <= 65535, f"port={self.port} must be within 0..65535")
+        _check(bool(self.host.strip()), "host must not be empty")
+
+
 @dataclass(frozen=True)
 class Config:
     """A whole config file, after environment overrides."""
@@ -262,6 +296,7 @@ class Config:
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     alarms: AlarmsConfig = field(default_factory=AlarmsConfig)
     bridge: BridgeConfig = field(default_factory=BridgeConfig)
+    console: ConsoleConfig = field(default_factory=ConsoleConfig)
     path: Path | None = None
 
     def camera(self, camera_id: str) -> CameraConfig:
@@ -279,6 +314,7 @@ SECTIONS: dict[str, type] = {
     "worker": WorkerConfig,
     "alarms": AlarmsConfig,
     "bridge": BridgeConfig,
+    "console": ConsoleConfig,
 }
 
 
@@ -389,7 +425,7 @@ def config_from_dict(
         if key not in (*SECTIONS, "cameras"):
             raise ConfigError(
                 f"{origin}: unknown key {key!r} (known: [redis], [reader], [[cameras]], [worker], [alarms],"
-                " [bridge])"
+                " [bridge], [console])"
             )
     cams = data.get("cameras", [])
     if not isinstance(cams, list):
@@ -412,6 +448,7 @@ def config_from_dict(
 def _apply_env(data: dict[str, Any], cams: list[Any], env: Mapping[str, str], origin: str) -> None:
     shortcuts = {"DFM_REDIS_URL": ("redis", "url"), "DFM_PREFIX": ("redis", "prefix")}
     shortcuts["DFM_REDIS_CLUSTER"] = ("redis", "cluster")
+    shortcuts["DFM_DURABILITY"] = ("redis", "durability")
     for var, (section, key) in shortcuts.items():
         if env.get(var):  # set and not empty
             data.setdefault(section, {})[key] = _env(env[var], var)

@@ -1,8 +1,20 @@
-"""Redis URL -> client: plain, TLS (``rediss://``), unix sockets, ACL users, and Redis Cluster.
+"""Redis URL -> client: plain, TLS (``rediss://``), unix sockets, ACL users, Redis Cluster, and Sentinel.
+
+``redis+sentinel://[user:pass@]host1:26379,host2:26379/SERVICE/DB`` (``rediss+sentinel://`` for
+TLS) asks the sentinels for the primary of ``SERVICE`` and follows it: after a failover the next
+connection goes to the promoted replica, and a connection still open to a demoted primary turns
+its ``READONLY`` replies into a ``ConnectionError`` and reconnects, so callers treat a failover like
+any short outage (their retry loops already handle ``ConnectionError``). The URL's user and
+password (or ``DFM_REDIS_USERNAME`` / ``DFM_REDIS_PASSWORD`` / ``--redis-password-file``) are those
+of the Redis servers; sentinels that require a password of their own get it from
+``DFM_REDIS_SENTINEL_USERNAME`` / ``DFM_REDIS_SENTINEL_PASSWORD``.
+
+``--durability replicated`` (``[redis] durability``, ``DFM_DURABILITY``) makes readers and
+workers confirm each write with ``WAIT 1`` (:data:`REPLICA_WAIT_MS`) before they count it.
 
 Every command takes the same options (:func:`add_redis_args`); secrets come from the URL, the
 environment (``DFM_REDIS_PASSWORD``) or a file (``--redis-password-file``), and never appear in a
-``repr`` or a log line (:meth:`RedisSettings.safe_url`).
+``repr``, a log line or ``--help`` (:func:`dfm_stream.redact.safe_url`).
 """
 
 import argparse
@@ -10,17 +22,27 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 import redis
 from redis.cluster import RedisCluster
+from redis.connection import SSLConnection
+from redis.sentinel import Sentinel, SentinelManagedConnection
 
+from dfm_stream.config import RedisConfig
 from dfm_stream.errors import RedisConnectError
 from dfm_stream.keys import DEFAULT_PREFIX
+from dfm_stream.redact import help_text, safe_url
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 SOCKET_TIMEOUT_S = 10.0
 CONNECT_TIMEOUT_S = 5.0
+
+SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
+SENTINEL_PORT = 26379
+DURABILITY_LEVELS = ("local", "replicated")
+REPLICA_WAIT_MS = 1000
+"""``--durability replicated``: how long a write waits for one replica's confirmation (``WAIT``)."""
 
 RedisClient = redis.Redis | RedisCluster
 
@@ -37,19 +59,20 @@ class RedisSettings:
     key_file: str | None = None
     password: str | None = field(default=None, repr=False)
     username: str | None = None
+    durability: str = "local"
+
+    def __post_init__(self) -> None:
+        if self.durability not in DURABILITY_LEVELS:
+            raise RedisConnectError(f"durability {self.durability!r} must be 'local' or 'replicated'")
+        if self.durability == "replicated" and self.cluster:
+            raise RedisConnectError("--durability replicated is not supported with --cluster yet")
 
     def __repr__(self) -> str:
         return f"RedisSettings(url={self.safe_url()!r}, cluster={self.cluster}, prefix={self.prefix!r})"
 
     def safe_url(self) -> str:
-        """Return the URL with any password replaced by ``***`` (for logs and errors)."""
-        parts = urlsplit(self.url)
-        if parts.password is None:
-            return self.url
-        # rebuild from the raw netloc: parts.port raises on a non-numeric port, and this must not
-        _, _, hostport = parts.netloc.rpartition("@")
-        netloc = f"{parts.username or ''}:***@{hostport}"
-        return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+        """Return the URL with any password replaced by ``***`` (for logs and errors; never raises)."""
+        return safe_url(self.url)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "RedisSettings":
@@ -70,10 +93,11 @@ class RedisSettings:
             key_file=getattr(args, "redis_key", None),
             password=password,
             username=os.environ.get("DFM_REDIS_USERNAME") or None,
+            durability=getattr(args, "durability", "local"),
         )
 
 
-def settings_with_config(args: argparse.Namespace, config_redis: object | None) -> RedisSettings:
+def settings_with_config(args: argparse.Namespace, config_redis: RedisConfig | None) -> RedisSettings:
     """Return settings from the command line, completed by a config file's ``[redis]`` section.
 
     The command line (or its environment variables) wins where it was given: the file's ``url``
@@ -84,22 +108,29 @@ def settings_with_config(args: argparse.Namespace, config_redis: object | None) 
     settings = RedisSettings.from_args(args)
     if config_redis is None:
         return settings
-    changes: dict[str, object] = {"cluster": settings.cluster or bool(config_redis.cluster)}  # type: ignore[attr-defined]
+    url, prefix = settings.url, settings.prefix
     if args.redis == DEFAULT_URL and "DFM_REDIS_URL" not in os.environ:
-        changes["url"] = config_redis.url  # type: ignore[attr-defined]
+        url = config_redis.url
     if args.prefix == DEFAULT_PREFIX and "DFM_PREFIX" not in os.environ:
-        changes["prefix"] = config_redis.prefix  # type: ignore[attr-defined]
-    return dataclasses.replace(settings, **changes)
+        prefix = config_redis.prefix
+    cluster = settings.cluster or bool(config_redis.cluster)
+    durability = settings.durability
+    if getattr(args, "durability", "local") == "local" and "DFM_DURABILITY" not in os.environ:
+        durability = config_redis.durability
+    return dataclasses.replace(settings, url=url, prefix=prefix, cluster=cluster, durability=durability)
 
 
 def add_redis_args(parser: argparse.ArgumentParser) -> None:
     """Add the Redis options every command shares (``--redis``, ``--cluster``, TLS, ``--prefix``)."""
     g = parser.add_argument_group("Redis")
+    default_url = os.environ.get("DFM_REDIS_URL", DEFAULT_URL)
     g.add_argument(
         "--redis",
-        default=os.environ.get("DFM_REDIS_URL", DEFAULT_URL),
-        help="Redis URL: redis://[user:pass@]host:port/db, rediss:// (TLS) or unix:///path.sock "
-        "(env DFM_REDIS_URL; default %(default)s). DFM_REDIS_USERNAME/DFM_REDIS_PASSWORD override the URL's.",
+        default=default_url,
+        help="Redis URL: redis://[user:pass@]host:port/db, rediss:// (TLS), unix:///path.sock or "
+        "redis+sentinel://[user:pass@]host1:26379,host2:26379/SERVICE/db (rediss+sentinel:// with TLS) "
+        f"(env DFM_REDIS_URL; default {help_text(default_url)}). DFM_REDIS_USERNAME/DFM_REDIS_PASSWORD "
+        "override the URL's.",
     )
     g.add_argument(
         "--cluster",
@@ -112,6 +143,14 @@ def add_redis_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--redis-key", default=os.environ.get("DFM_REDIS_KEY"), help="client private key (mTLS)")
     g.add_argument("--redis-password-file", help="read the Redis password from this file (e.g. a Secret)")
     g.add_argument(
+        "--durability",
+        choices=DURABILITY_LEVELS,
+        default=os.environ.get("DFM_DURABILITY", "local"),
+        help="local: a write counts once the primary has it; replicated: once a replica confirmed it "
+        "(WAIT 1), so a Sentinel failover loses no accepted frame or score (env DFM_DURABILITY; "
+        "default %(default)s)",
+    )
+    g.add_argument(
         "--prefix",
         default=os.environ.get("DFM_PREFIX", DEFAULT_PREFIX),
         help="prefix of every Redis key (env DFM_PREFIX; default %(default)s)",
@@ -121,9 +160,10 @@ def add_redis_args(parser: argparse.ArgumentParser) -> None:
 def connect(settings: RedisSettings, **overrides: object) -> RedisClient:
     """Return a client for ``settings`` (binary replies). Connection happens lazily, on first use."""
     scheme = urlsplit(settings.url).scheme
-    if scheme not in ("redis", "rediss", "unix"):
+    if scheme not in ("redis", "rediss", "unix", *SENTINEL_SCHEMES):
         raise RedisConnectError(
-            f"unsupported Redis URL scheme {scheme!r} in {settings.safe_url()}: use redis://, rediss:// or unix://"
+            f"unsupported Redis URL scheme {scheme!r} in {settings.safe_url()}: use redis://, rediss://, "
+            "unix://, redis+sentinel:// or rediss+sentinel://"
         )
     kwargs: dict[str, object] = {
         "socket_timeout": SOCKET_TIMEOUT_S,
@@ -134,9 +174,13 @@ def connect(settings: RedisSettings, **overrides: object) -> RedisClient:
         kwargs["password"] = settings.password
     if settings.username is not None:
         kwargs["username"] = settings.username
-    if scheme == "rediss":
+    if scheme in ("rediss", "rediss+sentinel"):
         kwargs.update(_tls_kwargs(settings))
     kwargs.update(overrides)
+    if scheme in SENTINEL_SCHEMES:
+        if settings.cluster:
+            raise RedisConnectError("--cluster and a redis+sentinel:// URL exclude each other")
+        return _sentinel_client(settings, kwargs)
     try:
         if settings.cluster:
             if scheme == "unix":
@@ -157,3 +201,106 @@ def _tls_kwargs(settings: RedisSettings) -> dict[str, object]:
     if settings.key_file:
         out["ssl_keyfile"] = settings.key_file
     return out
+
+
+@dataclass(frozen=True)
+class SentinelUrl:
+    """The parts of a ``redis+sentinel://`` URL."""
+
+    sentinels: list[tuple[str, int]]
+    service: str
+    db: int
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    tls: bool = False
+
+
+def parse_sentinel_url(url: str) -> SentinelUrl:
+    """Parse ``redis+sentinel://[user:pass@]host[:port],host[:port]/SERVICE[/DB]`` (errors name the part)."""
+    parts = urlsplit(url)
+    userinfo, _, hosts = parts.netloc.rpartition("@")
+    shown = RedisSettings(url=url).safe_url()
+    sentinels = []
+    for item in hosts.split(","):
+        host, port = _host_port(item.strip(), shown)
+        sentinels.append((host, port))
+    path = [p for p in parts.path.split("/") if p]
+    if not path or len(path) > 2:
+        raise RedisConnectError(f"invalid Sentinel URL {shown}: the path must be /SERVICE or /SERVICE/DB")
+    try:
+        db = int(path[1]) if len(path) == 2 else 0
+    except ValueError:
+        raise RedisConnectError(
+            f"invalid Sentinel URL {shown}: database {path[1]!r} is not a number"
+        ) from None
+    user, colon, password = userinfo.partition(":")
+    return SentinelUrl(
+        sentinels,
+        unquote(path[0]),
+        db,
+        unquote(user) or None,
+        unquote(password) if colon else None,
+        parts.scheme == "rediss+sentinel",
+    )
+
+
+def _host_port(item: str, shown: str) -> tuple[str, int]:
+    if item.startswith("["):  # [v6]:port
+        host, _, rest = item[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    else:
+        host, _, port = item.partition(":")
+    if not host:
+        raise RedisConnectError(f"invalid Sentinel URL {shown}: a sentinel address is empty")
+    try:
+        number = int(port) if port else SENTINEL_PORT
+    except ValueError:
+        raise RedisConnectError(f"invalid Sentinel URL {shown}: port {port!r} is not a number") from None
+    if not 0 < number < 65536:
+        raise RedisConnectError(f"invalid Sentinel URL {shown}: port {number} out of range")
+    return host, number
+
+
+class FailoverConnection(SentinelManagedConnection):
+    """A connection to the service's primary that reports a primary refusing writes as unavailable.
+
+    redis-py already turns ``READONLY`` (a demoted primary) into a ``ConnectionError``; this does
+    the same for ``NOREPLICAS`` (a primary cut off from its replicas, ``min-replicas-to-write``),
+    so readers and workers back off and ask the sentinels again instead of logging an error.
+    """
+
+    def read_response(self, *args: object, **kwargs: object) -> object:
+        """Read a reply; raise ``ConnectionError`` (and disconnect) on a ``NOREPLICAS`` answer."""
+        try:
+            return super().read_response(*args, **kwargs)
+        except redis.ResponseError as e:
+            if not str(e).startswith("NOREPLICAS"):
+                raise
+            self.disconnect()
+            raise redis.ConnectionError(f"the primary refuses writes: {e}") from e
+
+
+class FailoverSSLConnection(FailoverConnection, SSLConnection):
+    """:class:`FailoverConnection` over TLS."""
+
+
+def _sentinel_client(settings: RedisSettings, kwargs: dict[str, object]) -> redis.Redis:
+    """Return a client of the service's primary that asks the sentinels again after each failover."""
+    target = parse_sentinel_url(settings.url)
+    kwargs = {**kwargs, "db": target.db}
+    if target.password is not None and "password" not in kwargs:
+        kwargs["password"] = target.password
+    if target.username is not None and "username" not in kwargs:
+        kwargs["username"] = target.username
+    sentinel_kwargs: dict[str, object] = {
+        k: v for k, v in kwargs.items() if k.startswith(("socket_", "ssl_"))
+    }
+    kwargs["connection_class"] = FailoverSSLConnection if target.tls else FailoverConnection
+    if target.tls:
+        sentinel_kwargs["ssl"] = True
+    if os.environ.get("DFM_REDIS_SENTINEL_PASSWORD"):
+        sentinel_kwargs["password"] = os.environ["DFM_REDIS_SENTINEL_PASSWORD"]
+    if os.environ.get("DFM_REDIS_SENTINEL_USERNAME"):
+        sentinel_kwargs["username"] = os.environ["DFM_REDIS_SENTINEL_USERNAME"]
+    sentinel = Sentinel(target.sentinels, sentinel_kwargs=sentinel_kwargs, **kwargs)
+    return sentinel.master_for(target.service)

@@ -1,24 +1,34 @@
 """The consumer side of the frame streams: groups, reads with exact gap accounting, reclaim, stats.
 
 Every frame stream has one consumer group (default ``dfm-workers``) created idempotently at id
-``0`` with ``MKSTREAM``, so frames written before any worker started are scored too.
+``0`` with ``MKSTREAM``, so frames written before any worker started are scored too; a group
+created again after ``XGROUP DESTROY`` starts after the camera's last scored frame instead
+(:data:`SCORED_FIELD`, kept by the publish script), so no frame is scored twice.
 
-Reading goes through a Lua script (:data:`READ_SCRIPT`, one camera per call, so it is cluster
-safe: the frame stream and the camera's seq hash share the ``{camera}`` hash tag). The script does
-a non-blocking ``XREADGROUP ... COUNT n STREAMS frames >`` and, in the same atomic step, walks the
-``seq``/``session`` of the delivered entries against the last delivered seq stored
+Reading goes through a Lua script (:data:`dfm_stream.read_script.READ_SCRIPT`, one camera per call,
+so it is cluster safe: the frame stream and the camera's seq hash share the ``{camera}`` hash tag).
+The script does a non-blocking ``XREADGROUP ... COUNT n STREAMS frames >`` and, in the same atomic
+step, walks the ``seq``/``session`` of the delivered entries against the last delivered seq stored
 in ``{prefix}:{camera}:seq``. Because deliveries of new entries to a group happen in stream order
 and the script is atomic, the gap count is exact however many workers share a camera: a gap is a
-frame of the same reader session that was trimmed by ``MAXLEN`` before the group delivered it.
-Not counted (never over-counted): frames trimmed at the very end of a reader session (the next
-session starts a new count), and frames of a second reader writing the same camera at the same
-time (each session switch restarts the count). Entries whose ``msg`` cannot be unpacked are
-ignored by the accounting and handed over as they are (the worker dead-letters them). The script
-reads ``seq``/``session`` with a small msgpack scanner of its own (Redis' ``cmsgpack`` refuses the
+frame of the same reader session that was trimmed by ``MAXLEN`` before the group delivered it. Not
+counted (never over-counted): frames trimmed at the very end of a reader session (the next session
+starts a new count), and frames of a second reader writing the same camera at the same time (each
+session switch restarts the count). Entries whose ``msg`` cannot be unpacked are ignored by the
+accounting and handed over as they are (the worker dead-letters them). The script reads
+``seq``/``session`` with a small msgpack scanner of its own (Redis' ``cmsgpack`` refuses the
 ``bin`` type that carries the image), which stops as soon as it has both fields.
 
+Bounded work per entry, whatever it holds (constants in :mod:`dfm_stream.read_script`): the
+scanner looks at no more than ``SCAN_MAX_ITEMS`` msgpack items (strings and binaries are jumped
+over, at most ``SCAN_MAX_STR`` bytes of a string are copied), an entry above ``max_frame_bytes``
+is not scanned at all, and the gap count is bounded per camera: a ``seq`` that goes back, is at
+least ``SEQ_MAX``, or jumps further than ``GAP_PER_MS`` frames per millisecond of entry-id time
+(plus ``GAP_SLACK``) is returned as a seq anomaly, never as a gap, and the count restarts.
+
 Waiting for frames costs no polling: when a scripted read returns nothing, the script also
-returns the id of the newest entry of the stream, and the worker blocks on ``XREAD BLOCK`` from
+returns the group's last-delivered id (from ``XINFO GROUPS``: no entry is copied into Lua), which
+no entry of the stream is newer than, and the worker blocks on ``XREAD BLOCK`` from
 those ids (all cameras in one call on a standalone server; on a cluster one camera at a time,
 round-robin, with a short block, because keys of different cameras live in different slots).
 """
@@ -33,119 +43,18 @@ from dataclasses import dataclass, field
 
 import redis
 
-from dfm_stream import keys
+from dfm_stream import keys, liveness, replies
 from dfm_stream.connect import RedisClient
-from dfm_stream.wire import FIELD
+from dfm_stream.read_script import READ_SCRIPT
+from dfm_stream.wire import FIELD, frame_bytes_cap
 
 log = logging.getLogger(__name__)
 
-READ_SCRIPT = """
-local mp_read
-local function mp_skip_items(s, p, count, depth)
-  if depth > 16 then return nil end
-  for _ = 1, count do
-    local v
-    v, p = mp_read(s, p, depth + 1)
-    if v == nil then return nil end
-  end
-  return false, p
-end
-mp_read = function(s, p, depth)
-  depth = depth or 0
-  local t = string.byte(s, p)
-  if not t then return nil end
-  if t <= 0x7f then return t, p + 1 end
-  if t >= 0x80 and t <= 0x8f then return mp_skip_items(s, p + 1, 2 * (t - 0x80), depth) end
-  if t >= 0x90 and t <= 0x9f then return mp_skip_items(s, p + 1, t - 0x90, depth) end
-  if t == 0xdc then return mp_skip_items(s, p + 3, struct.unpack('>I2', s, p + 1), depth) end
-  if t == 0xdd then return mp_skip_items(s, p + 5, struct.unpack('>I4', s, p + 1), depth) end
-  if t == 0xde then return mp_skip_items(s, p + 3, 2 * struct.unpack('>I2', s, p + 1), depth) end
-  if t == 0xdf then return mp_skip_items(s, p + 5, 2 * struct.unpack('>I4', s, p + 1), depth) end
-  local fixext = {[0xd4] = 3, [0xd5] = 4, [0xd6] = 6, [0xd7] = 10, [0xd8] = 18}
-  if fixext[t] then return false, p + fixext[t] end
-  if t == 0xc7 then return false, p + 3 + string.byte(s, p + 1) end
-  if t == 0xc8 then return false, p + 4 + struct.unpack('>I2', s, p + 1) end
-  if t == 0xc9 then return false, p + 6 + struct.unpack('>I4', s, p + 1) end
-  if t >= 0xe0 then return t - 256, p + 1 end
-  if t >= 0xa0 and t <= 0xbf then return string.sub(s, p + 1, p + t - 0xa0), p + 1 + t - 0xa0 end
-  if t == 0xc0 or t == 0xc2 or t == 0xc3 then return false, p + 1 end
-  if t == 0xcc then return string.byte(s, p + 1), p + 2 end
-  if t == 0xcd then return (struct.unpack('>I2', s, p + 1)), p + 3 end
-  if t == 0xce then return (struct.unpack('>I4', s, p + 1)), p + 5 end
-  if t == 0xcf then
-    local hi, lo = struct.unpack('>I4I4', s, p + 1)
-    return hi * 4294967296 + lo, p + 9
-  end
-  local fixed = {[0xd0] = 2, [0xd1] = 3, [0xd2] = 5, [0xd3] = 9, [0xca] = 5, [0xcb] = 9}
-  if fixed[t] then return false, p + fixed[t] end
-  local l, h
-  if t == 0xd9 or t == 0xc4 then l, h = string.byte(s, p + 1), 2
-  elseif t == 0xda or t == 0xc5 then l, h = struct.unpack('>I2', s, p + 1), 3
-  elseif t == 0xdb or t == 0xc6 then l, h = struct.unpack('>I4', s, p + 1), 5
-  else return nil end
-  if not l then return nil end
-  if t == 0xc4 or t == 0xc5 or t == 0xc6 then return false, p + h + l end
-  return string.sub(s, p + h, p + h + l - 1), p + h + l
-end
-local function frame_seq(s)
-  local b = string.byte(s, 1)
-  local n, p
-  if not b then return nil end
-  if b >= 0x80 and b <= 0x8f then n, p = b - 0x80, 2
-  elseif b == 0xde then n, p = struct.unpack('>I2', s, 2), 4
-  elseif b == 0xdf then n, p = struct.unpack('>I4', s, 2), 6
-  else return nil end
-  local seq, session = nil, nil
-  for _ = 1, n do
-    local k, v
-    k, p = mp_read(s, p)
-    if k == nil then return nil end
-    v, p = mp_read(s, p)
-    if v == nil then return nil end
-    if k == 'seq' then seq = v elseif k == 'session' then session = v end
-    if seq and session then break end
-  end
-  if type(seq) ~= 'number' or seq < 0 then return nil end
-  if type(session) ~= 'string' then session = '' end
-  return seq, session
-end
-local r = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', tonumber(ARGV[3]),
-                     'STREAMS', KEYS[1], '>')
-if not r then
-  local top = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
-  local top_id = '0-0'
-  if top[1] then top_id = top[1][1] end
-  return {{}, 0, top_id}
-end
-local entries = r[1][2]
-local session = redis.call('HGET', KEYS[2], 'session')
-local last = tonumber(redis.call('HGET', KEYS[2], 'seq') or '-1')
-local gaps = 0
-for _, e in ipairs(entries) do
-  local fields = e[2]
-  local payload = nil
-  for i = 1, #fields, 2 do
-    if fields[i] == 'msg' then payload = fields[i + 1] end
-  end
-  if payload then
-    local ok, seq, s = pcall(frame_seq, payload)
-    if ok and seq then
-      if s ~= session then
-        session = s
-      elseif seq > last + 1 then
-        gaps = gaps + (seq - last - 1)
-      end
-      last = seq
-    end
-  end
-end
-if session then
-  redis.call('HSET', KEYS[2], 'session', session, 'seq', last)
-end
-return {entries, gaps, entries[#entries][1]}
-"""
-"""KEYS: frames stream, seq hash. ARGV: group, consumer, count. Returns {entries, gaps, last id}."""
+DEFAULT_MAX_CAMERAS = 256
+"""Most cameras a worker follows by discovery (``--max-cameras``); given cameras are not limited."""
 
+SCORED_FIELD = "scored"
+"""Field of ``{prefix}:{camera}:seq``: the highest frame entry id with a score (written on publish)."""
 
 LAG_COUNT_CAP = 10_000
 """Most entries :data:`LAG_SCRIPT` counts one by one (a larger lag is reported as this number).
@@ -211,10 +120,11 @@ class StreamEntry:
 
 @dataclass
 class ReadResult:
-    """What one read pass returned: entries, trimmed-gap counts per camera, and the drained cameras."""
+    """What one read pass returned: entries, trimmed gaps and absurd seqs per camera, drained cameras."""
 
     entries: list[StreamEntry] = field(default_factory=list)
     trimmed: dict[str, int] = field(default_factory=dict)
+    seq_anomalies: dict[str, int] = field(default_factory=dict)
     drained: set[str] = field(default_factory=set)
 
 
@@ -247,64 +157,117 @@ class StreamConsumer:
         group: str = keys.DEFAULT_GROUP,
         name: str | None = None,
         cluster: bool = False,
+        max_frame_bytes: int | None = None,
     ) -> None:
         self.client = client
         self.prefix = prefix
         self.group = group
         self.name = name or consumer_name()
         self.cluster = cluster
+        self.max_frame_bytes = int(max_frame_bytes or frame_bytes_cap())
         self.cameras: list[str] = []
         self._top: dict[str, str] = {}
+        self._refused = liveness.Refusals()
         self._rr = 0
         self._read = client.register_script(READ_SCRIPT)
         self._lag = client.register_script(LAG_SCRIPT)
 
     def add_cameras(self, cameras: list[str]) -> list[str]:
-        """Create the group on each new camera's stream (idempotent); return the cameras added."""
+        """Create the group on each new camera's stream (idempotent); return the cameras added.
+
+        A camera whose group cannot be created yet (Redis at ``maxmemory``, see
+        :meth:`_create_group`) is left out; the next call tries it again.
+        """
         added = []
         for camera in cameras:
-            if camera in self.cameras:
+            if camera in self.cameras or not self._create_group(camera):
                 continue
-            self._create_group(camera)
             self.cameras.append(camera)
             self._top.setdefault(camera, "0-0")
             added.append(camera)
         return added
 
-    def discover(self, cameras: list[str] | None = None) -> list[str]:
-        """Add ``cameras``, or (None) every valid camera id registered by the readers; return those added."""
-        if cameras is None:
-            cameras = sorted(_s(k) for k in self.client.hkeys(keys.cameras_key(self.prefix)))
-            cameras = [c for c in cameras if keys.valid_name(c)]
-        return self.add_cameras(list(cameras))
+    def discover(self, cameras: list[str] | None = None, limit: int = DEFAULT_MAX_CAMERAS) -> list[str]:
+        """Add ``cameras``, or (None) the registered cameras with a live reader; return those added.
+
+        Discovered cameras (:func:`dfm_stream.liveness.live_cameras`) are followed up to ``limit``
+        in all; an invalid id, or one beyond the limit, is refused and logged once.
+        """
+        if cameras is not None:
+            return self.add_cameras(list(cameras))
+        new = [c for c in liveness.live_cameras(self.client, self.prefix) if c not in self.cameras]
+        good = [c for c in new if keys.valid_name(c)]
+        room = max(0, limit - len(self.cameras))
+        self._refused.say([c for c in new if not keys.valid_name(c)], "not a valid camera id")
+        self._refused.say(
+            good[room:], f"this worker follows at most {limit} discovered cameras (--max-cameras)"
+        )
+        return self.add_cameras(good[:room])
 
     def ensure_groups(self) -> None:
-        """Create the group again on every camera's stream where it is missing (Redis lost its data)."""
-        for camera in list(self.cameras):
-            self._create_group(camera)
+        """Create the group again on every camera's stream where it is missing (Redis lost its data).
 
-    def _create_group(self, camera: str) -> None:
+        A camera whose group is missing and cannot be created now (Redis at ``maxmemory``) is
+        dropped from :attr:`cameras`, so it cannot stall the others; discovery adds it back later.
+        """
+        for camera in list(self.cameras):
+            if not self._create_group(camera):
+                self.remove_camera(camera)
+
+    def _create_group(self, camera: str) -> bool:
+        """Make sure the group exists on ``camera``'s stream; False when Redis refuses to create it now.
+
+        ``XGROUP CREATE`` is a ``denyoom`` command: at ``maxmemory`` (``noeviction``) Redis refuses
+        it even when the group exists already, while reading, scoring and acknowledging still work.
+        So a refusal is checked with ``XINFO GROUPS`` (a read): an existing group is all we need.
+
+        A new group starts right after the camera's last scored frame (a group destroyed and created
+        again would otherwise give already scored frames a second score), or at 0 when the stream is
+        empty, missing, or newer than that frame (deleted and written again). The camera's gap
+        accounting restarts with the group.
+        """
         key = keys.frames_key(camera, self.prefix)
+        seq = keys.seq_key(camera, self.prefix)
+        start = _s(replies.hget(self.client, seq, SCORED_FIELD) or "0")
+        newest = replies.xrevrange(self.client, key, count=1) if start != "0" else []
+        if not newest or _id_key(_s(newest[0][0])) < _id_key(start):  # nothing stored, or a new stream
+            start = "0"
         try:
-            self.client.xgroup_create(key, self.group, id="0", mkstream=True)
-            log.info("created consumer group %s on %s", self.group, key)
+            self.client.xgroup_create(key, self.group, id=start, mkstream=True)
+        except redis.exceptions.OutOfMemoryError as e:
+            if self._group_exists(key):
+                return True
+            log.warning("cannot create consumer group %s on %s yet (%s): retrying later", self.group, key, e)
+            return False
         except redis.ResponseError as e:
             if "BUSYGROUP" not in str(e):
                 raise
+            return True
+        self.client.hdel(seq, "session", "seq", "ms")
+        log.info("created consumer group %s on %s at id %s", self.group, key, start)
+        return True
+
+    def _group_exists(self, key: str) -> bool:
+        try:
+            groups = self.client.xinfo_groups(key)
+        except redis.ResponseError:  # no such stream
+            return False
+        return any(_s(g["name"]) == self.group for g in groups)
 
     def remove_camera(self, camera: str) -> None:
         """Stop reading ``camera`` (its pending entries stay for other consumers to reclaim)."""
         if camera in self.cameras:
             self.cameras.remove(camera)
 
-    def read_camera(self, camera: str, count: int) -> tuple[list[StreamEntry], int]:
-        """Deliver up to ``count`` new entries of ``camera`` to this consumer; return them and the gaps."""
+    def read_camera(self, camera: str, count: int) -> tuple[list[StreamEntry], int, int]:
+        """Deliver up to ``count`` new entries of ``camera``; return them, the gaps and the absurd seqs."""
         frames = keys.frames_key(camera, self.prefix)
         seq = keys.seq_key(camera, self.prefix)
-        reply = self._read(keys=[frames, seq], args=[self.group, self.name, int(count)])
-        raw_entries, gaps, top = reply[0], int(reply[1]), _s(reply[2])
+        args: list[replies.ScriptArg] = [self.group, self.name, int(count), self.max_frame_bytes]
+        reply = self._read(keys=[frames, seq], args=args)
+        raw_entries, gaps, top, odd = reply[0], max(0, int(reply[1])), _s(reply[2]), max(0, int(reply[3]))
         self._top[camera] = top
-        return [_entry(camera, e[0], e[1]) for e in raw_entries], gaps
+        return [_entry(camera, e[0], e[1]) for e in raw_entries], gaps, odd
 
     def read(self, count: int, cameras: list[str] | None = None) -> ReadResult:
         """Read up to ``count`` new entries in total, round-robin over ``cameras`` (default all)."""
@@ -318,9 +281,11 @@ class StreamConsumer:
             room = count - len(result.entries)
             if room <= 0:
                 break
-            entries, gaps = self.read_camera(camera, room)
+            entries, gaps, odd = self.read_camera(camera, room)
             if gaps:
                 result.trimmed[camera] = gaps
+            if odd:
+                result.seq_anomalies[camera] = odd
             if not entries:
                 result.drained.add(camera)
             result.entries.extend(entries)
@@ -337,11 +302,16 @@ class StreamConsumer:
             timeout_ms = min(timeout_ms, 100)
         else:
             streams = {keys.frames_key(c, self.prefix): self._top.get(c, "0-0") for c in order}
-        reply = self.client.xread(streams, count=1, block=max(1, int(timeout_ms)))
-        return bool(reply)
+        return replies.xread_any(self.client, streams, count=1, block=max(1, int(timeout_ms)))
 
-    def reclaim(self, min_idle_ms: int, count: int = 100, exclude: set[str] | None = None) -> ClaimResult:
-        """Claim entries idle longer than ``min_idle_ms`` on every camera, except frame ids in ``exclude``.
+    def reclaim(
+        self,
+        min_idle_ms: int,
+        count: int = 100,
+        exclude: set[str] | None = None,
+        cameras: list[str] | None = None,
+    ) -> ClaimResult:
+        """Claim entries idle longer than ``min_idle_ms`` on ``cameras`` (default all), except ``exclude``.
 
         ``XPENDING ... IDLE`` lists the idle entries (any owner, this consumer's own included: a frame
         left pending after a failed batch is taken again); those in ``exclude`` (the worker's frames
@@ -355,11 +325,13 @@ class StreamConsumer:
         camera per pass.
         """
         result = ClaimResult()
-        for camera in list(self.cameras):
+        for camera in list(self.cameras if cameras is None else cameras):
             key = keys.frames_key(camera, self.prefix)
             start = "-"
             for _ in range(100):
-                rows = self.client.xpending_range(key, self.group, start, "+", count, idle=int(min_idle_ms))
+                rows = replies.xpending_range(
+                    self.client, key, self.group, start, count, idle=int(min_idle_ms)
+                )
                 if not rows:
                     break
                 start = "(" + _s(rows[-1]["message_id"])
@@ -377,8 +349,10 @@ class StreamConsumer:
     def _claim(
         self, camera: str, key: str, min_idle_ms: int, wanted: dict[str, int], result: ClaimResult
     ) -> None:
-        reply = self.client.xclaim(key, self.group, self.name, min_idle_ms, list(wanted))
-        got = [_entry(camera, e[0], e[1]) for e in reply if e and e[0] is not None and e[1] is not None]
+        got = [
+            _entry(camera, i, f)
+            for i, f in replies.xclaim(self.client, key, self.group, self.name, min_idle_ms, list(wanted))
+        ]
         for entry in got:
             entry.deliveries = wanted.get(entry.entry_id, 1) + 1
         result.entries.extend(got)
@@ -417,9 +391,19 @@ class StreamConsumer:
                 out[camera] = (int(lag), int(pending))
         return out
 
-    def heartbeat(self, ttl_s: int = 30) -> None:
-        """Refresh this worker's heartbeat key (it expires ``ttl_s`` after the worker dies)."""
-        self.client.set(keys.worker_heartbeat_key(self.name, self.prefix), b"1", ex=ttl_s)
+    def heartbeat(self, ttl_s: int = 30) -> bool:
+        """Refresh this worker's heartbeat key (it expires ``ttl_s`` after the worker dies).
+
+        Returns False, with a warning, when Redis refuses the write (``maxmemory``, a read-only
+        replica, an ACL): the heartbeat is for observers, and scoring must not depend on it.
+        Connection errors still raise (the worker reconnects).
+        """
+        try:
+            self.client.set(keys.worker_heartbeat_key(self.name, self.prefix), b"1", ex=ttl_s)
+        except redis.ResponseError as e:
+            log.warning("could not refresh the heartbeat of worker %s: %s", self.name, e)
+            return False
+        return True
 
 
 def _id_key(entry_id: str) -> tuple[int, int]:

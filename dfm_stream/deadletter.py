@@ -2,7 +2,7 @@
 
 Reasons: the :class:`~dfm_stream.errors.WireError` reasons of the frame codec (``bad_msgpack``,
 ``bad_message`` — also a missing ``msg`` field —, ``unsupported_version``, ``too_large``,
-``shape_mismatch``, ``decode_error``) and ``max_deliveries`` (a frame delivered more than
+``shape_mismatch``, ``decode_error``, ``oversized``) and ``max_deliveries`` (a frame delivered more than
 ``--max-deliveries`` times, e.g. one that keeps crashing workers).
 
 The entry is written first and the frame acknowledged after (two commands: the dead-letter stream

@@ -66,8 +66,12 @@ class EmbeddedRedis:
         self.appendonly = appendonly
         self.extra_args = list(extra_args or [])
         self.binary = binary or find_redis_server()
-        self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="dfm-redis-")
-        self.dir = Path(workdir) if workdir else Path(self._tmp.name)
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        if workdir:
+            self.dir = Path(workdir)
+        else:
+            self._tmp = tempfile.TemporaryDirectory(prefix="dfm-redis-")
+            self.dir = Path(self._tmp.name)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property

@@ -33,6 +33,10 @@ class RedisConnectError(DfmStreamError):
     """A Redis URL is malformed or the server refused the credentials or TLS settings."""
 
 
+class NotReplicatedError(DfmStreamError):
+    """``--durability replicated``: no replica confirmed a write (``WAIT 1``) within the timeout."""
+
+
 class ImageReadError(DfmStreamError):
     """An image file is missing, unreadable or corrupt."""
 
@@ -79,3 +83,19 @@ class InspectionError(DfmStreamError):
 
 class BridgeError(DfmStreamError):
     """The bridge cannot start an adapter (bad URL or endpoint, unreadable password file, port in use)."""
+
+
+class PortInUseError(DfmStreamError):
+    """A port to listen on (``--metrics-port``) is taken by another process or cannot be bound."""
+
+
+class RedisUnavailableError(RedisConnectError):
+    """Redis cannot be reached, refused the credentials, or refused a command for lack of rights."""
+
+
+class ConsoleError(DfmStreamError):
+    """The operator console cannot start or act: a bad users file, an unknown user, a bad role."""
+
+
+class NoFramesError(DfmStreamError):
+    """A reader ran to its end and a camera sent nothing to Redis (no frame from the source, none written)."""

@@ -1,4 +1,4 @@
-"""Evaluation: AUROC, ROC curves, thresholds, and ROC / histogram plots drawn with OpenCV.
+"""Evaluation: AUROC, ROC curves, thresholds and what they give; plots are drawn by :mod:`dfm_stream.plots`.
 
 Convention everywhere: an image is anomalous when its score is strictly greater than the
 threshold.
@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 
 from dfm_stream.errors import DfmStreamError
+from dfm_stream.plots import Marker, plot_histogram, plot_roc
 
 
 @dataclass(frozen=True)
@@ -91,6 +91,40 @@ def f1_optimal_threshold(
     return best
 
 
+@dataclass(frozen=True)
+class OperatingPoint:
+    """What a threshold gives on labelled data (``score > threshold`` is an alarm).
+
+    ``precision`` is 0 when nothing is flagged; ``recall`` is None without defective images and
+    ``false_alarm_rate`` (false positives / good images) None without good ones.
+    """
+
+    threshold: float
+    precision: float
+    recall: float | None
+    f1: float
+    false_alarm_rate: float | None
+    true_positives: int
+    false_positives: int
+    false_negatives: int
+    true_negatives: int
+
+
+def metrics_at(
+    labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarray, threshold: float
+) -> OperatingPoint:
+    """Return precision, recall, F1, false-alarm rate and the four counts at ``threshold``."""
+    y, s = _check_binary(np.asarray(labels), np.asarray(scores))
+    flagged = s > threshold
+    tp, fp = int((flagged & y).sum()), int((flagged & ~y).sum())
+    fn, tn = int((~flagged & y).sum()), int((~flagged & ~y).sum())
+    precision = tp / max(tp + fp, 1)
+    recall = tp / (tp + fn) if tp + fn else None
+    f1 = 2 * precision * recall / (precision + recall) if tp and recall else 0.0
+    fpr = fp / (fp + tn) if fp + tn else None
+    return OperatingPoint(float(threshold), precision, recall, f1, fpr, tp, fp, fn, tn)
+
+
 def quantile_threshold(good_scores: Sequence[float] | np.ndarray, max_fpr: float) -> float:
     """Return the lowest good score such that at most ``max_fpr`` of good scores lie above it."""
     scores = np.sort(np.asarray(good_scores, dtype=np.float64).ravel())
@@ -102,84 +136,6 @@ def quantile_threshold(good_scores: Sequence[float] | np.ndarray, max_fpr: float
         raise DfmStreamError(msg)
     allowed_above = int(np.floor(max_fpr * scores.size))
     return float(scores[scores.size - 1 - allowed_above])
-
-
-def _canvas(width: int, height: int) -> np.ndarray:
-    return np.full((height, width, 3), 255, np.uint8)
-
-
-def _axes(img: np.ndarray, box: tuple[int, int, int, int], xlabel: str, ylabel: str, title: str) -> None:
-    x0, y0, x1, y1 = box
-    cv2.rectangle(img, (x0, y0), (x1, y1), (0, 0, 0), 1)
-    font = cv2.FONT_HERSHEY_SIMPLEX
-    cv2.putText(img, title, (x0, y0 - 12), font, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
-    cv2.putText(img, xlabel, ((x0 + x1) // 2 - 60, y1 + 35), font, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
-    cv2.putText(img, ylabel, (5, y0 - 12 + 0), font, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
-
-
-def plot_roc(path: Path, fpr: np.ndarray, tpr: np.ndarray, auc: float | None) -> None:
-    """Draw a ROC curve as a PNG at ``path``."""
-    img = _canvas(480, 480)
-    box = (60, 40, 440, 420)
-    title = f"ROC (image AUROC = {auc:.3f})" if auc is not None else "ROC"
-    _axes(img, box, "false positive rate", "TPR", title)
-    x0, y0, x1, y1 = box
-    cv2.line(img, (x0, y1), (x1, y0), (180, 180, 180), 1, cv2.LINE_AA)
-    points = np.stack([x0 + fpr * (x1 - x0), y1 - tpr * (y1 - y0)], axis=1).round().astype(np.int32)
-    cv2.polylines(img, [points], False, (200, 80, 0), 2, cv2.LINE_AA)
-    _write_png(path, img)
-
-
-def plot_histogram(
-    path: Path, good: np.ndarray, defective: np.ndarray, threshold: float | None, bins: int = 30
-) -> None:
-    """Draw overlaid score histograms (good: green, defective: red) and the threshold as a PNG."""
-    img = _canvas(640, 420)
-    box = (60, 40, 620, 360)
-    _axes(img, box, "anomaly score", "count", "score histogram (green: good, red: defective)")
-    values = np.r_[good, defective, [] if threshold is None else [threshold]]
-    lo, hi = float(values.min()), float(values.max())
-    hi = hi if hi > lo else lo + 1.0
-    edges = np.linspace(lo, hi, bins + 1)
-    counts = [np.histogram(v, edges)[0] for v in (good, defective)]
-    peak = max(1, *(int(c.max()) if c.size else 0 for c in counts))
-    x0, y0, x1, y1 = box
-    width = (x1 - x0) / bins
-    for colour, count in zip(((0, 160, 0), (0, 0, 220)), counts, strict=True):
-        layer = img.copy()
-        for i, c in enumerate(count):
-            top = y1 - round(c / peak * (y1 - y0))
-            cv2.rectangle(layer, (round(x0 + i * width), top), (round(x0 + (i + 1) * width), y1), colour, -1)
-        cv2.addWeighted(layer, 0.5, img, 0.5, 0, dst=img)
-    if threshold is not None:
-        tx = round(x0 + (threshold - lo) / (hi - lo) * (x1 - x0))
-        cv2.line(img, (tx, y0), (tx, y1), (0, 0, 0), 2)
-    font = cv2.FONT_HERSHEY_SIMPLEX
-    cv2.putText(img, f"{lo:.4g}", (x0, y1 + 18), font, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
-    cv2.putText(img, f"{hi:.4g}", (x1 - 50, y1 + 18), font, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
-    _write_png(path, img)
-
-
-def heatmap_overlay(image_bgr: np.ndarray, anomaly_map: np.ndarray, vmax: float) -> np.ndarray:
-    """Blend a JET colour map of ``anomaly_map`` (0 .. ``vmax``) over the image."""
-    height, width = image_bgr.shape[:2]
-    scaled = np.clip(anomaly_map / max(vmax, 1e-12), 0, 1)
-    scaled = cv2.resize((scaled * 255).astype(np.uint8), (width, height), interpolation=cv2.INTER_LINEAR)
-    colour = cv2.applyColorMap(scaled, cv2.COLORMAP_JET)
-    return cv2.addWeighted(image_bgr, 0.55, colour, 0.45, 0)
-
-
-def _write_png(path: Path, image: np.ndarray) -> None:
-    ok, encoded = cv2.imencode(".png", image)
-    if not ok:
-        msg = f"cannot encode a PNG for {path}"
-        raise DfmStreamError(msg)
-    Path(path).write_bytes(encoded.tobytes())
-
-
-def write_png(path: Path, image: np.ndarray) -> None:
-    """Write a BGR uint8 image as a PNG (paths with any characters)."""
-    _write_png(path, image)
 
 
 class EvalCollector:
@@ -214,6 +170,23 @@ class EvalCollector:
         return auroc(np.concatenate(self._pixel_labels), np.concatenate(self._pixel_scores))
 
 
+def _operating_points(labels: np.ndarray, scores: np.ndarray, info: Any) -> dict[str, OperatingPoint | None]:
+    """Return what the model's own threshold and the F1-optimal one give on the test set."""
+    best = f1_optimal_threshold(labels, scores) if labels.any() else None
+    return {
+        "model threshold": None if info.threshold is None else metrics_at(labels, scores, info.threshold),
+        "F1-optimal": None if best is None else metrics_at(labels, scores, best.threshold),
+    }
+
+
+def _markers(points: dict[str, OperatingPoint | None]) -> list[Marker]:
+    return [
+        Marker(label, p.threshold, p.false_alarm_rate, p.recall)
+        for label, p in points.items()
+        if p is not None
+    ]
+
+
 def write_report(
     out: Path, collector: EvalCollector, info: Any, skipped: Sequence[tuple[Path, str]] = ()
 ) -> dict[str, Any]:
@@ -229,7 +202,7 @@ def write_report(
     for defect in sorted({r[2] for r in collector.rows if r[1] == 1}):
         keep = good | np.array([r[2] == defect for r in collector.rows])
         per_defect[defect] = auroc(labels[keep], scores[keep])
-    best = f1_optimal_threshold(labels, scores) if labels.any() else None
+    points = _operating_points(labels, scores, info)
     fpr, tpr = roc_curve(labels, scores)
     image_auc = auroc(labels, scores)
     report = {
@@ -238,9 +211,10 @@ def write_report(
         "n_defective": int((~good).sum()),
         "image_auroc": image_auc,
         "image_auroc_per_defect": per_defect,
-        "f1_optimal": None if best is None else dataclasses.asdict(best),
+        "f1_optimal": _as_dict(points["F1-optimal"]),
         "pixel_auroc": collector.pixel_auroc(),
         "model_threshold": info.threshold,
+        "at_model_threshold": _as_dict(points["model threshold"]),
         "model": {
             "backbone": info.backbone,
             "layer": info.layer,
@@ -252,6 +226,12 @@ def write_report(
         "images": [{"path": p, "label": y, "defect_type": d, "score": s} for p, y, d, s in collector.rows],
     }
     (out / "report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
-    plot_roc(out / "roc.png", fpr, tpr, image_auc)
-    plot_histogram(out / "histogram.png", scores[good], scores[~good], best.threshold if best else None)
+    markers = _markers(points)
+    counts = (int(good.sum()), int((~good).sum()))
+    plot_roc(out / "roc.png", fpr, tpr, image_auc, counts, markers)
+    plot_histogram(out / "histogram.png", scores[good], scores[~good], markers)
     return report
+
+
+def _as_dict(point: OperatingPoint | None) -> dict[str, Any] | None:
+    return None if point is None else dataclasses.asdict(point)

@@ -77,6 +77,7 @@ def decode_frame(msg: FrameMsg, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndar
     """Decode a frame message into an RGB uint8 HxWx3 array (grayscale is expanded to 3 channels)."""
     if msg.w * msg.h > max_pixels:
         raise WireError(f"camera {msg.camera}: {msg.w}x{msg.h} frame exceeds the pixel cap", "too_large")
+    image: np.ndarray | None
     if msg.enc == "raw":
         image = np.frombuffer(msg.data, dtype=np.uint8)
         if image.size != msg.w * msg.h * msg.c:

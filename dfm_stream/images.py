@@ -38,18 +38,31 @@ class MvtecSample(NamedTuple):
 
 
 def preprocess_tensor(batch: torch.Tensor, image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE) -> torch.Tensor:
-    """Turn a uint8 RGB ``(N, 3, H, W)`` tensor (any device) into a normalised float32 batch."""
+    """Turn a uint8 RGB ``(N, 3, H, W)`` tensor (any device) into a normalised float32 batch.
+
+    Memory: the result is allocated once at the model's size and scaled and normalised in place.
+    Resizing runs one image and one channel at a time, so the only float32 copy at the frame's own
+    size is one channel of one frame (4 bytes per pixel, freed before the next); the values are
+    the reference rule's (resize in float, then scale) to float32 rounding.
+    """
     if batch.ndim != 4 or batch.shape[1] != 3:
         msg = f"expected a uint8 RGB batch of shape (N, 3, H, W), got {tuple(batch.shape)}"
         raise ValueError(msg)
-    images = batch.to(torch.float32) / 255.0
-    if tuple(images.shape[-2:]) != tuple(image_size):
-        images = F.interpolate(
-            images, size=tuple(image_size), mode="bilinear", align_corners=False, antialias=True
-        )
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
-    return ((images - mean) / std).contiguous()
+    size = (int(image_size[0]), int(image_size[1]))
+    out = torch.empty((batch.shape[0], 3, *size), dtype=torch.float32, device=batch.device)
+    if tuple(batch.shape[-2:]) == size:
+        out.copy_(batch)
+    else:
+        for i in range(batch.shape[0]):
+            for c in range(3):
+                plane = batch[i, c][None, None].to(torch.float32)
+                out[i, c] = F.interpolate(
+                    plane, size=size, mode="bilinear", align_corners=False, antialias=True
+                )[0, 0]
+                del plane
+    mean = torch.tensor(IMAGENET_MEAN, device=out.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=out.device).view(1, 3, 1, 1)
+    return out.div_(255.0).sub_(mean).div_(std)
 
 
 def _to_rgb(frame: np.ndarray) -> np.ndarray:

@@ -107,11 +107,13 @@ class DecodeFailure:
     error: str
 
 
-def parse_entry(entry: StreamEntry, max_pixels: int = DEFAULT_MAX_PIXELS) -> FrameMsg:
-    """Return the frame message of ``entry``; :class:`WireError` when it is missing or bad."""
+def parse_entry(
+    entry: StreamEntry, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int | None = None
+) -> FrameMsg:
+    """Return the frame message of ``entry``; :class:`WireError` when it is missing, bad or oversized."""
     if entry.payload is None:
         raise WireError(f"camera {entry.camera}: entry {entry.entry_id} has no 'msg' field", "bad_message")
-    return FrameMsg.from_bytes(entry.payload, max_pixels=max_pixels)
+    return FrameMsg.from_bytes(entry.payload, max_pixels=max_pixels, max_bytes=max_bytes)
 
 
 def decode_parsed(
@@ -242,22 +244,19 @@ class Engine:
         return torch.autocast(device_type=self.device.type, dtype=self.autocast)
 
     def to_tensor(self, images: list[np.ndarray | torch.Tensor], image_size: tuple[int, int]) -> torch.Tensor:
-        """Stack RGB images (any sizes) into one normalised ``(N, 3, H, W)`` batch on the device."""
-        tensors = [
-            img
-            if isinstance(img, torch.Tensor)
-            else torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)
-            for img in images
-        ]
+        """Turn RGB images (any sizes) into one normalised ``(N, 3, H, W)`` batch on the device.
+
+        One image at a time (no stacked copy of the frames at their own size): memory beyond the
+        frames and the result is one float32 channel of one frame (:func:`preprocess_tensor`).
+        """
         parts: list[torch.Tensor] = []
-        i = 0
-        while i < len(tensors):  # runs of equal shape are stacked and resized together
-            j = i + 1
-            while j < len(tensors) and tensors[j].shape == tensors[i].shape:
-                j += 1
-            run = torch.stack(tensors[i:j]).to(self.device, non_blocking=True)
-            parts.append(preprocess_tensor(run, image_size))
-            i = j
+        for img in images:
+            tensor = (
+                img
+                if isinstance(img, torch.Tensor)
+                else torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)
+            )
+            parts.append(preprocess_tensor(tensor[None].to(self.device, non_blocking=True), image_size))
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def score(self, model: DFMModel, batch: torch.Tensor, want_maps: bool = True) -> BatchScores:

@@ -13,9 +13,13 @@ Layout (default prefix ``dfm``)::
     dfm:{cam1}:results         stream   part inspection results (one per job)
     dfm:{cam1}:job             string   the job running on cam1 (busy lock, expires)
     dfm:{cam1}:seq             hash     last sequence number handed to the consumer group, per session
+    dfm:{cam1}:candidates      stream   frames marked false alarm in the console (candidate good samples)
     dfm:alarms                 stream   alarm and health events of every camera (+ pub/sub channel)
     dfm:deadletter             stream   frames that could not be scored, with a reason
+    dfm:reviews                hash     frame id of a raised alarm -> JSON review (console)
+    dfm:audit                  stream   every action of a console user (who, what, when)
     dfm:cameras                hash     camera id -> JSON description written by the reader that owns it
+    dfm:cameras:alive          zset     camera id -> Unix time of its reader's last heartbeat
     dfm:worker:NAME            string   worker heartbeat (expires when the worker dies)
     dfm:models                 set      names of the models in the registry
     dfm:{model:NAME}:versions  hash     version -> JSON metadata of that version
@@ -34,12 +38,12 @@ DEFAULT_PREFIX = "dfm"
 DEFAULT_GROUP = "dfm-workers"
 """The consumer group the workers of one deployment share on every frame stream."""
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 def valid_name(name: str) -> bool:
     """Return True when ``name`` is usable as a camera or model id (letters, digits, ``_.-``; <= 64)."""
-    return bool(_NAME_RE.match(name))
+    return isinstance(name, str) and _NAME_RE.fullmatch(name) is not None  # no "$": it allows a final \n
 
 
 def check_name(name: str, what: str = "camera") -> str:
@@ -101,6 +105,21 @@ def alarms_channel(prefix: str = DEFAULT_PREFIX) -> str:
     return f"{prefix}:alarms"
 
 
+def candidates_key(camera: str, prefix: str = DEFAULT_PREFIX) -> str:
+    """Return the stream of ``camera``'s frames marked false alarm (candidate good samples)."""
+    return _camera_key(camera, "candidates", prefix)
+
+
+def reviews_key(prefix: str = DEFAULT_PREFIX) -> str:
+    """Return the hash frame id of a raised alarm -> JSON review (acknowledged / false alarm)."""
+    return f"{prefix}:reviews"
+
+
+def audit_key(prefix: str = DEFAULT_PREFIX) -> str:
+    """Return the stream of console user actions (who, what, when)."""
+    return f"{prefix}:audit"
+
+
 def deadletter_key(prefix: str = DEFAULT_PREFIX) -> str:
     """Return the dead-letter stream (frames that could not be scored, with a reason)."""
     return f"{prefix}:deadletter"
@@ -109,6 +128,11 @@ def deadletter_key(prefix: str = DEFAULT_PREFIX) -> str:
 def cameras_key(prefix: str = DEFAULT_PREFIX) -> str:
     """Return the hash of known cameras (camera id -> JSON description)."""
     return f"{prefix}:cameras"
+
+
+def cameras_alive_key(prefix: str = DEFAULT_PREFIX) -> str:
+    """Return the sorted set camera id -> Unix time (s) of the last heartbeat of the reader writing it."""
+    return f"{prefix}:cameras:alive"
 
 
 def worker_heartbeat_key(worker: str, prefix: str = DEFAULT_PREFIX) -> str:

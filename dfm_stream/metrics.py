@@ -28,6 +28,9 @@ from prometheus_client import (
     process_collector,
 )
 
+from dfm_stream.commands.argtypes import port
+from dfm_stream.errors import PortInUseError
+
 log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (
@@ -57,7 +60,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 SCORE_RATIO_BUCKETS = (0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2, 3, 5, 10)
 """Anomaly score divided by the model's threshold: 1.0 is the alarm line."""
 
-READER_DROP_REASONS = ("decimated", "overrun", "redis_unavailable", "encode_error")
+READER_DROP_REASONS = ("decimated", "overrun", "redis_unavailable", "encode_error", "unreplicated")
 WORKER_DROP_REASONS = ("trimmed", "stale")
 DEADLETTER_REASONS = (
     "bad_msgpack",
@@ -66,6 +69,7 @@ DEADLETTER_REASONS = (
     "too_large",
     "shape_mismatch",
     "decode_error",
+    "oversized",
     "max_deliveries",
 )
 ALARM_STATES = ("raised", "cleared")
@@ -84,7 +88,7 @@ def new_registry(process_metrics: bool = True) -> CollectorRegistry:
     return registry
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ReaderMetrics:
     """What a reader process reports, per camera."""
 
@@ -102,27 +106,36 @@ class ReaderMetrics:
         """Register the reader metrics on ``registry``."""
         cam = ["camera"]
         return cls(
-            Counter("dfm_reader_frames_captured", "Frames read from the camera.", cam, registry=registry),
-            Counter("dfm_reader_frames_published", "Frames written to Redis.", cam, registry=registry),
-            Counter(
+            frames_captured=Counter(
+                "dfm_reader_frames_captured", "Frames read from the camera.", cam, registry=registry
+            ),
+            frames_published=Counter(
+                "dfm_reader_frames_published", "Frames written to Redis.", cam, registry=registry
+            ),
+            frames_dropped=Counter(
                 "dfm_reader_frames_dropped",
-                "Frames not published, by reason (decimated, overrun, redis_unavailable, encode_error).",
+                "Frames not published, by reason (decimated, overrun, redis_unavailable, encode_error,"
+                " unreplicated).",
                 ["camera", "reason"],
                 registry=registry,
             ),
-            Gauge("dfm_camera_up", "1 while the camera delivers frames, else 0.", cam, registry=registry),
-            Counter("dfm_reader_reconnects", "Camera (re)connection attempts.", cam, registry=registry),
-            Gauge(
+            camera_up=Gauge(
+                "dfm_camera_up", "1 while the camera delivers frames, else 0.", cam, registry=registry
+            ),
+            reconnects=Counter(
+                "dfm_reader_reconnects", "Camera (re)connection attempts.", cam, registry=registry
+            ),
+            capture_fps=Gauge(
                 "dfm_reader_capture_fps", "Frames per second read from the camera.", cam, registry=registry
             ),
-            Histogram(
+            encode_seconds=Histogram(
                 "dfm_reader_encode_seconds",
                 "Time to encode one frame.",
                 cam,
                 buckets=FAST_BUCKETS,
                 registry=registry,
             ),
-            Counter(
+            published_bytes=Counter(
                 "dfm_reader_published_frame_bytes", "Bytes of frame messages written.", cam, registry=registry
             ),
         )
@@ -136,7 +149,7 @@ class ReaderMetrics:
         self.camera_up.labels(camera).set(0)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class WorkerMetrics:
     """What a worker process reports."""
 
@@ -161,6 +174,7 @@ class WorkerMetrics:
     loop_errors: Counter
     duplicates: Counter
     events_recovered: Counter
+    seq_anomalies: Counter
 
     def init_camera(self, camera: str) -> None:
         """Create the camera's event series at 0, so ``rate()``/``increase()`` also see the first event."""
@@ -173,6 +187,7 @@ class WorkerMetrics:
         self.redelivered.labels(camera)
         self.duplicates.labels(camera)
         self.events_recovered.labels(camera)
+        self.seq_anomalies.labels(camera)
         self.alarm_active.labels(camera)
 
     @classmethod
@@ -180,113 +195,126 @@ class WorkerMetrics:
         """Register the worker metrics on ``registry``."""
         r = registry
         return cls(
-            Counter(
+            frames_scored=Counter(
                 "dfm_worker_frames_scored", "Frames scored and published.", ["camera", "model"], registry=r
             ),
-            Histogram(
+            batch_size=Histogram(
                 "dfm_worker_batch_size",
                 "Frames per model batch.",
                 ["model"],
                 buckets=BATCH_BUCKETS,
                 registry=r,
             ),
-            Histogram(
+            inference_seconds=Histogram(
                 "dfm_worker_inference_seconds",
                 "Model time per batch.",
                 ["model"],
                 buckets=FAST_BUCKETS,
                 registry=r,
             ),
-            Histogram(
+            decode_seconds=Histogram(
                 "dfm_worker_decode_seconds",
                 "Decode + pre-process time per batch.",
                 buckets=FAST_BUCKETS,
                 registry=r,
             ),
-            Histogram(
+            queue_wait_seconds=Histogram(
                 "dfm_worker_queue_wait_seconds",
                 "Time from the frame's stream entry to the start of its batch.",
                 ["camera"],
                 buckets=LATENCY_BUCKETS,
                 registry=r,
             ),
-            Histogram(
+            e2e_latency_seconds=Histogram(
                 "dfm_worker_e2e_latency_seconds",
                 "Capture to score published.",
                 ["camera"],
                 buckets=LATENCY_BUCKETS,
                 registry=r,
             ),
-            Gauge(
+            stream_lag=Gauge(
                 "dfm_stream_lag",
                 "Frames in the stream not yet delivered to the group.",
                 ["camera"],
                 registry=r,
             ),
-            Gauge("dfm_stream_pending", "Frames delivered but not yet acknowledged.", ["camera"], registry=r),
-            Counter(
+            stream_pending=Gauge(
+                "dfm_stream_pending", "Frames delivered but not yet acknowledged.", ["camera"], registry=r
+            ),
+            frames_dropped=Counter(
                 "dfm_worker_frames_dropped",
                 "Frames not scored, by reason (trimmed, stale).",
                 ["camera", "reason"],
                 registry=r,
             ),
-            Counter(
+            deadlettered=Counter(
                 "dfm_worker_deadlettered",
                 "Frames sent to the dead-letter stream.",
                 ["camera", "reason"],
                 registry=r,
             ),
-            Counter(
+            redelivered=Counter(
                 "dfm_worker_redelivered",
                 "Frames claimed from a dead or slow consumer.",
                 ["camera"],
                 registry=r,
             ),
-            Counter(
+            alarms=Counter(
                 "dfm_alarms",
                 "Alarm transitions, by state (raised, cleared).",
                 ["camera", "state"],
                 registry=r,
             ),
-            Gauge("dfm_alarm_active", "1 while the camera's alarm is raised.", ["camera"], registry=r),
-            Histogram(
+            alarm_active=Gauge(
+                "dfm_alarm_active", "1 while the camera's alarm is raised.", ["camera"], registry=r
+            ),
+            score_ratio=Histogram(
                 "dfm_worker_score_ratio",
                 "Anomaly score / threshold per frame (1.0 is the alarm line).",
                 ["camera"],
                 buckets=SCORE_RATIO_BUCKETS,
                 registry=r,
             ),
-            Gauge(
+            model_info=Gauge(
                 "dfm_model_info",
                 "1 for the model each camera is scored with.",
                 ["camera", "model", "version", "backbone"],
                 registry=r,
             ),
-            Counter(
+            model_load_failures=Counter(
                 "dfm_worker_model_load_failures", "Model versions that failed to load.", ["model"], registry=r
             ),
-            Gauge(
+            device_info=Gauge(
                 "dfm_worker_device_info",
                 "1 for the device, backbone precision and backbone backend the worker runs the model with.",
                 ["device", "precision", "backend"],
                 registry=r,
             ),
-            Gauge("dfm_worker_gpu_memory_bytes", "GPU memory allocated by the worker.", registry=r),
-            Counter(
+            gpu_memory_bytes=Gauge(
+                "dfm_worker_gpu_memory_bytes", "GPU memory allocated by the worker.", registry=r
+            ),
+            loop_errors=Counter(
                 "dfm_worker_loop_errors",
                 "Unexpected errors caught by the worker loop.",
                 ["where"],
                 registry=r,
             ),
-            Counter(
+            duplicates=Counter(
                 "dfm_worker_duplicates_suppressed",
                 "Scores not published because the frame was already acknowledged (reclaimed elsewhere).",
                 ["camera"],
                 registry=r,
             ),
-            Counter(
+            events_recovered=Counter(
                 "dfm_worker_alarm_events_recovered",
                 "Alarm events delivered from a camera's outbox after their worker died or gave up.",
+                ["camera"],
+                registry=r,
+            ),
+            seq_anomalies=Counter(
+                "dfm_worker_seq_anomalies",
+                "Frames whose seq broke the camera's sequence (backwards, out of range, an impossible "
+                "jump): not counted as trimmed.",
                 ["camera"],
                 registry=r,
             ),
@@ -367,6 +395,24 @@ def serve(
     return server
 
 
+def serve_for(
+    role: str, registry: CollectorRegistry, host: str, port: int, ready: ReadyCheck | None = None
+) -> MetricsServer:
+    """Like :func:`serve`, for a command: a port that cannot be bound is a :class:`PortInUseError`.
+
+    ``role`` (``reader``, ``worker``) goes into the message, which says what to do: two readers on
+    one host with the default port is the usual cause.
+    """
+    try:
+        return serve(registry, host, port, ready=ready)
+    except OSError as e:
+        raise PortInUseError(
+            f"cannot serve the {role}'s metrics on {host}:{port} ({e.strerror or e}; another {role}"
+            " on this host?): give each process its own --metrics-port (or DFM_METRICS_PORT), 0 for a"
+            " free port, or -1 for none"
+        ) from e
+
+
 def add_metrics_args(parser: "object", default_port: int) -> None:
     """Add ``--metrics-host`` / ``--metrics-port`` (env ``DFM_METRICS_HOST``/``DFM_METRICS_PORT``)."""
     g = parser.add_argument_group("metrics")  # type: ignore[attr-defined]
@@ -378,8 +424,8 @@ def add_metrics_args(parser: "object", default_port: int) -> None:
     )
     g.add_argument(
         "--metrics-port",
-        type=int,
-        default=int(os.environ.get("DFM_METRICS_PORT", default_port)),
+        type=port,
+        default=os.environ.get("DFM_METRICS_PORT", str(default_port)),
         help="port of /metrics, /healthz, /readyz (env DFM_METRICS_PORT; default %(default)s;"
         " 0 picks a free port, -1 disables)",
     )

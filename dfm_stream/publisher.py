@@ -18,6 +18,14 @@ and steps the camera's alarm state machine (:mod:`dfm_stream.alarms`). Guarantee
   outbox, and any worker delivers it after :data:`OUTBOX_DELIVER_AFTER_S` (without the picture):
   alarm events are delivered at least once.
 
+With ``durability="replicated"`` the script and a ``WAIT 1`` go in one round trip, and the
+worker acknowledges the frames (counts them scored, delivers their alarm events) only once a
+replica confirmed the script's effects. A batch no replica confirmed in time is reported as
+``unconfirmed``: its score and XACK are on the primary (and reach the replica later, or are lost
+with the primary together with the XACK, leaving the frame pending or unread on the new primary,
+where it is scored again), and its alarm events stay in the outbox, delivered by the stale-event
+path only if they survive. Either way the new primary ends with exactly one score per frame.
+
 The :class:`PublisherThread` owns a bounded queue, so waiting on Redis never stalls the model, and
 retries with capped exponential backoff while Redis is unavailable.
 """
@@ -25,6 +33,7 @@ retries with capped exponential backoff while Redis is unavailable.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import logging
 import queue
 import threading
@@ -35,14 +44,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import redis
 
-from dfm_stream import keys
+from dfm_stream import keys, replies
 from dfm_stream.alarms import ALARM_LUA, AlarmSettings, overlay_jpeg, publish_event
-from dfm_stream.connect import RedisClient
+from dfm_stream.backoff import EVENT_SEND, PUBLISH
+from dfm_stream.connect import REPLICA_WAIT_MS, RedisClient
 from dfm_stream.consumer import StreamEntry
 from dfm_stream.errors import WireError
 from dfm_stream.inference import DecodedFrame
 from dfm_stream.metrics import WorkerMetrics
-from dfm_stream.wire import EventMsg, FrameMsg, ScoreMsg, make_frame_id
+from dfm_stream.wire import EventMsg, EventType, FrameMsg, ScoreMsg, ScoreStatus, make_frame_id
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +61,8 @@ OUTBOX_MAXLEN = 1_000
 """Approximate cap of a camera's undelivered alarm events (only reached with no worker alive)."""
 OUTBOX_DELIVER_AFTER_S = 20.0
 """Age after which any worker delivers an outbox event: longer than a live worker's retries."""
+EVENT_RETRY_S = 15.0
+"""How long a worker retries an alarm event itself before leaving it to the outbox (< the age above)."""
 REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, redis.ReadOnlyError)
 
 PUBLISH_SCRIPT = (
@@ -60,6 +72,15 @@ PUBLISH_SCRIPT = (
 local published = {}
 local msgs = {}
 local maxlen = tonumber(ARGV[2])
+local function newer(a, b)
+  local ams, aseq = string.match(a, '^(%d+)-(%d+)$')
+  local bms, bseq = string.match(b or '', '^(%d+)-(%d+)$')
+  if not bms then return true end
+  if tonumber(ams) ~= tonumber(bms) then return tonumber(ams) > tonumber(bms) end
+  return tonumber(aseq) > tonumber(bseq)
+end
+local scored = redis.call('HGET', KEYS[5], 'scored')
+local top = scored
 for i = 7, #ARGV, 3 do
   local id, msg, bit = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   if redis.call('XACK', KEYS[1], ARGV[1], id) == 1 then
@@ -67,8 +88,10 @@ for i = 7, #ARGV, 3 do
     table.insert(published, id)
     msgs[id] = msg
     if bit ~= 's' then alarm_step(bit, id) end
+    if newer(id, top) then top = id end
   end
 end
+if top ~= scored then redis.call('HSET', KEYS[5], 'scored', top) end
 local active = alarm_save()
 for _, t in ipairs(transitions) do
   t[4] = redis.call('XADD', KEYS[4], 'MAXLEN', '~', outbox_maxlen, '*',
@@ -77,9 +100,24 @@ end
 return {published, transitions, active}
 """
 )
-"""KEYS: frames, scores, alarm hash, event outbox. ARGV: group, maxlen, k, n, clear_after,
+"""KEYS: frames, scores, alarm hash, event outbox, seq hash (``scored``: the highest scored entry id,
+where a re-created consumer group starts). ARGV: group, maxlen, k, n, clear_after,
 cooldown_ms, then (entry id, score msg bytes, '1' anomalous | '0' normal | 's' skipped) per frame.
 Returns {published ids, {{type, id, ms, outbox id}...}, alarm active 0/1}."""
+
+
+class AlarmBit(enum.StrEnum):
+    """What one frame tells the alarm step of the publish script (the ARGV value is the string)."""
+
+    ANOMALOUS = "1"
+    NORMAL = "0"
+    SKIPPED = "s"
+    """Not scored (too old): no alarm step."""
+
+    @classmethod
+    def of(cls, anomalous: bool) -> AlarmBit:
+        """Return ANOMALOUS or NORMAL."""
+        return cls.ANOMALOUS if anomalous else cls.NORMAL
 
 
 @dataclass
@@ -88,7 +126,7 @@ class ScoredItem:
 
     template: ScoreMsg
     entry_id: str
-    alarm_bit: str
+    alarm_bit: AlarmBit
     frame: DecodedFrame | None = None
     anomaly_map: np.ndarray | None = None
 
@@ -107,7 +145,7 @@ def frame_score(
     threshold: float | None,
     score_norm: float | None = None,
     anomalous: bool = False,
-    status: str = "scored",
+    status: ScoreStatus = ScoreStatus.SCORED,
 ) -> ScoreMsg:
     """Return the score message of frame ``msg`` read as ``entry``; the publish sets its times."""
     return ScoreMsg(
@@ -135,6 +173,8 @@ class PublishResult:
     published: list[str] = field(default_factory=list)
     duplicates: list[str] = field(default_factory=list)
     events: list[EventMsg] = field(default_factory=list)
+    unconfirmed: list[str] = field(default_factory=list)
+    """``durability="replicated"``: frame ids whose script no replica confirmed in time (not counted)."""
 
 
 class Publisher:
@@ -148,13 +188,18 @@ class Publisher:
         scores_maxlen: int = DEFAULT_SCORES_MAXLEN,
         alarm: AlarmSettings | None = None,
         metrics: WorkerMetrics | None = None,
+        durability: str = "local",
+        abort: threading.Event | None = None,
     ) -> None:
         self.client = client
         self.prefix = prefix
+        self.replicated = durability == "replicated"
         self.group = group
         self.scores_maxlen = int(scores_maxlen)
         self.alarm = alarm or AlarmSettings()
         self.metrics = metrics
+        self.abort = abort or threading.Event()
+        """Set to stop retrying at once (shutdown gave up); undelivered events stay in the outbox."""
         self._script = client.register_script(PUBLISH_SCRIPT)
 
     def publish(self, items: list[ScoredItem]) -> PublishResult:
@@ -169,7 +214,7 @@ class Publisher:
 
     def _publish_camera(self, camera: str, items: list[ScoredItem], result: PublishResult) -> None:
         now_ns = time.time_ns()
-        args: list[object] = [self.group, self.scores_maxlen, *self.alarm.script_args()]
+        args: list[replies.ScriptArg] = [self.group, self.scores_maxlen, *self.alarm.script_args()]
         final: dict[str, ScoreMsg] = {}
         for item in items:
             msg = dataclasses.replace(
@@ -182,9 +227,13 @@ class Publisher:
             keys.scores_key(camera, self.prefix),
             keys.alarm_state_key(camera, self.prefix),
             keys.event_outbox_key(camera, self.prefix),
+            keys.seq_key(camera, self.prefix),
         ]
-        published_raw, transitions, active = self._script(keys=keys_, args=args)
+        (published_raw, transitions, active), confirmed = self._run_script(keys_, args)
         published = {_s(i) for i in published_raw}
+        if not confirmed:
+            self._unconfirmed(camera, items, published, result)
+            return
         by_id = {item.entry_id: item for item in items}
         for item in items:
             frame_id = item.template.frame_id
@@ -199,7 +248,7 @@ class Publisher:
                 if self.metrics:
                     self.metrics.duplicates.labels(camera).inc()
         for kind, entry_id, ms, outbox_id in transitions:
-            event = self._event(_s(kind), by_id[_s(entry_id)], final[_s(entry_id)], int(ms))
+            event = self._event(EventType(_s(kind)), by_id[_s(entry_id)], final[_s(entry_id)], int(ms))
             if self._send_event(event):
                 self._forget(camera, _s(outbox_id))
             result.events.append(event)
@@ -215,6 +264,30 @@ class Publisher:
         if self.metrics:
             self.metrics.alarm_active.labels(camera).set(int(active))
 
+    def _run_script(self, keys_: list[str], args: list[object]) -> tuple[list, bool]:
+        """Run the publish script; with ``replicated``, WAIT for one replica in the same round trip."""
+        if not self.replicated:
+            return self._script(keys=keys_, args=args), True
+        pipe = self.client.pipeline(transaction=False)
+        self._script(keys=keys_, args=args, client=pipe)
+        pipe.wait(1, REPLICA_WAIT_MS)
+        reply, replicas = pipe.execute()
+        return reply, int(replicas) >= 1
+
+    def _unconfirmed(
+        self, camera: str, items: list[ScoredItem], published: set[str], result: PublishResult
+    ) -> None:
+        ids = [item.template.frame_id for item in items if item.entry_id in published]
+        result.unconfirmed.extend(ids)
+        result.duplicates.extend(i.template.frame_id for i in items if i.entry_id not in published)
+        log.warning(
+            "camera %s: no replica confirmed %d scores within %d ms: not counted; their alarm events stay "
+            "in the outbox (a failover now would have them scored again on the new primary)",
+            camera,
+            len(ids),
+            REPLICA_WAIT_MS,
+        )
+
     def deliver_stale_events(self, cameras: list[str], min_age_s: float = OUTBOX_DELIVER_AFTER_S) -> int:
         """Deliver the outbox events of ``cameras`` older than ``min_age_s``; return how many.
 
@@ -226,7 +299,7 @@ class Publisher:
         delivered = 0
         for camera in cameras:
             key = keys.event_outbox_key(camera, self.prefix)
-            for outbox_id, fields in self.client.xrange(key, "-", str(max(0, cutoff_ms)), count=100):
+            for outbox_id, fields in replies.xrange(self.client, key, "-", str(max(0, cutoff_ms)), count=100):
                 event = self._stale_event(camera, fields)
                 if event is not None:
                     publish_event(self.client, event, self.prefix)
@@ -245,7 +318,7 @@ class Publisher:
     def _stale_event(self, camera: str, fields: dict[bytes, bytes]) -> EventMsg | None:
         try:
             msg = ScoreMsg.from_bytes(fields[b"msg"])
-            kind, ms = _s(fields[b"type"]), int(fields[b"ms"])
+            kind, ms = EventType(_s(fields[b"type"])), int(fields[b"ms"])
         except (KeyError, ValueError, WireError) as e:
             log.error("camera %s: unreadable outbox entry dropped (%s)", camera, e)
             return None
@@ -257,15 +330,17 @@ class Publisher:
         except REDIS_ERRORS as e:  # delivered but still in the outbox: sent once more later
             log.warning("camera %s: could not clear delivered event %s: %s", camera, outbox_id, e)
 
-    def _send_event(self, event: EventMsg, tries: int = 12) -> bool:
+    def _send_event(self, event: EventMsg) -> bool:
         # The script already ran: retrying it would find the frames acked, so retry the event alone.
-        delay = 0.1
-        for attempt in range(tries):
+        backoff = EVENT_SEND.backoff()
+        deadline = time.monotonic() + EVENT_RETRY_S
+        while True:
             try:
                 publish_event(self.client, event, self.prefix)
                 return True
             except REDIS_ERRORS as e:
-                if attempt == tries - 1:
+                delay = backoff.next()
+                if time.monotonic() + delay > deadline or backoff.wait(self.abort, delay):
                     log.error(
                         "camera %s: alarm event %s not delivered yet, Redis unavailable (%s); it stays in "
                         "the camera's outbox and is delivered once Redis is back",
@@ -274,13 +349,10 @@ class Publisher:
                         e,
                     )
                     return False
-                time.sleep(delay)
-                delay = min(delay * 2, 2.0)
-        return False
 
-    def _event(self, kind: str, item: ScoredItem | None, msg: ScoreMsg, ms: int) -> EventMsg:
+    def _event(self, kind: EventType, item: ScoredItem | None, msg: ScoreMsg, ms: int) -> EventMsg:
         image = None
-        if kind == "raised" and item is not None and item.frame is not None:
+        if kind == EventType.RAISED and item is not None and item.frame is not None:
             try:
                 image = overlay_jpeg(item.frame.rgb_numpy(), item.anomaly_map)
             except Exception:  # an event without a picture beats no event
@@ -295,12 +367,12 @@ class Publisher:
             threshold=msg.threshold,
             model=msg.model,
             image=image,
-            since_ts=ms * 1_000_000 if kind == "cleared" and ms >= 0 else None,
+            since_ts=ms * 1_000_000 if kind == EventType.CLEARED and ms >= 0 else None,
         )
 
     def _count(self, msg: ScoreMsg) -> None:
         m = self.metrics
-        if m is None or msg.status != "scored":
+        if m is None or msg.status != ScoreStatus.SCORED:
             return
         m.frames_scored.labels(msg.camera, msg.model).inc()
         m.e2e_latency_seconds.labels(msg.camera).observe(msg.latency_ms / 1000.0)
@@ -325,7 +397,7 @@ class PublisherThread:
         self.publisher = publisher
         self.on_done = on_done
         self.metrics = metrics
-        self.abort = threading.Event()
+        self.abort = publisher.abort
         self._queue: queue.Queue[list[ScoredItem] | None] = queue.Queue(maxsize=maxsize)
         self._thread = threading.Thread(target=self._run, name="publisher", daemon=True)
         self._thread.start()
@@ -358,8 +430,9 @@ class PublisherThread:
                 log.exception("publisher: on_done callback failed")
 
     def _publish_with_retry(self, items: list[ScoredItem]) -> PublishResult | None:
-        delay = 0.1
+        backoff = PUBLISH.backoff()
         while not self.abort.is_set():
+            delay = backoff.next()  # drawn first: a publish that succeeds returns before it matters
             try:
                 return self.publisher.publish(items)
             except REDIS_ERRORS as e:
@@ -373,8 +446,7 @@ class PublisherThread:
                 log.exception("publishing %d scores failed; retrying in %.1f s", len(items), delay)
                 if self.metrics:
                     self.metrics.loop_errors.labels("publish").inc()
-            self.abort.wait(delay)
-            delay = min(delay * 2, 5.0)
+            backoff.wait(self.abort, delay)
         log.error(
             "gave up publishing %d scores at shutdown: the frames stay pending and will be reclaimed",
             len(items),

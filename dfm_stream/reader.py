@@ -31,15 +31,19 @@ from typing import Any
 import cv2
 import numpy as np
 
+from dfm_stream import liveness
+from dfm_stream.backoff import READER_SINK, Backoff
 from dfm_stream.config import CameraConfig
+from dfm_stream.connect import RedisClient
 from dfm_stream.errors import SourceError, WireError
 from dfm_stream.frame_codec import encode_frame
 from dfm_stream.keys import DEFAULT_PREFIX, frames_key
 from dfm_stream.metrics import ReaderMetrics, new_registry
-from dfm_stream.reader_sink import Backoff, RedisSink
+from dfm_stream.reader_sink import RedisSink
+from dfm_stream.redact import safe_url
 from dfm_stream.sources import Frame, Source, SourceFinished, SourceOptions, make_source, source_kind
 from dfm_stream.sources.capture import Capture, CaptureTimeoutError
-from dfm_stream.wire import EventMsg
+from dfm_stream.wire import CameraState, EventMsg, EventType
 
 log = logging.getLogger(__name__)
 
@@ -64,15 +68,31 @@ class Decimator:
         return True
 
 
+def roi_problem(roi: tuple[int, int, int, int], width: int, height: int) -> str | None:
+    """Return why ``roi`` does not fit a ``width`` x ``height`` frame, or None when it does.
+
+    A region beyond the frame is a mistake in the camera's settings, not something to clip
+    silently: the crop would not be the region the model was fitted on.
+    """
+    x, y, w, h = roi
+    if x + w <= width and y + h <= height:
+        return None
+    return (
+        f"roi {x},{y},{w},{h} does not fit the {width}x{height} frame (x + w must be <= {width},"
+        f" y + h <= {height}): fix --roi or the camera's roi"
+    )
+
+
 def transform(
     image: np.ndarray, roi: tuple[int, int, int, int] | None, size: tuple[int, int] | None
 ) -> np.ndarray:
-    """Crop ``roi`` (x, y, w, h in source pixels, clipped to the frame), then resize to ``size`` (w, h)."""
+    """Crop ``roi`` (x, y, w, h in source pixels, inside the frame), then resize to ``size`` (w, h)."""
     if roi is not None:
+        problem = roi_problem(roi, image.shape[1], image.shape[0])
+        if problem:
+            raise WireError(problem, "encode_error")
         x, y, w, h = roi
         image = image[y : y + h, x : x + w]
-        if image.size == 0:
-            raise WireError(f"roi {list(roi)} lies outside the frame", "encode_error")
     if size is not None and (image.shape[1], image.shape[0]) != size:
         shrink = size[0] * size[1] < image.shape[0] * image.shape[1]
         image = cv2.resize(image, size, interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
@@ -107,12 +127,15 @@ class CameraLoop:
         self.factory = factory
         self.session = uuid.uuid4().hex
         self.seq = 0
-        self.state = "starting"
+        self.state = CameraState.STARTING
         self.started_ts = time.time_ns()
         self.maxlen = cam.auto_maxlen(cam.fps)
         self._since_ts = self.started_ts
         self._source_info: dict[str, Any] = {"kind": source_kind(cam.source)}
         self._delivered = False
+        self.frames_delivered = 0  # frames the source gave (for the verdict at exit: :meth:`problem`)
+        self.frames_written = 0  # frames written to Redis
+        self.last_fault = ""  # the last reason the camera went down, "reason: message"
         self._fps_window = (time.monotonic(), 0)
         self._last_encode_log = 0.0
         self.on_overrun = self._count_overrun
@@ -140,12 +163,13 @@ class CameraLoop:
                 if self._delivered:
                     backoff.reset()
                 delay = backoff.next()
+                self.last_fault = f"{fault.reason}: {fault}"
                 self._down(fault.reason, str(fault))
                 log.warning("camera %s down (%s: %s); retrying in %.1f s", cam.id, fault.reason, fault, delay)
-                self.stop.wait(delay)
-        if self.state != "down":
+                backoff.wait(self.stop, delay)
+        if self.state != CameraState.DOWN:
             self.metrics.camera_up.labels(cam.id).set(0)
-        self.state = "stopped" if self.stop.is_set() else "finished"
+        self.state = CameraState.STOPPED if self.stop.is_set() else CameraState.FINISHED
         self._register()
         log.info("camera %s %s after %d frames", cam.id, self.state, self.seq)
 
@@ -201,6 +225,7 @@ class CameraLoop:
             if not live:  # a paced source is "captured" when it is due, not when it was pre-read
                 frame = frame._replace(ts=time.time_ns())
             self._captured()
+            self.frames_delivered += 1
             if not self._delivered:
                 self._delivered = True
                 self._up()
@@ -231,6 +256,7 @@ class CameraLoop:
             msg = encode_frame(image, cam.id, seq, self.session, cam.encoding, cam.jpeg_quality, frame.ts)
         except WireError as e:
             self.metrics.frames_dropped.labels(cam.id, "encode_error").inc()
+            self.last_fault = f"frames not encoded: {e}"
             if time.monotonic() - self._last_encode_log > 10.0:
                 self._last_encode_log = time.monotonic()
                 log.error(
@@ -241,36 +267,64 @@ class CameraLoop:
         if frame.extra:
             msg = type(msg)(**{**msg.__dict__, "extra": dict(frame.extra)})
         data = msg.to_bytes()
-        if self.sink.add_frame(self.key, data, self.maxlen):
+        reason = self.sink.write_frame(self.key, data, self.maxlen)
+        if reason is None:
+            self.frames_written += 1
             self.metrics.frames_published.labels(cam.id).inc()
             self.metrics.published_bytes.labels(cam.id).inc(len(data))
         else:
-            self.metrics.frames_dropped.labels(cam.id, "redis_unavailable").inc()
+            self.metrics.frames_dropped.labels(cam.id, reason).inc()
 
     def _up(self) -> None:
         now = time.time_ns()
         self.metrics.camera_up.labels(self.cam.id).set(1)
         was = self.state
-        self.state = "up"
+        self.state = CameraState.UP
         self._register()
-        if was != "up":
+        if was != CameraState.UP:
             log.info("camera %s up (%s)", self.cam.id, self._source_info.get("kind"))
-            since = self._since_ts if was == "down" else None
-            self.sink.emit(EventMsg("camera_up", self.cam.id, now, since_ts=since, reason="frames flowing"))
+            since = self._since_ts if was == CameraState.DOWN else None
+            self.sink.emit(
+                EventMsg(
+                    type=EventType.CAMERA_UP,
+                    camera=self.cam.id,
+                    ts=now,
+                    since_ts=since,
+                    reason="frames flowing",
+                )
+            )
             self._since_ts = now
 
     def _down(self, reason: str, message: str) -> None:
         self.metrics.camera_up.labels(self.cam.id).set(0)
-        if self.state == "down":
+        if self.state == CameraState.DOWN:
             return
         now = time.time_ns()
         event = EventMsg(
-            "camera_down", self.cam.id, now, reason=reason, message=message, since_ts=self._since_ts
+            type=EventType.CAMERA_DOWN,
+            camera=self.cam.id,
+            ts=now,
+            reason=reason,
+            message=message,
+            since_ts=self._since_ts,
         )
-        self.state = "down"
+        self.state = CameraState.DOWN
         self._since_ts = now
         self._register()
         self.sink.emit(event)
+
+    def problem(self) -> str | None:
+        """Return why this camera sent nothing to Redis (no frame from the source, none written), or None."""
+        cam = self.cam
+        took = f"in {(time.time_ns() - self.started_ts) / 1e9:.0f} s"
+        if not self.frames_delivered:
+            why = self.last_fault or "it opened but gave no frame"
+            return f"camera {cam.id}: source {safe_url(cam.source)} delivered no frame {took} ({why})"
+        if not self.frames_written:
+            why = self.sink.last_error or self.last_fault or "see the log"
+            captured = f"{self.frames_delivered} frame(s) captured {took}"
+            return f"camera {cam.id}: {captured}, none written to Redis ({why})"
+        return None
 
     def describe(self) -> dict[str, Any]:
         """Return what the reader registers in ``{prefix}:cameras`` for this camera (no secrets)."""
@@ -304,17 +358,19 @@ class Reader:
         client: a Redis client (binary replies), e.g. from :func:`dfm_stream.connect.connect`.
         stop: set it to stop every camera (SIGTERM does); a fresh event when None.
         max_frames: per camera, stop after this many frames passed the fps cap (tests, demos).
+        durability: ``local`` or ``replicated`` (see :class:`~dfm_stream.reader_sink.RedisSink`).
     """
 
     def __init__(
         self,
         cameras: Sequence[CameraConfig],
-        client: Any,
+        client: RedisClient,
         prefix: str = DEFAULT_PREFIX,
         metrics: ReaderMetrics | None = None,
         stop: threading.Event | None = None,
         max_frames: int | None = None,
         factory: SourceFactory = make_source,
+        durability: str = "local",
     ) -> None:
         if not cameras:
             raise SourceError(
@@ -324,7 +380,12 @@ class Reader:
         self.metrics = metrics or ReaderMetrics.create(new_registry(process_metrics=False))
         first = cameras[0]
         self.sink = RedisSink(
-            client, prefix, Backoff(min(0.2, first.backoff_initial), min(5.0, first.backoff_max))
+            client,
+            prefix,
+            Backoff(
+                min(READER_SINK.initial, first.backoff_initial), min(READER_SINK.maximum, first.backoff_max)
+            ),
+            durability,
         )
         self.loops = {
             c.id: CameraLoop(c, self.sink, self.metrics, self.stop, prefix, max_frames, factory)
@@ -338,7 +399,13 @@ class Reader:
             t = threading.Thread(target=loop.run, name=f"camera-{cam_id}", daemon=True)
             t.start()
             self._threads.append(t)
+        threading.Thread(target=self._heartbeats, name="camera-heartbeats", daemon=True).start()
         return self
+
+    def _heartbeats(self) -> None:
+        """Mark the cameras alive while this reader runs (discovering workers follow only those)."""
+        while not self.stop.wait(liveness.HEARTBEAT_INTERVAL_S):
+            self.sink.beat()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until every camera finished (or ``stop``); return True when all threads ended."""
@@ -357,6 +424,10 @@ class Reader:
         self.close()
         return 0
 
+    def problems(self) -> list[str]:
+        """Return, per camera that sent nothing to Redis in this run, why (empty: every camera did)."""
+        return [p for p in (loop.problem() for loop in self.loops.values()) if p]
+
     def close(self, timeout: float = 1.5) -> None:
         """Stop every camera and wait up to ``timeout`` seconds for the threads to release them."""
         self.stop.set()
@@ -371,7 +442,9 @@ class Reader:
         """Return ``(ready, detail)``: Redis reachable and every camera open (finished counts as ok)."""
         if not self.sink.ping():
             return False, "redis unreachable"
-        down = [c for c, loop in self.loops.items() if loop.state not in ("up", "finished")]
+        down = [
+            c for c, loop in self.loops.items() if loop.state not in (CameraState.UP, CameraState.FINISHED)
+        ]
         if down:
             return False, "cameras not up: " + ", ".join(sorted(down))
         return True, "ok"

@@ -1,15 +1,21 @@
-"""The Redis side of a reader: frame XADDs, health events and camera registration, with backoff.
+"""The Redis side of a reader: frame XADDs, health events, camera registration and heartbeats, with backoff.
 
 One :class:`RedisSink` is shared by all cameras of a reader. While Redis is unreachable it does
 not block the cameras: :meth:`RedisSink.add_frame` returns False at once (the caller drops and
 counts the frame) until the next retry is due, and retries follow a capped exponential backoff
 with jitter; each step is logged once, not each frame. Events and registrations that could not be
 written are kept (bounded) and written when Redis answers again.
+
+With ``durability="replicated"`` a frame counts as accepted only once ``WAIT 1`` confirmed that a
+replica has it (XADD and WAIT go in one round trip). A frame no replica confirmed within
+:data:`~dfm_stream.connect.REPLICA_WAIT_MS` is reported as dropped with reason ``unreplicated``
+(it is on the primary and may well be scored, but a failover now could lose it), and the sink
+backs off as if Redis were down: until a replica confirms again, frames are dropped at once
+(``redis_unavailable``) instead of each waiting for the timeout.
 """
 
 import json
 import logging
-import random
 import threading
 import time
 from collections import deque
@@ -17,6 +23,10 @@ from typing import Any
 
 import redis
 
+from dfm_stream import liveness
+from dfm_stream.backoff import READER_SINK, Backoff
+from dfm_stream.connect import REPLICA_WAIT_MS, RedisClient
+from dfm_stream.errors import NotReplicatedError
 from dfm_stream.keys import DEFAULT_PREFIX, alarms_channel, alarms_key, cameras_key
 from dfm_stream.wire import FIELD, EventMsg
 
@@ -28,33 +38,20 @@ PENDING_EVENTS = 1_000
 """Events kept while Redis is down (the oldest are dropped beyond this)."""
 
 
-class Backoff:
-    """Capped exponential backoff with equal jitter: attempt n waits within [d/2, d], d = initial*2^n."""
-
-    def __init__(self, initial: float, maximum: float, rng: random.Random | None = None) -> None:
-        self.initial = initial
-        self.maximum = max(initial, maximum)
-        self.attempts = 0
-        self._rng = rng or random.Random()
-
-    def next(self) -> float:
-        """Return the next delay in seconds and count the attempt."""
-        delay = min(self.maximum, self.initial * 2 ** min(self.attempts, 30))
-        self.attempts += 1
-        return delay / 2 + self._rng.uniform(0, delay / 2)
-
-    def reset(self) -> None:
-        """Start again from the initial delay (after a success)."""
-        self.attempts = 0
-
-
 class RedisSink:
     """Writes a reader's frames, events and registrations; see the module docstring."""
 
-    def __init__(self, client: Any, prefix: str = DEFAULT_PREFIX, backoff: Backoff | None = None) -> None:
+    def __init__(
+        self,
+        client: RedisClient,
+        prefix: str = DEFAULT_PREFIX,
+        backoff: Backoff | None = None,
+        durability: str = "local",
+    ) -> None:
         self.client = client
         self.prefix = prefix
-        self.backoff = backoff or Backoff(0.2, 5.0)
+        self.replicated = durability == "replicated"
+        self.backoff = backoff or READER_SINK.backoff()
         self._lock = threading.Lock()
         self._down_since: float | None = None
         self._retry_at = 0.0
@@ -62,6 +59,8 @@ class RedisSink:
         self._events: deque[EventMsg] = deque(maxlen=PENDING_EVENTS)
         self._registrations: dict[str, str] = {}
         self._dirty: set[str] = set()
+        self.last_error = ""
+        """The last error of a frame write, for the reader's verdict at exit ("" when none failed)."""
 
     @property
     def available(self) -> bool:
@@ -80,6 +79,7 @@ class RedisSink:
 
     def _failed(self, error: Exception) -> None:
         with self._lock:
+            self.last_error = f"Redis: {error}"
             delay = self.backoff.next()
             self._retry_at = time.monotonic() + delay
             self._dropped_while_down += 1
@@ -114,15 +114,30 @@ class RedisSink:
 
     def add_frame(self, key: str, data: bytes, maxlen: int) -> bool:
         """XADD one frame message with ``MAXLEN ~ maxlen``; False (drop it) while Redis is down."""
+        return self.write_frame(key, data, maxlen) is None
+
+    def write_frame(self, key: str, data: bytes, maxlen: int) -> str | None:
+        """XADD one frame; return None when it was accepted, else the reason it counts as dropped."""
         if not self._may_try():
-            return False
+            return "redis_unavailable"
         try:
-            self.client.xadd(key, {FIELD: data}, maxlen=maxlen, approximate=True)
+            if self.replicated:
+                pipe = self.client.pipeline(transaction=False)
+                pipe.xadd(key, {FIELD: data}, maxlen=maxlen, approximate=True)
+                pipe.wait(1, REPLICA_WAIT_MS)
+                replicas = int(pipe.execute()[1])
+                if replicas < 1:
+                    self._failed(
+                        NotReplicatedError(f"no replica confirmed the frame within {REPLICA_WAIT_MS} ms")
+                    )
+                    return "unreplicated"
+            else:
+                self.client.xadd(key, {FIELD: data}, maxlen=maxlen, approximate=True)
         except (redis.RedisError, OSError) as e:
             self._failed(e)
-            return False
+            return "redis_unavailable"
         self._succeeded()
-        return True
+        return None
 
     def emit(self, event: EventMsg) -> None:
         """Write a health event to ``{prefix}:alarms`` and publish it; keep it for later if Redis is down."""
@@ -147,7 +162,9 @@ class RedisSink:
             self._dirty.clear()
         try:
             if regs:
-                self.client.hset(cameras_key(self.prefix), mapping=regs)
+                # a fresh dict typed by redis-py's parameter: dict[str, str] is not a Mapping[KeyT, ...]
+                self.client.hset(cameras_key(self.prefix), mapping={c: desc for c, desc in regs.items()})
+                liveness.beat(self.client, list(regs), self.prefix)
             while events:
                 data = events[0].to_bytes()
                 self.client.xadd(
@@ -162,6 +179,17 @@ class RedisSink:
                 self._dirty.update(regs)
             if self.available:
                 self._failed(e)
+
+    def beat(self) -> None:
+        """Mark every registered camera alive (:func:`~dfm_stream.liveness.beat`); not while Redis is down."""
+        with self._lock:
+            cameras = list(self._registrations)
+        if not cameras or not self.available:
+            return
+        try:
+            liveness.beat(self.client, cameras, self.prefix)
+        except (redis.RedisError, OSError) as e:
+            log.debug("Redis: could not write the camera heartbeats (%s); will retry", e)
 
     def ping(self) -> bool:
         """Return True when Redis answers PING now."""

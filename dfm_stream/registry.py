@@ -13,8 +13,10 @@ Storage (all keys from :mod:`dfm_stream.keys`)::
 A push writes the chunks, the version's metadata and the new current version in one transaction
 on the model's own keys (one ``{model:NAME}`` hash tag, so one Redis Cluster slot): a version is
 visible only once complete, and a failed push leaves nothing behind. Versions are never reused
-or rewritten. The models set, the assignments hash and the generation counter are single keys,
-each touched by its own command, so nothing spans two cluster slots.
+or rewritten. Pushing bytes identical (sha256) to a stored version stores nothing: that version
+is made current again, and the push result says so (``created`` is False). The models set, the
+assignments hash and the generation counter are single keys, each touched by its own command, so
+nothing spans two cluster slots.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import redis
 
-from dfm_stream import keys
+from dfm_stream import keys, replies
 from dfm_stream.errors import ArtifactError, RegistryError
 
 if TYPE_CHECKING:
@@ -113,12 +115,38 @@ class VersionInfo:
             ) from e
 
 
+class PushResult(NamedTuple):
+    """What a push did: ``info`` is the version now current."""
+
+    info: VersionInfo
+    created: bool
+    """False when the bytes were identical to a stored version (``info``): nothing was stored."""
+    previous_current: int | None
+    """The version that was current before the push (None for a new model)."""
+
+
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def _identical_versions(stored: dict[Any, Any], sha256: str, where: str) -> list[VersionInfo]:
+    """Return the versions in ``stored`` (a versions hash) whose bytes have ``sha256``, oldest first.
+
+    Unreadable entries are skipped here: a push must not fail on another version's metadata.
+    """
+    found = []
+    for field, raw in stored.items():
+        try:
+            info = VersionInfo.from_json(raw, f"{where} field {_text(field)}")
+        except RegistryError:
+            continue
+        if info.sha256 == sha256:
+            found.append(info)
+    return sorted(found, key=lambda v: v.version)
 
 
 def _check_model_name(name: str) -> str:
@@ -229,7 +257,7 @@ class ModelRegistry:
         """Return the artifact bytes of ``name@version``, verified against the stored size and sha256."""
         info = self.version_info(name, version)
         key = keys.model_chunks_key(name, version, self.prefix)
-        chunks = self.client.lrange(key, 0, -1)
+        chunks = replies.lrange(self.client, key)
         data = b"".join(chunks)
         if len(chunks) != info.chunks or len(data) != info.size:
             raise RegistryError(
@@ -252,8 +280,17 @@ class ModelRegistry:
     # -- writing ---------------------------------------------------------------------------------
 
     def push(self, name: str, data: bytes, source: str | None = None) -> VersionInfo:
+        """Store ``data`` as the next version of ``name`` (or find it stored); return the current version.
+
+        See :meth:`push_result`; this returns only its ``info``.
+        """
+        return self.push_result(name, data, source).info
+
+    def push_result(self, name: str, data: bytes, source: str | None = None) -> PushResult:
         """Validate and store ``data`` as the next version of ``name``, make it current, announce it.
 
+        Bytes identical (same sha256) to a stored version N create no new version: N is made
+        current (announced like a rollback when it was not) and the result says ``created=False``.
         ``source`` (e.g. the file name) only serves error messages.
         """
         _check_model_name(name)
@@ -273,26 +310,51 @@ class ModelRegistry:
             "chunks": len(chunks),
         }
         versions_key = keys.model_versions_key(name, self.prefix)
+        current_key = keys.model_current_key(name, self.prefix)
 
-        def write(pipe: Any) -> VersionInfo:
-            existing = [int(v) for v in pipe.hkeys(versions_key)]
-            info = VersionInfo(version=max(existing, default=0) + 1, pushed_at=_now(), **base)
+        def write(pipe: Any) -> PushResult:
+            stored = pipe.hgetall(versions_key)
+            raw_current = pipe.get(current_key)
+            previous = None if raw_current is None else int(raw_current)
+            same = _identical_versions(stored, base["sha256"], versions_key)
+            if same:
+                info = next((v for v in same if v.version == previous), same[-1])
+                if info.version != previous:
+                    pipe.multi()
+                    pipe.set(current_key, info.version)
+                return PushResult(info, created=False, previous_current=previous)
+            version = max((int(v) for v in stored), default=0) + 1
+            info = VersionInfo(version=version, pushed_at=_now(), **base)
             chunks_key = keys.model_chunks_key(name, info.version, self.prefix)
             pipe.multi()
             pipe.delete(chunks_key)  # a leftover of an interrupted non-transactional writer, if any
             for chunk in chunks:
                 pipe.rpush(chunks_key, chunk)
             pipe.hset(versions_key, str(info.version), json.dumps(info.to_dict()))
-            pipe.set(keys.model_current_key(name, self.prefix), info.version)
-            return info
+            pipe.set(current_key, info.version)
+            return PushResult(info, created=True, previous_current=previous)
 
-        info = self._transaction(name, write, versions_key)
-        self.client.sadd(keys.models_key(self.prefix), name)
-        self._announce("push", model=name, version=info.version)
-        log.info(
-            "pushed model %s version %d (%d bytes, %d chunks)", name, info.version, info.size, info.chunks
-        )
-        return info
+        result = self._transaction(name, write, versions_key, current_key)
+        self._announce_push(result)
+        return result
+
+    def _announce_push(self, result: PushResult) -> None:
+        info = result.info
+        if result.created:
+            self.client.sadd(keys.models_key(self.prefix), info.name)
+            self._announce("push", model=info.name, version=info.version)
+            log.info(
+                "pushed model %s version %d (%d bytes, %d chunks)",
+                info.name,
+                info.version,
+                info.size,
+                info.chunks,
+            )
+        elif result.previous_current != info.version:
+            self._announce("rollback", model=info.name, version=info.version)
+            log.info("model %s: identical to version %d, which is current again", info.name, info.version)
+        else:
+            log.info("model %s: identical to the current version %d, nothing stored", info.name, info.version)
 
     def rollback(self, name: str, to: int | None = None) -> int:
         """Make ``to`` (default: the newest version older than the current one) current; return it."""

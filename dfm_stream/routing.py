@@ -10,7 +10,12 @@ same weights fingerprint share one backbone module. Changes are picked up at bat
 a background thread listens on the registry's change channel and sets a flag, with a polling
 fallback on the registry's generation counter. A version that fails to load is reported (log,
 ``model_load_failures`` metric, a ``model_load_failed`` event on the alarm stream) and the camera
-keeps the model it had; it is retried after the next registry change.
+keeps the model it had; it is retried after the next registry change. A camera whose model cannot
+be resolved at all (an unparseable assignment, a model or version not in the registry) is reported
+the same way, once per camera and cause (event reason ``unresolved``), keeps its model if it had
+one, else its frames wait in the stream; it is retried on every registry change and every
+``poll_s``. The other cameras are not affected. A camera whose assignment is removed (``model
+unassign``) is no longer scored: its frames wait in the stream.
 """
 
 from __future__ import annotations
@@ -24,17 +29,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import redis
+
 from dfm_stream import keys
 from dfm_stream.alarms import publish_event
 from dfm_stream.artifact import FittedModel, load_artifact
+from dfm_stream.backoff import MODEL_WATCH
 from dfm_stream.connect import RedisClient
 from dfm_stream.errors import DfmStreamError
 from dfm_stream.inference import Engine
 from dfm_stream.metrics import WorkerMetrics
 from dfm_stream.model.backbone import weights_fingerprint
-from dfm_stream.wire import EventMsg
+from dfm_stream.wire import EventMsg, EventType
 
 log = logging.getLogger(__name__)
+
+REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, OSError)
+"""Errors that concern every camera (Redis unreachable), not one camera's model."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +90,8 @@ class ModelRouter:
         self._failed: set[tuple[str, ...]] = set()
         self._corrupt: set[tuple[str, ...]] = set()
         self._none: set[str] = set()
+        self._unresolved: dict[str, str] = {}  # camera -> why its model cannot be resolved (said once)
+        self._retry_at = float("inf")
         self._backbones: dict[tuple[str, str, str], Any] = {}
         self._changed = threading.Event()
         self._stop = threading.Event()
@@ -86,6 +99,7 @@ class ModelRouter:
         self._generation: int | None = None
         self._next_poll = 0.0
         self._watcher: threading.Thread | None = None
+        self._preloaded: dict[str, LoadedModel] = {}
 
     # -- resolution --------------------------------------------------------------------------------
 
@@ -123,6 +137,37 @@ class ModelRouter:
         """Return camera -> model for the cameras resolved so far."""
         return dict(self._assigned)
 
+    def preload(self) -> list[LoadedModel]:
+        """Build the models named by a file now (``--model FILE``, config paths), before any frame.
+
+        A camera's first frames then wait only for the file's hash, not for the build (backbone
+        runner, backend export). ``--model FILE`` failing to build raises: a worker that cannot
+        score anything should not start. A config file failing is logged and reported per camera
+        as before, when its frames arrive.
+        """
+        if self.model_file:
+            specs = [self.model_file]
+        else:
+            configured = {*self.camera_models.values(), self.default_model}
+            specs = sorted(s for s in configured if s and is_path_spec(s))
+        for spec in specs:
+            try:
+                model = self._load(("file", spec))
+            except Exception as e:
+                if spec == self.model_file:
+                    raise
+                log.error(
+                    "model file %s could not be built at start (%s): retried when a camera uses it", spec, e
+                )
+                continue
+            self._preloaded[spec] = model
+            log.info("model %s built from %s", model.label, spec)
+        return list(self._preloaded.values())
+
+    def preloaded(self) -> list[LoadedModel]:
+        """Return the models :meth:`preload` built (a worker with one is ready before any camera)."""
+        return list(self._preloaded.values())
+
     def _target(self, camera: str) -> tuple[str, ...] | None:
         spec = self.spec_for(camera)
         if spec and is_path_spec(spec):
@@ -132,16 +177,24 @@ class ModelRouter:
         ref = ModelRef.parse(spec) if spec else self.registry().resolve(camera)
         if ref is None:
             return None
-        version = ref.version if ref.version is not None else self.registry().current(ref.name)
+        if ref.version is None:
+            version = self.registry().current(ref.name)
+        else:
+            version = self.registry().version_info(ref.name, ref.version).version  # it must exist
         return ("registry", ref.name, str(version))
 
     def _update(self, camera: str) -> bool:
         """Re-resolve ``camera``; return True when its model changed."""
-        target = self._target(camera)
-        if target is None:
-            if camera not in self._assigned:
-                log.debug("camera %s has no model assigned: its frames wait in the stream", camera)
+        try:
+            target = self._target(camera)
+        except REDIS_DOWN:
+            raise  # every camera is affected: the fetch loop backs off
+        except Exception as e:  # a broken assignment or a missing model: this camera only
+            self._report_unresolved(camera, e)
             return False
+        self._unresolved.pop(camera, None)
+        if target is None:
+            return self._unassigned(camera)
         if target in self._failed:
             return False
         try:
@@ -159,7 +212,9 @@ class ModelRouter:
         self._publish_info(camera, previous, model)
         log.info("camera %s is scored by %s", camera, model.label)
         if previous is not None:
-            self._event("model_switched", camera, model.label, message=f"switched from {previous.label}")
+            self._event(
+                EventType.MODEL_SWITCHED, camera, model.label, message=f"switched from {previous.label}"
+            )
         return True
 
     def _load(self, target: tuple[str, ...]) -> LoadedModel:
@@ -191,6 +246,40 @@ class ModelRouter:
         self._backbones.setdefault(key, model.feature_extractor)
         return FittedModel(model, fitted.info)
 
+    def _unassigned(self, camera: str) -> bool:
+        """``camera`` has no model (any more): stop scoring it; return True when it had one."""
+        previous = self._assigned.pop(camera, None)
+        if previous is None:
+            log.debug("camera %s has no model assigned: its frames wait in the stream", camera)
+            return False
+        if self.metrics is not None:
+            info = previous.fitted.info
+            with contextlib.suppress(KeyError):
+                self.metrics.model_info.remove(camera, previous.name, previous.version, info.backbone)
+        log.info(
+            "camera %s is no longer scored (was %s): its frames wait in the stream", camera, previous.label
+        )
+        return True
+
+    def _report_unresolved(self, camera: str, error: Exception) -> None:
+        """Say once per camera and cause that its model cannot be resolved; it is retried later."""
+        self._retry_at = min(self._retry_at, time.monotonic() + self.poll_s)
+        if self._unresolved.get(camera) == str(error):
+            return
+        self._unresolved[camera] = str(error)
+        label = self.spec_for(camera) or "assignment"
+        keeps = self._assigned.get(camera)
+        log.error(
+            "camera %s: no usable model for %s (%s); %s; retried on every registry change",
+            camera,
+            label,
+            error,
+            f"keeping {keeps.label}" if keeps else "its frames wait in the stream",
+        )
+        if self.metrics:
+            self.metrics.model_load_failures.labels(label).inc()
+        self._event(EventType.MODEL_LOAD_FAILED, camera, label, reason="unresolved", message=str(error)[:500])
+
     def _report_failure(self, camera: str, target: tuple[str, ...], error: Exception) -> None:
         label = "@".join(target[1:]) if target[0] == "registry" else target[1]
         keeps = self._assigned.get(camera)
@@ -203,13 +292,17 @@ class ModelRouter:
         )
         if self.metrics:
             self.metrics.model_load_failures.labels(label).inc()
-        self._event("model_load_failed", camera, label, reason="load_error", message=str(error)[:500])
+        self._event(EventType.MODEL_LOAD_FAILED, camera, label, reason="load_error", message=str(error)[:500])
 
-    def _event(self, kind: str, camera: str, model: str, **fields: str) -> None:
+    def _event(
+        self, kind: EventType, camera: str, model: str, reason: str | None = None, message: str | None = None
+    ) -> None:
         """Put a model event on the alarm stream, where operators see camera and defect events."""
         if self.client is None:
             return
-        event = EventMsg(type=kind, camera=camera, ts=time.time_ns(), model=model, **fields)
+        event = EventMsg(
+            type=kind, camera=camera, ts=time.time_ns(), model=model, reason=reason, message=message
+        )
         try:
             publish_event(self.client, event, self.prefix)
         except Exception:
@@ -234,26 +327,28 @@ class ModelRouter:
         self._watcher.start()
 
     def _watch(self) -> None:
-        delay = 0.5
+        backoff = MODEL_WATCH.backoff()
         while not self._stop.is_set():
             try:
                 pubsub = self.client.pubsub()  # type: ignore[union-attr]
                 pubsub.subscribe(self.registry().changes_channel)
-                delay = 0.5
+                backoff.reset()
                 while not self._stop.is_set():
                     message = pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5)
                     if message is not None:
                         self._changed.set()
                 pubsub.close()
             except Exception as e:  # the polling fallback covers the gap
+                delay = backoff.next()
                 log.debug("model change subscription lost (%s); retrying in %.1f s", e, delay)
-                self._stop.wait(delay)
-                delay = min(delay * 2, 10.0)
+                backoff.wait(self._stop, delay)
 
     def refresh(self, cameras: list[str], force: bool = False) -> list[str]:
         """At a batch boundary: re-resolve ``cameras`` if the registry changed; return the ones switched."""
         now = time.monotonic()
         if not force and not self._changed.is_set():
+            if self._unresolved and now >= self._retry_at:
+                return self._retry_unresolved(cameras)
             if not self.uses_registry or now < self._next_poll:
                 return []
             self._next_poll = now + self.poll_s
@@ -270,6 +365,13 @@ class ModelRouter:
         used = {id(m) for m in self._assigned.values()}
         self._cache = {k: m for k, m in self._cache.items() if id(m) in used}
         return switched
+
+    def _retry_unresolved(self, cameras: list[str]) -> list[str]:
+        """Try again the cameras whose model could not be resolved (a fix may come without an announce)."""
+        self._retry_at = time.monotonic() + self.poll_s
+        retry = [c for c in cameras if c in self._unresolved]
+        self._none.difference_update(retry)
+        return [c for c in retry if self._update(c)]
 
     def close(self) -> None:
         """Stop the change listener."""

@@ -12,9 +12,11 @@ Compatibility rules:
 * Consumers ignore keys they do not know.
 """
 
+import enum
 import math
+import re
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, overload
 
 import msgpack
 
@@ -28,18 +30,61 @@ FIELD = "msg"
 
 ENCODINGS = ("jpeg", "raw")
 PIXEL_ORDERS = ("bgr", "rgb", "gray")
-EVENT_TYPES = ("raised", "cleared", "camera_down", "camera_up", "model_load_failed", "model_switched")
+
+
+class EventType(enum.StrEnum):
+    """The ``type`` of an event message (the wire value is the string)."""
+
+    RAISED = "raised"
+    CLEARED = "cleared"
+    CAMERA_DOWN = "camera_down"
+    CAMERA_UP = "camera_up"
+    MODEL_LOAD_FAILED = "model_load_failed"
+    MODEL_SWITCHED = "model_switched"
+    ACKNOWLEDGED = "acknowledged"
+    FALSE_ALARM = "false_alarm"
+
+
+EVENT_TYPES = tuple(t.value for t in EventType)
+"""The event types this build writes (a reader of events keeps types it does not know as strings)."""
+REVIEW_TYPES = (EventType.ACKNOWLEDGED.value, EventType.FALSE_ALARM.value)
+"""Event types an operator writes from the console about a ``raised`` alarm (its ``frame_id``)."""
+
+
+class CameraState(enum.StrEnum):
+    """The ``state`` a reader registers for its camera in ``{prefix}:cameras``."""
+
+    STARTING = "starting"
+    UP = "up"
+    DOWN = "down"
+    FINISHED = "finished"
+    STOPPED = "stopped"
+
 
 DEFAULT_MAX_PIXELS = 8192 * 8192
 """Largest w*h a consumer accepts unless configured otherwise (guards memory against absurd sizes)."""
 
+FRAME_OVERHEAD_BYTES = 1 << 20
+"""Room for the keys of a frame message besides its pixels (producers may add keys of their own)."""
+MAX_FRAME_ITEMS = 65_536
+"""Most elements one msgpack array or map of a frame message may hold (a frame needs a dozen)."""
 
-def _unpack_map(data: bytes, what: str) -> dict[str, Any]:
+
+def frame_bytes_cap(max_pixels: int = DEFAULT_MAX_PIXELS) -> int:
+    """Default largest ``msg`` of a frame entry: a raw 3-channel frame of ``max_pixels`` plus overhead."""
+    return 3 * int(max_pixels) + FRAME_OVERHEAD_BYTES
+
+
+def _unpack_map(data: bytes, what: str, max_items: int | None = None) -> dict[str, Any]:
     if not isinstance(data, bytes | bytearray | memoryview):
         raise WireError(f"{what}: expected bytes, got {type(data).__name__}", reason="bad_msgpack")
+    limits = {"max_array_len": max_items, "max_map_len": max_items} if max_items else {}
     try:
-        obj = msgpack.unpackb(bytes(data), raw=False, strict_map_key=True)
+        obj = msgpack.unpackb(bytes(data), raw=False, strict_map_key=True, **limits)
     except Exception as e:  # msgpack raises several unrelated types for corrupt input
+        claimed = re.match(r"(\d+) exceeds max_(array|map)_len", str(e))
+        if claimed and int(claimed.group(1)) <= len(data):  # there, not just claimed by a corrupt header
+            raise WireError(f"{what}: a msgpack array or map is too long ({e})", reason="oversized") from e
         raise WireError(f"{what}: not valid msgpack ({e})", reason="bad_msgpack") from e
     if not isinstance(obj, dict):
         raise WireError(f"{what}: expected a msgpack map, got {type(obj).__name__}", reason="bad_message")
@@ -87,6 +132,10 @@ def _type_names(types: type | tuple[type, ...]) -> str:
     return types.__name__
 
 
+@overload
+def _finite(value: float, key: str, what: str) -> float: ...
+@overload
+def _finite(value: float | None, key: str, what: str) -> float | None: ...
 def _finite(value: float | None, key: str, what: str) -> float | None:
     if value is None:
         return None
@@ -132,10 +181,20 @@ class FrameMsg:
         return msgpack.packb({**self.extra, **body}, use_bin_type=True)
 
     @classmethod
-    def from_bytes(cls, data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> "FrameMsg":
-        """Decode and validate a frame message; raise :class:`WireError` with a reason if it is bad."""
+    def from_bytes(
+        cls, data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int | None = None
+    ) -> "FrameMsg":
+        """Decode and validate a frame message; raise :class:`WireError` with a reason if it is bad.
+
+        ``max_bytes`` (default :func:`frame_bytes_cap` of ``max_pixels``): a longer message is
+        refused unread (reason ``oversized``), and so is one with an array or map of more than
+        :data:`MAX_FRAME_ITEMS` elements.
+        """
         what = cls.WHAT
-        obj = _unpack_map(data, what)
+        cap = frame_bytes_cap(max_pixels) if max_bytes is None else max_bytes
+        if isinstance(data, bytes | bytearray | memoryview) and len(data) > cap:
+            raise WireError(f"{what}: {len(data)} bytes, more than the {cap}-byte cap", reason="oversized")
+        obj = _unpack_map(data, what, MAX_FRAME_ITEMS)
         camera = _get(obj, "camera", str, what)
         seq = _get(obj, "seq", int, what)
         ts = _get(obj, "ts", int, what)
@@ -182,15 +241,22 @@ def split_frame_id(frame_id: str) -> tuple[str, str]:
     return camera, entry_id
 
 
-SCORE_STATUSES = ("scored", "skipped")
+class ScoreStatus(enum.StrEnum):
+    """The ``status`` of a score message (the wire value is the string)."""
+
+    SCORED = "scored"
+    SKIPPED = "skipped"
 
 
-def _status(value: str, what: str) -> str:
+SCORE_STATUSES = tuple(s.value for s in ScoreStatus)
+
+
+def _status(value: str, what: str) -> ScoreStatus:
     if value not in SCORE_STATUSES:
         raise WireError(
             f"{what}: 'status' must be one of {SCORE_STATUSES}, got {value!r}", reason="bad_message"
         )
-    return value
+    return ScoreStatus(value)
 
 
 @dataclass(frozen=True)
@@ -212,7 +278,7 @@ class ScoreMsg:
     anomalous: bool
     model: str
     latency_ms: float
-    status: str = "scored"
+    status: ScoreStatus = ScoreStatus.SCORED
     session: str = ""
     worker: str = ""
 
@@ -252,7 +318,9 @@ class EventMsg:
 
     ``type`` is one of :data:`EVENT_TYPES`. ``raised``/``cleared`` carry ``frame_id``, ``seq``,
     ``score``, ``threshold`` and ``model``; ``raised`` also carries ``image``, a small JPEG of the
-    frame with the anomaly-map overlay (fre models). Health events carry ``reason``.
+    frame with the anomaly-map overlay (fre models). Health events carry ``reason``. The review
+    events ``acknowledged``/``false_alarm`` (:data:`REVIEW_TYPES`, written by the console) carry the
+    ``frame_id`` of the raised alarm, ``user`` and an optional ``comment``.
     """
 
     type: str
@@ -267,6 +335,8 @@ class EventMsg:
     message: str | None = None
     image: bytes | None = None
     since_ts: int | None = None
+    user: str | None = None
+    comment: str | None = None
 
     WHAT: ClassVar[str] = "event message"
 
@@ -294,6 +364,8 @@ class EventMsg:
             message=_get(obj, "message", str, what, None),
             image=_get(obj, "image", bytes, what, None),
             since_ts=_get(obj, "since_ts", int, what, None),
+            user=_get(obj, "user", str, what, None),
+            comment=_get(obj, "comment", str, what, None),
         )
 
     def to_json_dict(self) -> dict[str, Any]:
@@ -423,3 +495,74 @@ class ResultMsg:
         out["latency_ms"] = round(self.latency_ms, 3)
         out["image_bytes"] = len(self.image) if self.image is not None else 0
         return out
+
+
+@dataclass(frozen=True)
+class AuditMsg:
+    """One action of a console user, as written to ``{prefix}:audit`` (who, what, when, outcome)."""
+
+    ts: int
+    user: str
+    role: str
+    action: str
+    target: str = ""
+    detail: str = ""
+    ok: bool = True
+
+    WHAT: ClassVar[str] = "audit message"
+
+    def to_bytes(self) -> bytes:
+        """Encode as the msgpack map stored in the ``msg`` field."""
+        return msgpack.packb({"v": SCHEMA_VERSION, **self.__dict__}, use_bin_type=True)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "AuditMsg":
+        """Decode and validate an audit message."""
+        what = cls.WHAT
+        obj = _unpack_map(data, what)
+        return cls(
+            ts=_get(obj, "ts", int, what),
+            user=_get(obj, "user", str, what),
+            role=_get(obj, "role", str, what),
+            action=_get(obj, "action", str, what),
+            target=_get(obj, "target", str, what, ""),
+            detail=_get(obj, "detail", str, what, ""),
+            ok=_get(obj, "ok", bool, what, True),
+        )
+
+
+@dataclass(frozen=True)
+class CandidateMsg:
+    """A frame an operator marked a false alarm, kept in ``{prefix}:{camera}:candidates`` for the next fit.
+
+    ``image`` is a JPEG: the frame itself when it was still in the frame stream (``source`` =
+    ``"frame"``), else the raised event's picture (``source`` = ``"alarm_image"``, which may carry
+    the anomaly-map overlay).
+    """
+
+    camera: str
+    frame_id: str
+    ts: int
+    user: str
+    source: str
+    image: bytes
+
+    WHAT: ClassVar[str] = "candidate message"
+
+    def to_bytes(self) -> bytes:
+        """Encode as the msgpack map stored in the ``msg`` field."""
+        return msgpack.packb({"v": SCHEMA_VERSION, **self.__dict__}, use_bin_type=True)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "CandidateMsg":
+        """Decode and validate a candidate message."""
+        what = cls.WHAT
+        obj = _unpack_map(data, what)
+        return cls(
+            camera=_get(obj, "camera", str, what),
+            frame_id=_get(obj, "frame_id", str, what),
+            ts=_get(obj, "ts", int, what),
+            user=_get(obj, "user", str, what),
+            source=_get(obj, "source", str, what),
+            image=_get(obj, "image", bytes, what),
+        )

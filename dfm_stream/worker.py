@@ -26,21 +26,31 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import redis
+import torch
 
 from dfm_stream import keys
 from dfm_stream.alarms import AlarmSettings
 from dfm_stream.artifact import normalize_score
-from dfm_stream.batcher import DEFAULT_BATCH_SIZE, DEFAULT_MAX_WAIT_MS, Batcher
+from dfm_stream.backoff import WORKER_FETCH, Backoff
+from dfm_stream.batcher import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_MAX_BATCH_BYTES,
+    DEFAULT_MAX_WAIT_MS,
+    Batch,
+    Batcher,
+)
 from dfm_stream.connect import RedisClient
-from dfm_stream.consumer import StreamConsumer, StreamEntry
+from dfm_stream.consumer import DEFAULT_MAX_CAMERAS, StreamConsumer, StreamEntry
 from dfm_stream.deadletter import send_to_deadletter
 from dfm_stream.errors import WireError
 from dfm_stream.inference import DecodedFrame, DecodeFailure, Decoder, Engine, parse_entry
 from dfm_stream.metrics import WorkerMetrics
+from dfm_stream.model.dfm import ScoreType
 from dfm_stream.publisher import (
     DEFAULT_SCORES_MAXLEN,
     OUTBOX_DELIVER_AFTER_S,
     REDIS_ERRORS,
+    AlarmBit,
     Publisher,
     PublisherThread,
     PublishResult,
@@ -48,7 +58,7 @@ from dfm_stream.publisher import (
     frame_score,
 )
 from dfm_stream.routing import LoadedModel, ModelRouter
-from dfm_stream.wire import DEFAULT_MAX_PIXELS, FrameMsg, make_frame_id
+from dfm_stream.wire import DEFAULT_MAX_PIXELS, FrameMsg, ScoreStatus, frame_bytes_cap, make_frame_id
 
 log = logging.getLogger(__name__)
 
@@ -69,14 +79,19 @@ class WorkerSettings:
     max_age_s: float | None = None
     scores_maxlen: int = DEFAULT_SCORES_MAXLEN
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES
+    """Decoded bytes (3 per pixel) one batch may hold: huge frames make smaller batches."""
+    max_frame_bytes: int | None = None  # None: frame_bytes_cap(max_pixels)
     alarm: AlarmSettings = field(default_factory=AlarmSettings)
     burst: bool = False
     max_frames: int | None = None
     discover_interval_s: float = 5.0
+    max_cameras: int = DEFAULT_MAX_CAMERAS
     stats_interval_s: float = 5.0
     heartbeat_interval_s: float = 10.0
     outbox_interval_s: float = 5.0
     outbox_deliver_after_s: float = OUTBOX_DELIVER_AFTER_S
+    durability: str = "local"
 
 
 @dataclass
@@ -101,7 +116,7 @@ class PreparedBatch:
 
     model: LoadedModel
     frames: list[DecodedFrame]
-    tensor: object
+    tensor: torch.Tensor
     started: float
 
 
@@ -124,15 +139,24 @@ class Worker:
         self.settings = settings or WorkerSettings()
         self.prefix = prefix
         self.metrics = metrics
-        self.consumer = StreamConsumer(client, prefix, self.settings.group, name, cluster)
+        self.max_frame_bytes = self.settings.max_frame_bytes or frame_bytes_cap(self.settings.max_pixels)
+        self.consumer = StreamConsumer(
+            client, prefix, self.settings.group, name, cluster, max_frame_bytes=self.max_frame_bytes
+        )
         self.name = self.consumer.name
         self.stats = WorkerStats()
         self.publisher = Publisher(
-            client, prefix, self.settings.group, self.settings.scores_maxlen, self.settings.alarm, metrics
+            client,
+            prefix,
+            self.settings.group,
+            self.settings.scores_maxlen,
+            self.settings.alarm,
+            metrics,
+            durability=self.settings.durability,
         )
         self.decoder = Decoder(self.engine.device, self.settings.max_pixels)
         self.batcher: Batcher[tuple[StreamEntry, FrameMsg, LoadedModel]] = Batcher(
-            self.settings.batch_size, self.settings.max_wait_ms
+            self.settings.batch_size, self.settings.max_wait_ms, self.settings.max_batch_bytes
         )
         self._ready: queue.Queue[PreparedBatch | None] = queue.Queue(maxsize=2)
         self._inflight: set[str] = set()
@@ -178,13 +202,16 @@ class Worker:
         return self.stats
 
     def ready(self) -> tuple[bool, str]:
-        """Answer ``/readyz``: Redis reachable and a model loaded for at least one camera."""
+        """Answer ``/readyz``: Redis reachable and a model built (at start, or for a camera)."""
         try:
             self.client.ping()
         except Exception as e:
             return False, f"Redis unreachable: {e}"
         models = self.router.loaded()
         if not models:
+            built = sorted({m.label for m in self.router.preloaded()})
+            if built:
+                return True, "model(s) built, no camera with frames yet: " + ", ".join(built)
             return False, "no model loaded yet (no camera with a model)"
         return True, f"{len(models)} camera(s) with a model: " + ", ".join(
             sorted({m.label for m in models.values()})
@@ -197,7 +224,9 @@ class Worker:
         info = model.fitted.info
         t0 = time.perf_counter()
         try:
-            result = self.engine.score(model.fitted.model, batch.tensor, want_maps=info.score_type == "fre")
+            result = self.engine.score(
+                model.fitted.model, batch.tensor, want_maps=info.score_type == ScoreType.FRE
+            )
         except Exception:
             log.exception(
                 "model %s failed on a batch of %d frames: left pending", model.label, len(batch.frames)
@@ -230,11 +259,11 @@ class Worker:
             amap = result.maps[i] if anomalous and result.maps is not None else None
             items.append(
                 ScoredItem(
-                    template,
-                    frame.entry.entry_id,
-                    "1" if anomalous else "0",
-                    frame if anomalous else None,
-                    amap,
+                    template=template,
+                    entry_id=frame.entry.entry_id,
+                    alarm_bit=AlarmBit.of(anomalous),
+                    frame=frame if anomalous else None,
+                    anomaly_map=amap,
                 )
             )
         return items
@@ -245,8 +274,9 @@ class Worker:
         if result is not None:
             duplicates = set(result.duplicates)
             self.stats.duplicates += len(duplicates)
+            duplicates.update(result.unconfirmed)  # not acknowledged: counted only if scored again
             self.stats.scored += sum(
-                1 for i in items if i.alarm_bit != "s" and i.template.frame_id not in duplicates
+                1 for i in items if i.alarm_bit != AlarmBit.SKIPPED and i.template.frame_id not in duplicates
             )
             self.stats.events += [f"{e.type}:{e.camera}:{e.frame_id}" for e in result.events]
         self._forget_ids([i.template.frame_id for i in items])
@@ -264,28 +294,26 @@ class Worker:
             self._ready.put(None)
 
     def _fetch_loop(self) -> None:
-        delay = 0.1
+        backoff = WORKER_FETCH.backoff()
         while not self._stop.is_set():
             try:
                 if not self._redis_ok:
                     self._connected()
                 self._fetch_once()
-                delay = 0.1
+                backoff.reset()
             except REDIS_ERRORS as e:
                 self._redis_ok = False
+                delay = backoff.next()
                 log.warning("Redis unavailable (%s); retrying in %.1f s", e, delay)
-                self._stop.wait(delay)
-                delay = min(delay * 2, 5.0)
+                backoff.wait(self._stop, delay)
             except redis.ResponseError as e:
                 if "NOGROUP" in str(e):  # the server lost its data (restart without persistence)
                     log.warning("consumer group missing (%s): creating it again", e)
                     self.consumer.ensure_groups()
                 else:
-                    self._loop_error("fetch", delay)
-                    delay = min(delay * 2, 5.0)
+                    self._loop_error("fetch", backoff)
             except Exception:
-                self._loop_error("fetch", delay)
-                delay = min(delay * 2, 5.0)
+                self._loop_error("fetch", backoff)
 
     def _connected(self) -> None:
         """Ping Redis; once it answers, log it, make sure the groups exist and look for cameras now."""
@@ -295,10 +323,11 @@ class Worker:
         self._redis_ok = True
         log.info("worker %s connected to Redis", self.name)
 
-    def _loop_error(self, where: str, delay: float) -> None:
+    def _loop_error(self, where: str, backoff: Backoff) -> None:
+        delay = backoff.next()
         log.exception("unexpected error in the %s loop; retrying in %.1f s", where, delay)
         self._count_error(where)
-        self._stop.wait(delay)
+        backoff.wait(self._stop, delay)
 
     def _fetch_once(self) -> None:
         self._housekeeping()
@@ -310,9 +339,12 @@ class Worker:
                 self._stop.set()
                 return
         result = self.consumer.read(room, cameras)
+        self._take(result.entries)
         for camera, gaps in result.trimmed.items():
             self._drop(camera, "trimmed", gaps)
-        self._take(result.entries)
+        if self.metrics is not None:
+            for camera, odd in result.seq_anomalies.items():
+                self.metrics.seq_anomalies.labels(camera).inc(odd)
         self._dispatch(self.batcher.ready())
         if len(result.entries) >= room:
             return
@@ -339,21 +371,36 @@ class Worker:
         return all(stats.get(c, (0, 0))[1] == 0 for c in cameras)
 
     def _take(self, entries: list[StreamEntry], claimed: bool = False) -> None:
-        """Route new entries: dead letters, stale skips, or into the batcher."""
+        """Route new entries: dead letters, stale skips, or into the batcher.
+
+        If a Redis error stops this half-way (a dead letter refused), the stale frames collected so
+        far leave the in-flight set (reclaimed later); the rest are in the batcher or never entered
+        the in-flight set.
+        """
         skipped: list[ScoredItem] = []
+        try:
+            self._route(entries, claimed, skipped)
+        except BaseException:
+            self._forget_ids([i.template.frame_id for i in skipped])
+            raise
+        if skipped:
+            self.stats.skipped += len(skipped)
+            self._publish_direct(skipped)
+
+    def _route(self, entries: list[StreamEntry], claimed: bool, skipped: list[ScoredItem]) -> None:
         now_ns = time.time_ns()
         for entry in entries:
             self.stats.read += 1
+            model = self.router.resolve(entry.camera)
+            if model is None:  # its model went away: it waits, pending, until its camera has one
+                continue
             if claimed and entry.deliveries > self.settings.max_deliveries:
                 self._dead_letter(entry, "max_deliveries", f"delivered {entry.deliveries} times")
                 continue
             try:
-                msg = parse_entry(entry, self.settings.max_pixels)
+                msg = parse_entry(entry, self.settings.max_pixels, self.max_frame_bytes)
             except WireError as e:
                 self._dead_letter(entry, e.reason, str(e))
-                continue
-            model = self.router.resolve(entry.camera)
-            if model is None:  # its model went away: leave it pending for another worker to reclaim
                 continue
             frame_id = make_frame_id(entry.camera, entry.entry_id)
             with self._lock:
@@ -362,17 +409,14 @@ class Worker:
             if max_age and now_ns - msg.ts > max_age * 1e9:
                 skipped.append(self._skipped(entry, msg, model))
                 continue
-            self.batcher.add(model.label, (entry, msg, model))
-        if skipped:
-            self.stats.skipped += len(skipped)
-            self._publish_direct(skipped)
+            self.batcher.add(model.label, (entry, msg, model), nbytes=msg.w * msg.h * 3)  # decoded RGB
 
     def _skipped(self, entry: StreamEntry, msg: FrameMsg, model: LoadedModel) -> ScoredItem:
         self._drop(entry.camera, "stale", 1)
         template = frame_score(
-            entry, msg, self.name, model.label, None, model.fitted.info.threshold, status="skipped"
+            entry, msg, self.name, model.label, None, model.fitted.info.threshold, status=ScoreStatus.SKIPPED
         )
-        return ScoredItem(template, entry.entry_id, "s")
+        return ScoredItem(template=template, entry_id=entry.entry_id, alarm_bit=AlarmBit.SKIPPED)
 
     def _publish_direct(self, items: list[ScoredItem]) -> None:
         try:
@@ -383,30 +427,44 @@ class Worker:
         self._published(items, result)
 
     def _dispatch(self, batches: list) -> None:
-        for batch in batches:
-            model = batch.items[0][2]  # the version resolved when the batch's frames were read
-            t0 = time.perf_counter()
-            decoded = self.decoder.decode([(e, m) for e, m, _ in batch.items])
-            good = [d for d in decoded if isinstance(d, DecodedFrame)]
-            for bad in (d for d in decoded if isinstance(d, DecodeFailure)):
-                self._dead_letter(bad.entry, bad.reason, bad.error)
-            if not good:
-                continue
-            tensor = self.engine.to_tensor([g.image for g in good], model.fitted.info.image_size)
-            if self.metrics:
-                self.metrics.decode_seconds.observe(time.perf_counter() - t0)
-                now_ms = time.time() * 1000
-                for g in good:
-                    self.metrics.queue_wait_seconds.labels(g.entry.camera).observe(
-                        max(0.0, now_ms - g.entry.entry_ms) / 1000
-                    )
-            self._ready.put(PreparedBatch(model, good, tensor, time.monotonic()))
+        """Prepare and queue batches taken from the batcher; on any error, release what is left.
+
+        The batches are out of the batcher already, so a batch that fails (a Redis error while
+        dead-lettering one of its frames, a failed pre-processing) and every batch after it leave
+        the in-flight set: they stay pending and :meth:`_reclaim` takes them again, instead of
+        waiting for a restart (reclaim skips frames in flight).
+        """
+        for n, batch in enumerate(batches):
+            try:
+                self._prepare(batch)
+            except BaseException:
+                self._forget([e for b in batches[n:] for e, _, _ in b.items])
+                raise
+
+    def _prepare(self, batch: Batch) -> None:
+        model = batch.items[0][2]  # the version resolved when the batch's frames were read
+        t0 = time.perf_counter()
+        decoded = self.decoder.decode([(e, m) for e, m, _ in batch.items])
+        good = [d for d in decoded if isinstance(d, DecodedFrame)]
+        for bad in (d for d in decoded if isinstance(d, DecodeFailure)):
+            self._dead_letter(bad.entry, bad.reason, bad.error)
+        if not good:
+            return
+        tensor = self.engine.to_tensor([g.image for g in good], model.fitted.info.image_size)
+        if self.metrics:
+            self.metrics.decode_seconds.observe(time.perf_counter() - t0)
+            now_ms = time.time() * 1000
+            for g in good:
+                self.metrics.queue_wait_seconds.labels(g.entry.camera).observe(
+                    max(0.0, now_ms - g.entry.entry_ms) / 1000
+                )
+        self._ready.put(PreparedBatch(model=model, frames=good, tensor=tensor, started=time.monotonic()))
 
     def _flush_batches(self) -> None:
         try:
             self._dispatch(self.batcher.ready(flush=True))
         except Exception:
-            log.exception("could not prepare the last batches at shutdown: they stay pending")
+            log.exception("could not prepare the last batches at shutdown: they stay pending (reclaimed)")
             self._count_error("fetch")
 
     def _dead_letter(self, entry: StreamEntry, reason: str, error: str) -> None:
@@ -470,21 +528,28 @@ class Worker:
             self.metrics.device_info.labels(str(e.device), e.precision, e.backend).set(1)
 
     def _group_stats(self) -> None:
-        for camera, (lag, pending) in self.consumer.group_stats().items() if self.metrics else ():
+        if self.metrics is None:
+            return
+        for camera, (lag, pending) in self.consumer.group_stats().items():
             self.metrics.stream_lag.labels(camera).set(lag)
             self.metrics.stream_pending.labels(camera).set(pending)
 
     def _discover(self) -> None:
-        added = self.consumer.discover(self.settings.cameras)
-        for camera in added if self.metrics else ():
-            self.metrics.init_camera(camera)
+        added = self.consumer.discover(self.settings.cameras, self.settings.max_cameras)
+        if self.metrics is not None:
+            for camera in added:
+                self.metrics.init_camera(camera)
         if added:
             log.info("worker %s reads cameras %s", self.name, ", ".join(added))
 
     def _reclaim(self) -> None:
         with self._lock:
             exclude = set(self._inflight)
-        result = self.consumer.reclaim(int(self.settings.claim_idle_s * 1000), exclude=exclude)
+        # only cameras with a model: claiming raises the delivery count, and their frames must wait
+        scored = [c for c in self.consumer.cameras if self.router.resolve(c) is not None]
+        result = self.consumer.reclaim(
+            int(self.settings.claim_idle_s * 1000), exclude=exclude, cameras=scored
+        )
         for camera, ids in result.deleted.items():  # never one in flight here: the publish acks those
             self._drop(camera, "trimmed", len(ids))
         if result.entries:

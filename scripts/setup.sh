@@ -2,8 +2,9 @@
 # Prepares everything dfm-stream needs, from nothing: a Python >= 3.11, .venv, the project and its
 # dependencies (re-installed only when pyproject.toml changes). With --test it also adds the test
 # dependencies and, where it can (root + apt-get), the system tools the tests use: redis-server,
-# ffmpeg (network camera streams), GStreamer's RTSP server (the RTSP camera test) and
-# prometheus/promtool, mosquitto (the MQTT bridge tests). Without them those tests skip locally;
+# ffmpeg (network camera streams), GStreamer's RTSP server (the RTSP camera test),
+# prometheus/promtool, mosquitto (the MQTT bridge tests) and chromium (the console's browser tests,
+# driven by Playwright). Without them those tests skip locally;
 # under CI=true they fail instead, so CI never goes green by skipping.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -49,6 +50,8 @@ if [ "$want_test" = 1 ]; then
   # the bridge's MQTT tests run Debian's broker and read it with mosquitto_sub
   { command -v mosquitto || [ -x /usr/sbin/mosquitto ]; } >/dev/null 2>&1 || missing+=(mosquitto)
   command -v mosquitto_sub >/dev/null 2>&1 || missing+=(mosquitto-clients)
+  # Playwright drives Debian's chromium: its own browser download is not used
+  command -v chromium >/dev/null 2>&1 || missing+=(chromium)
   if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
       echo "==> installing system packages: ${missing[*]}" >&2

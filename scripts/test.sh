@@ -8,5 +8,7 @@ echo "==> ruff check" >&2
 .venv/bin/ruff check .
 echo "==> ruff format --check" >&2
 .venv/bin/ruff format --check .
+echo "==> mypy" >&2
+.venv/bin/mypy dfm_stream
 echo "==> pytest" >&2
 exec .venv/bin/python -m pytest "$@"

@@ -35,6 +35,10 @@ def test_quick_bench_runs_every_stage_and_writes_json_with_ratios(tmp_path: Path
         assert results[stage]["n"] == 1, stage
         assert results[stage]["median"] > 0, stage
     assert results["pipeline"]["details"][0]["not_scored"] == 0
+    isolation = results["isolation_probe_errors"]["details"][0]
+    assert results["isolation_probe_errors"]["median"] == 0, isolation["hostile"]["probe_error_examples"]
+    assert isolation["hostile"]["hostile_entries"] > 0 and isolation["hostile"]["probes"] > 0
+    assert isolation["clean"]["frames"] > 0 and isolation["hostile"]["frames"] > 0
     assert all(v is None or v >= 0 for v in results["pipeline"]["foreign_cpu_cores"])
     assert len(results["backbone"]["foreign_cpu_cores"]) == 1
     assert results["transport"]["details"][0]["frames"] == 200

@@ -134,9 +134,10 @@ def test_workers_sigkilled_at_random_moments_score_each_frame_exactly_once(
     redis_client: redis.Redis, redis_url: str, artifact: Artifact, procs: Processes, tmp_path: Path
 ) -> None:
     cams = ["k1", "k2", "k3", "k4"]
+    frames = 240  # 30 s at 8 fps: workers that start fast must still be killed with work in flight
     config = write_config(tmp_path / "cams.toml", cams, "fps = 8\nmaxlen = 5000\n")
     reader = procs.dfm(
-        *("read", "--redis", redis_url, "--config", str(config), "--max-frames", "120"),
+        *("read", "--redis", redis_url, "--config", str(config), "--max-frames", str(frames)),
         *("--metrics-port", "-1"),
         name="reader",
     )
@@ -169,7 +170,7 @@ def test_workers_sigkilled_at_random_moments_score_each_frame_exactly_once(
     for worker in live:  # a replacement may still be importing torch: let it start before SIGTERM
         wait_until(lambda w=worker: heartbeat(redis_client, w.pid), 60, what="the replacement worker up")
         assert procs.stop(worker) == 0, procs.log(worker)
-    assert assert_exactly_one_score_per_frame(redis_client, cams) == 4 * 120
+    assert assert_exactly_one_score_per_frame(redis_client, cams) == 4 * frames
     assert redis_client.xlen(keys.deadletter_key()) == 0
     reclaimed = sum("reclaimed" in procs.log(p) for p in procs.procs)
     assert reclaimed >= 1, "frames of killed workers must have been reclaimed by live ones"

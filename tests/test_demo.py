@@ -15,7 +15,19 @@ from typing import Any
 from dfm_stream import keys
 from dfm_stream.embedded_redis import EmbeddedRedis
 
-FAST = ["--size", "96", "--warmup", "96", "--fps", "8", "--metrics-port", "0", "--no-view"]
+FAST = [
+    "--size",
+    "96",
+    "--warmup",
+    "96",
+    "--fps",
+    "8",
+    "--metrics-port",
+    "0",
+    "--console-port",
+    "0",
+    "--no-view",
+]
 
 
 def _alive(pid: int) -> bool:
@@ -53,7 +65,7 @@ def _run_demo(procs: Any, tmp_path: Path, *args: str, timeout: float = 150) -> d
 
 def _assert_children_gone(summary: dict[str, Any]) -> None:
     roles = sorted(p["role"] for p in summary["processes"])
-    assert roles == ["reader", "reader", "worker"]
+    assert roles == ["console", "reader", "reader", "worker"]
     for p in summary["processes"]:
         assert p["exit_code"] == 0, p
         assert not _alive(p["pid"]), p
@@ -76,6 +88,8 @@ def test_demo_raises_alarms_for_the_injected_defects(procs: Any, tmp_path: Path)
     assert summary["model"]["pre_trained"] is False
     assert "random backbone weights" in summary["model"]["weights_note"]
     assert summary["failure"] is None
+    assert summary["console_url"].startswith("http://127.0.0.1:")
+    assert f"console: {summary['console_url']}" in procs.log(procs.procs[0])
 
     _assert_children_gone(summary)
     redis = summary["redis"]
@@ -95,3 +109,20 @@ def test_demo_runs_against_an_external_redis(
     assert summary["redis"]["embedded"] is False
     _assert_children_gone(summary)
     assert redis_client.ping()  # the demo leaves a server it did not start running
+
+
+def test_a_demo_without_workdir_says_its_logs_are_temporary_and_removes_them(
+    procs: Any, tmp_path: Path
+) -> None:
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    proc = procs.dfm("demo", *FAST, "--duration", "2", name="demo", env={"TMPDIR": str(temp)})
+    assert proc.wait(150) == 0, procs.log(proc)
+    log = procs.log(proc)
+    assert f"logs: {temp / 'dfm-demo-'}" in log
+    assert (
+        "(a temporary folder, removed when the demo ends: pass --workdir DIR to keep the model and logs)"
+        in log
+    )
+    assert f"removed the temporary work folder {temp / 'dfm-demo-'}" in log
+    assert not list(temp.glob("dfm-demo-*")), "the folder it named is gone, as it said"

@@ -17,6 +17,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,11 +36,13 @@ from dfm_stream.metrics import new_registry, serve
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
 K8S = DEPLOY / "k8s"
-OVERLAYS = ("cpu", "gpu")
+OVERLAYS = ("cpu", "gpu", "sentinel")
 K8S_VERSIONS = ("1.30.0", "1.34.0")
 """Kubernetes releases whose schemas (bundled with kubernetes-validate) every resource must meet."""
 METRICS_PORTS = {"read": 9400, "work": 9401}
 """The metrics ports of readers and workers: deploy/prometheus/prometheus.yml scrapes these."""
+CONSOLE_PORT = 8080
+"""The operator console's port (``dfm-stream console --port``): pages, /healthz and /readyz."""
 SCRIPTS = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
 SCRIPT_SUBCOMMAND = {"dfm-stream": [], "dfm-stream-reader": ["read"], "dfm-stream-worker": ["work"]}
 CRD_GROUPS = ("keda.sh/", "monitoring.coreos.com/")
@@ -222,6 +225,7 @@ def test_dockerfile_copies_files_that_exist_and_are_in_the_build_context(dockerf
 
 COMPOSE = DEPLOY / "compose.yaml"
 COMPOSE_GPU = DEPLOY / "compose.gpu.yaml"
+COMPOSE_SENTINEL = DEPLOY / "compose.sentinel.yaml"
 
 
 def compose_services(path: Path = COMPOSE) -> dict[str, dict]:
@@ -260,7 +264,7 @@ def test_compose_defines_every_service_of_the_pipeline() -> None:
     assert flag_value(redis_cmd, "--maxmemory-policy") == "noeviction"
 
 
-@pytest.mark.parametrize("path", [COMPOSE, COMPOSE_GPU], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [COMPOSE, COMPOSE_GPU, COMPOSE_SENTINEL], ids=lambda p: p.name)
 def test_compose_files_it_references_exist(path: Path) -> None:
     for name, svc in compose_services(path).items():
         build = svc.get("build")
@@ -304,6 +308,15 @@ def test_compose_healthchecks_probe_healthz_on_each_services_metrics_port() -> N
         server.close()
 
 
+def test_compose_console_is_published_on_loopback_and_probed_on_its_port() -> None:
+    console = compose_services()["console"]
+    cmd = service_command(console)
+    assert cmd[0] == "console" and int(flag_value(cmd, "--port")) == CONSOLE_PORT
+    assert console["ports"] == [f"127.0.0.1:{CONSOLE_PORT}:{CONSOLE_PORT}"], "the console stays on loopback"
+    match = HEALTH_URL.search(console["healthcheck"]["test"][3])
+    assert match and (int(match["port"]), match["path"]) == (CONSOLE_PORT, "/healthz")
+
+
 def test_compose_matches_the_prometheus_scrape_config() -> None:
     scrape = {
         job["job_name"]: job for job in load_yaml(DEPLOY / "prometheus" / "prometheus.yml")["scrape_configs"]
@@ -333,6 +346,72 @@ def test_compose_mounts_what_prometheus_and_grafana_provisioning_expect() -> Non
         assert list((DEPLOY / graf_mounts[path]).glob("*.json")), f"no dashboard JSON in {graf_mounts[path]}"
     datasources = load_yaml(DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml")
     assert datasources["datasources"][0]["url"].startswith("http://prometheus:9090")
+
+
+def sentinel_conf(svc: dict) -> list[str]:
+    """The sentinel.conf lines a compose sentinel service writes (``printf '%s\\n' 'line' ... >``)."""
+    script = shlex.split(service_command(svc)[2])
+    return script[2 : script.index(">")]
+
+
+def test_compose_sentinel_override_points_every_process_at_three_sentinels() -> None:
+    from dfm_stream.connect import parse_sentinel_url
+
+    base, services = compose_services(), compose_services(COMPOSE_SENTINEL)
+    sentinels = sorted(n for n in services if n.startswith("sentinel-"))
+    assert len(sentinels) == 3
+    for name in sentinels:
+        monitor = [
+            line.split() for line in sentinel_conf(services[name]) if line.startswith("sentinel monitor")
+        ]
+        (_, _, service, host, port, quorum), *more = monitor
+        assert not more and host in base and port == "6379" and quorum == "2", monitor
+    replica = service_command(services["redis-replica"])
+    assert replica[replica.index("--replicaof") + 1] == host
+    for name in ("redis", "redis-replica"):
+        cmd = service_command(services[name])
+        assert flag_value(cmd, "--min-replicas-to-write") == "1", f"{name}: a cut-off primary must stop"
+        assert flag_value(cmd, "--appendonly") == "yes"
+    users = [n for n, svc in our_services(base) if "DFM_REDIS_URL" in svc.get("environment", {})]
+    assert {"worker", "reader-cam1", "reader-cam2", "model-push"} <= set(users)
+    for name in users:
+        env = services[name]["environment"]
+        target = parse_sentinel_url(env["DFM_REDIS_URL"])
+        assert target.sentinels == [(n, 26379) for n in sentinels] and target.service == service, name
+        assert env["DFM_DURABILITY"] == "replicated", name
+
+
+def test_compose_sentinel_config_is_accepted_by_a_real_sentinel(tmp_path: Path) -> None:
+    """The lines the compose sentinels write, pointed at a local server, make a working sentinel."""
+    import redis
+
+    from dfm_stream.embedded_redis import EmbeddedRedis, find_redis_server
+
+    lines = sentinel_conf(compose_services(COMPOSE_SENTINEL)["sentinel-1"])
+    port = free_port()
+    (tmp_path / "primary").mkdir()
+    with EmbeddedRedis(workdir=tmp_path / "primary") as primary:
+        text = "\n".join(lines) + "\n"
+        text = text.replace("port 26379", f"port {port}").replace(
+            " redis 6379 ", f" 127.0.0.1 {primary.port} "
+        )
+        (tmp_path / "sentinel.conf").write_text(text + f"dir {tmp_path}\n")
+        proc = subprocess.Popen([find_redis_server(), str(tmp_path / "sentinel.conf"), "--sentinel"])
+        try:
+            client = redis.Redis(port=port, decode_responses=True)
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    state = client.sentinel_master("dfm")
+                    break
+                except redis.ConnectionError:
+                    assert proc.poll() is None and time.monotonic() < deadline, "sentinel did not start"
+                    time.sleep(0.1)
+            assert int(state["port"]) == primary.port and int(state["quorum"]) == 2
+            client.close()
+        finally:
+            proc.kill()
+            proc.wait(10)
 
 
 def test_compose_gpu_override_reserves_gpus_and_builds_the_cuda_image() -> None:
@@ -500,13 +579,15 @@ def test_containers_run_commands_the_cli_accepts(build: tuple[str, list[dict]]) 
         if args.redis_password_file:
             mounts = {m["mountPath"] for m in container["volumeMounts"]}
             assert str(Path(args.redis_password_file).parent) in mounts, ident(res)
-    assert seen == {"read", "work"}
+    assert seen == {"read", "work", "console"}
 
 
 def test_probes_check_healthz_and_readyz_on_the_metrics_port(build: tuple[str, list[dict]]) -> None:
     _, resources = build
     for res, _, container in dfm_containers(resources):
         args = container["args"]
+        if args[0] == "console":
+            continue  # no metrics port: see the console's own test
         port = int(flag_value(args, "--metrics-port") or 0)
         assert port == METRICS_PORTS[args[0]], f"{ident(res)}: Prometheus rules expect {METRICS_PORTS}"
         assert flag_value(args, "--metrics-host") == "0.0.0.0", f"{ident(res)}: metrics unreachable"
@@ -515,6 +596,23 @@ def test_probes_check_healthz_and_readyz_on_the_metrics_port(build: tuple[str, l
         for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
             get = container[probe]["httpGet"]
             assert (get["path"], get["port"]) == (path, "metrics"), f"{ident(res)} {probe}"
+
+
+def test_the_console_listens_on_all_interfaces_of_its_pod_and_is_probed_there(
+    build: tuple[str, list[dict]],
+) -> None:
+    _, resources = build
+    consoles = [(res, c) for res, _, c in dfm_containers(resources) if c["args"][0] == "console"]
+    assert len(consoles) == 1
+    res, container = consoles[0]
+    args = container["args"]
+    assert flag_value(args, "--host") == "0.0.0.0" and int(flag_value(args, "--port")) == CONSOLE_PORT
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"http": CONSOLE_PORT}
+    for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+        get = container[probe]["httpGet"]
+        assert (get["path"], get["port"]) == (path, "http"), f"{ident(res)} {probe}"
+    services = [s for s in of_kind(resources, "Service") if s["metadata"]["name"] == "dfm-console"]
+    assert [p["targetPort"] for p in services[0]["spec"]["ports"]] == ["http"]
 
 
 def test_pods_run_non_root_with_a_read_only_root_filesystem(build: tuple[str, list[dict]]) -> None:
@@ -555,6 +653,38 @@ def test_overlay_picks_cpu_or_gpu_for_the_worker(build: tuple[str, list[dict]]) 
         assert container["image"].endswith("-cpu") and device in ("cpu", "auto")
     if name == "cpu":
         assert resources_["requests"]["cpu"] == resources_["limits"]["cpu"], "whole, guaranteed cores"
+
+
+def test_sentinel_overlay_sends_every_process_through_the_sentinels(build: tuple[str, list[dict]]) -> None:
+    from dfm_stream.connect import parse_sentinel_url
+
+    name, resources = build
+    if name != "sentinel":
+        pytest.skip("only the sentinel overlay runs Redis Sentinel")
+    sentinels = one(resources, "StatefulSet", "dfm-redis-sentinel")
+    script = sentinels["spec"]["template"]["spec"]["containers"][0]["command"][2]
+    (monitor,) = re.findall(r"sentinel monitor (\S+) \S+ 6379 (\d+)", script)
+    assert monitor[1] == "2" and sentinels["spec"]["replicas"] == 3, "quorum 2 of 3"
+    redis_sts = one(resources, "StatefulSet", "dfm-redis")
+    assert redis_sts["spec"]["replicas"] >= 2
+    redis_cmd = redis_sts["spec"]["template"]["spec"]["containers"][0]
+    assert "args" not in redis_cmd and "--min-replicas-to-write 1" in redis_cmd["command"][2]
+    seen = set()
+    for res, _, container in dfm_containers(resources):
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        target = parse_sentinel_url(env["DFM_REDIS_URL"])
+        assert target.service == monitor[0] and len(target.sentinels) == 3, ident(res)
+        for host, port in target.sentinels:
+            check_sentinel_pod_address(f"{host}.{namespace_of(res)}.svc:{port}", namespace_of(res), resources)
+        assert env["DFM_DURABILITY"] == "replicated", ident(res)
+        seen.add(container["args"][0])
+    assert seen == {"read", "work"}
+    (so,) = of_kind(resources, "ScaledObject")
+    assert {t["metadata"]["sentinelMaster"] for t in so["spec"]["triggers"]} == {monitor[0]}
+
+
+def namespace_of(res: dict) -> str:
+    return res["metadata"]["namespace"]
 
 
 def cameras_of(resources: list[dict]) -> Any:
@@ -607,6 +737,17 @@ REDIS_STREAMS_FIELDS = {
     "passwordFromEnv",
 }
 """The metadata of KEDA's redis-streams trigger (keda.sh/docs/latest/scalers/redis-streams)."""
+REDIS_SENTINEL_STREAMS_ADDRESS = ("addresses", "hosts")
+REDIS_SENTINEL_STREAMS_FIELDS = {
+    *(REDIS_STREAMS_FIELDS - {*REDIS_STREAMS_ADDRESS, "port", "portFromEnv"}),
+    *REDIS_SENTINEL_STREAMS_ADDRESS,
+    "ports",
+    "sentinelMaster",
+    "sentinelMasterFromEnv",
+    "sentinelUsernameFromEnv",
+    "sentinelPasswordFromEnv",
+}
+"""The metadata of KEDA's redis-sentinel-streams trigger (keda.sh/docs/latest/scalers/, same page name)."""
 
 
 def check_scaled_object(so: dict, resources: list[dict]) -> None:
@@ -628,14 +769,20 @@ def check_scaled_object(so: dict, resources: list[dict]) -> None:
 
 
 def check_redis_streams_trigger(trigger: dict, namespace: str, resources: list[dict]) -> None:
-    assert trigger["type"] == "redis-streams"
+    kind = trigger["type"]
+    assert kind in ("redis-streams", "redis-sentinel-streams"), kind
+    sentinel = kind == "redis-sentinel-streams"
+    fields = REDIS_SENTINEL_STREAMS_FIELDS if sentinel else REDIS_STREAMS_FIELDS
     meta = trigger["metadata"]
     assert all(isinstance(v, str) for v in meta.values()), f"trigger metadata values must be strings: {meta}"
-    assert set(meta) <= REDIS_STREAMS_FIELDS, (
-        f"unknown redis-streams fields {set(meta) - REDIS_STREAMS_FIELDS}"
-    )
+    assert set(meta) <= fields, f"unknown {kind} fields {set(meta) - fields}"
     assert "stream" in meta, "the stream name is required"
-    assert any(k in meta for k in REDIS_STREAMS_ADDRESS), "address (or host/port, or *FromEnv) is required"
+    addresses = REDIS_SENTINEL_STREAMS_ADDRESS if sentinel else REDIS_STREAMS_ADDRESS
+    assert any(k in meta for k in addresses), f"{kind}: one of {addresses} is required"
+    if sentinel:
+        assert "sentinelMaster" in meta or "sentinelMasterFromEnv" in meta, "the sentinels' service name"
+        for address in meta.get("addresses", "").split(","):
+            check_sentinel_pod_address(address, namespace, resources)
     assert "consumerGroup" in meta, "without a consumerGroup KEDA scales on stream length, not on our backlog"
     targets = [k for k in REDIS_STREAMS_TARGETS if k in meta]
     assert len(targets) == 1 and meta[targets[0]].isdigit() and int(meta[targets[0]]) > 0, targets
@@ -651,9 +798,26 @@ def check_redis_streams_trigger(trigger: dict, namespace: str, resources: list[d
     ta = one(resources, auth.get("kind", "TriggerAuthentication"), auth["name"])
     assert ta["metadata"]["namespace"] == namespace
     for ref in ta["spec"]["secretTargetRef"]:
-        assert ref["parameter"] in ("username", "password", "host", "port", "address")
+        assert ref["parameter"] in (
+            *("username", "password", "host", "port", "address"),
+            *("sentinelUsername", "sentinelPassword", "sentinelMaster"),
+        )
         secret = one(resources, "Secret", ref["name"])
         assert ref["key"] in {**secret.get("data", {}), **secret.get("stringData", {})}, ref
+
+
+def check_sentinel_pod_address(address: str, namespace: str, resources: list[dict]) -> None:
+    """``pod.service.namespace.svc:port`` of a StatefulSet pod behind a headless Service."""
+    host, _, port = address.strip().rpartition(":")
+    pod, svc_name, svc_ns, *_ = host.split(".")
+    assert svc_ns == namespace, f"{address} must name the namespace"
+    svc = one(resources, "Service", svc_name)
+    assert svc["spec"].get("clusterIP") == "None", f"{address}: pod names need a headless Service"
+    assert int(port) in {p["port"] for p in svc["spec"]["ports"]}, address
+    sts = [r for r in of_kind(resources, "StatefulSet") if r["spec"]["serviceName"] == svc_name]
+    assert len(sts) == 1, f"{address}: no StatefulSet behind {svc_name}"
+    name, _, index = pod.rpartition("-")
+    assert name == sts[0]["metadata"]["name"] and int(index) < sts[0]["spec"]["replicas"], address
 
 
 def test_keda_scales_the_workers_on_the_lag_of_every_cameras_frame_stream(
@@ -718,7 +882,7 @@ def test_podmonitors_select_the_pods_and_name_the_scrape_jobs(build: tuple[str, 
                 covered.add(ident(res))
             job = [r["replacement"] for r in endpoint["relabelings"] if r.get("targetLabel") == "job"]
             assert job and job[0] in jobs, f"job {job} is not one the alert rules and dashboard use ({jobs})"
-    readers_and_workers = {ident(r) for r, _, _ in dfm_containers(resources)}
+    readers_and_workers = {ident(r) for r, _, c in dfm_containers(resources) if c["args"][0] in METRICS_PORTS}
     assert readers_and_workers <= covered, readers_and_workers - covered
 
 

@@ -36,6 +36,7 @@ def run_the_publish_script_and_die(client, camera: str, threshold: float) -> Non
         keys.scores_key(camera),
         keys.alarm_state_key(camera),
         keys.event_outbox_key(camera),
+        keys.seq_key(camera),
     ]
     args = [GROUP, 10_000, *AlarmSettings().script_args(), entry_id, msg.to_bytes(), "1"]
     published, transitions, active = client.eval(PUBLISH_SCRIPT, len(keys_), *keys_, *args)

@@ -48,6 +48,7 @@ REASONS = {
     "too_large",
     "shape_mismatch",
     "decode_error",
+    "oversized",
 }
 """``ok`` plus every WireError reason of the frame path (the dead-letter reasons)."""
 FUZZ_SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -11,6 +11,7 @@ import redis
 from registry_helpers import tiny_artifact
 from support import Processes
 
+from dfm_stream.artifact import read_info
 from dfm_stream.registry import ModelRef, ModelRegistry
 
 TIMEOUT_S = 120
@@ -77,10 +78,28 @@ def test_push_list_show_rollback_assign_pull(
     code, out = _run(procs, "pull", "model", "pull", "bottle@1", "--out", str(pulled), *r)
     assert code == 0, out
     assert pulled.read_bytes() == first.read_bytes()
+    content_hash = read_info(first).content_hash
+    assert f"file sha256 {hashlib.sha256(first.read_bytes()).hexdigest()}, content hash {content_hash}" in out
 
     code, out = _run(procs, "unassign", "model", "unassign", *r, "--camera", "cam1")
     assert code == 0, out
     assert ModelRegistry(redis_client).resolve("cam1") is None
+
+    # the same bytes again: no version 3; version 1 is current again, and the output says so
+    code, out = _run(procs, "push-again", "model", "push", *r, "--name", "bottle", "--file", str(pulled))
+    assert code == 0, out
+    assert "byte-identical to bottle version 1: no new version stored (now current again, was 2)" in out
+    assert f"file sha256 {hashlib.sha256(first.read_bytes()).hexdigest()}, content hash " in out
+    code, out = _run(
+        procs, "push-same", "model", "push", *r, "--name", "bottle", "--file", str(first), "--json"
+    )
+    assert code == 0, out
+    assert {k: _json(out)[k] for k in ("version", "created", "previous_current")} == {
+        "version": 1,
+        "created": False,
+        "previous_current": 1,
+    }
+    assert [v.version for v in ModelRegistry(redis_client).versions("bottle")] == [1, 2]
 
 
 def test_bad_push_is_refused_without_storing_anything(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -80,6 +81,7 @@ def test_eval_separates_defects_with_random_weights(fitted: Path, dataset: Path,
     assert report["pixel_auroc"] > 0.7
     assert report["f1_optimal"]["f1"] > 0.8
     assert report["n_images"] == 24
+    assert report["model_threshold"] is None and report["at_model_threshold"] is None
     for name in ("roc.png", "histogram.png"):
         assert cv2.imread(str(out / name)) is not None
 
@@ -112,16 +114,67 @@ def test_calibrate_then_score_flags_defects(fitted: Path, dataset: Path, tmp_pat
     assert sum(good_flags) <= 2
     assert lines[-1]["anomalous"] is True
     assert len(list(heatmaps.glob("*.png"))) == 13
+    # heat maps are named after their images (good/000.png and spot/000.png collide: folder added)
+    assert lines[0]["heatmap"] == str(heatmaps / "good__000.png")
+    assert lines[-1]["heatmap"] == str(heatmaps / "spot__000.png")
+    assert lines[1]["heatmap"] == str(heatmaps / "001.png")
+    assert all(Path(line["heatmap"]).is_file() for line in lines)
+    # score_norm as in the wire format: 0.5 at the threshold
+    assert lines[0]["normalized_score"] == lines[0]["score_norm"]  # the old name stays readable
+    spread = info.score_max - info.score_min
+    for line in lines:
+        expected = min(1.0, max(0.0, (line["score"] - info.threshold) / spread + 0.5))
+        assert line["score_norm"] == pytest.approx(expected)
 
 
-def test_calibrate_on_labelled_set_uses_f1_threshold(fitted: Path, dataset: Path, tmp_path: Path) -> None:
+def test_calibrate_refuses_a_rate_the_images_cannot_resolve_unless_forced(
+    fitted: Path, dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = tmp_path / "forced.dfm"
+    model.write_bytes(fitted.read_bytes())
+    base = ["calibrate", "--model", str(model), "--data", str(dataset / "test" / "good"), "--device", "cpu"]
+    assert main([*base, "--max-fpr", "0.01"]) == 2
+    err = capsys.readouterr().err
+    assert "12 good images cannot resolve a false-alarm rate of 1.00%: need at least 100" in err
+    assert read_info(model).threshold is None, "a refused calibration leaves the artifact alone"
+    assert main([*base, "--max-fpr", "0.01", "--force", "--margin", "1.5"]) == 0
+    out = capsys.readouterr()
+    assert "warning: 12 good images cannot resolve" in out.err
+    info = read_info(model)
+    assert info.threshold == pytest.approx(info.score_max * 1.5)
+    assert (
+        "expected false-alarm rate: 0/12 good images above the threshold = 0.00% (95% CI 0.00% .. 26.46%"
+        in out.out
+    )
+    assert f"content hash {info.content_hash}" in out.out
+    assert f"file sha256  {hashlib.sha256(model.read_bytes()).hexdigest()}" in out.out
+
+
+def test_calibrate_on_labelled_set_uses_f1_threshold(
+    fitted: Path, dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     model = tmp_path / "f1.dfm"
     model.write_bytes(fitted.read_bytes())
     assert main(["calibrate", "--model", str(model), "--data", str(dataset), "--device", "cpu"]) == 0
     report_dir = tmp_path / "ev"
+    capsys.readouterr()
     assert main(["eval", "--model", str(model), "--data", str(dataset), "--out", str(report_dir)]) == 0
     report = json.loads((report_dir / "report.json").read_text())
-    assert load_artifact(model).info.threshold == pytest.approx(report["f1_optimal"]["threshold"])
+    threshold = load_artifact(model).info.threshold
+    assert threshold == pytest.approx(report["f1_optimal"]["threshold"])
+    # precision, recall and false-alarm rate at the model's own threshold, beside the F1-optimal one
+    own = report["at_model_threshold"]
+    assert own["threshold"] == threshold
+    assert own["true_positives"] + own["false_negatives"] == report["n_defective"] == 12
+    assert own["false_alarm_rate"] == pytest.approx(own["false_positives"] / report["n_good"])
+    assert {"precision", "recall", "f1", "false_alarm_rate"} <= set(report["f1_optimal"])
+    out = capsys.readouterr().out
+    assert (
+        f"model threshold {threshold:.6g}: precision {own['precision']:.3f}, recall {own['recall']:.3f}"
+        in out
+    )
+    assert f"false-alarm rate {own['false_alarm_rate']:.3f} ({own['false_positives']}/12 good)" in out
+    assert "F1-optimal threshold" in out
 
 
 def test_corrupt_image_stops_or_is_skipped(fitted: Path, dataset: Path, tmp_path: Path, capsys) -> None:
@@ -189,7 +242,11 @@ def test_installed_entry_point_runs_fit(dataset: Path, tmp_path: Path) -> None:
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "k=" in proc.stdout and str(out) in proc.stdout
-    assert read_info(out).n_train == 40
+    info = read_info(out)
+    assert info.n_train == 40
+    # both hashes, each under its name; the worker's label for the file uses the content hash
+    assert f"content hash {info.content_hash} (worker label cli@{info.content_hash[:8]})" in proc.stdout
+    assert f"file sha256  {hashlib.sha256(out.read_bytes()).hexdigest()}" in proc.stdout
 
 
 def test_make_dataset_is_reproducible(tmp_path: Path) -> None:

@@ -7,12 +7,14 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
 import redis
 from support import wait_until
 from test_sources import write_video
 
 from dfm_stream.config import CameraConfig
 from dfm_stream.embedded_redis import EmbeddedRedis, free_port
+from dfm_stream.errors import WireError
 from dfm_stream.frame_codec import decode_frame
 from dfm_stream.keys import alarms_key, cameras_key, frames_key
 from dfm_stream.metrics import ReaderMetrics, new_registry
@@ -80,7 +82,9 @@ def test_roi_resize_and_raw_encoding_are_applied(tmp_path: Path, redis_client: r
     assert len(msgs) == 3
     expected = cv2.resize(source_frames[0][4:34, 8:48], (20, 15), interpolation=cv2.INTER_AREA)
     np.testing.assert_array_equal(decode_frame(msgs[0])[:, :, ::-1], expected)
-    assert transform(np.zeros((10, 10, 3), np.uint8), (2, 2, 100, 100), None).shape == (8, 8, 3)
+    assert transform(np.zeros((10, 10, 3), np.uint8), (2, 2, 8, 8), None).shape == (8, 8, 3)
+    with pytest.raises(WireError, match="does not fit the 10x10 frame"):  # never clipped silently (#15)
+        transform(np.zeros((10, 10, 3), np.uint8), (2, 2, 100, 100), None)
 
 
 def test_maxlen_bounds_the_stream_under_a_fast_producer(redis_client: redis.Redis) -> None:

@@ -134,8 +134,8 @@ def test_get_bytes_detects_corrupt_and_missing_chunks(redis_client: redis.Redis)
 
 
 def test_rollback_defaults_to_the_previous_version_and_accepts_a_target(registry: ModelRegistry) -> None:
-    for layer in ("layer1", "layer2", "layer1"):
-        registry.push("bottle", tiny_artifact(layer))
+    for layer, seed in (("layer1", 0), ("layer2", 0), ("layer1", 1)):
+        registry.push("bottle", tiny_artifact(layer, seed=seed))
     assert registry.current("bottle") == 3
     assert registry.rollback("bottle") == 2
     assert registry.rollback("bottle") == 1
@@ -211,21 +211,40 @@ def test_every_change_bumps_the_generation_and_is_published(
     assert messages[3]["camera"] == "cam1"
 
 
+def test_pushing_identical_bytes_stores_no_new_version(registry: ModelRegistry) -> None:
+    first, second = tiny_artifact("layer1"), tiny_artifact("layer2")
+    assert registry.push_result("bottle", first).created
+    again = registry.push_result("bottle", first)
+    assert (again.info.version, again.created, again.previous_current) == (1, False, 1)
+    assert registry.generation() == 1, "nothing changed: nothing is announced"
+    assert registry.push("bottle", second).version == 2
+    back = registry.push_result("bottle", first)
+    assert (back.info.version, back.created, back.previous_current) == (1, False, 2)
+    assert registry.current("bottle") == 1
+    assert [v.version for v in registry.versions("bottle")] == [1, 2]
+    assert registry.generation() == 3, "making version 1 current again is announced"
+    # another model keeps its own versions, even with the same bytes
+    assert registry.push_result("cable", first).created
+
+
 def test_concurrent_pushes_get_distinct_versions(redis_server: EmbeddedRedis) -> None:
     results: list[int] = []
     errors: list[BaseException] = []
 
-    def push(layer: str) -> None:
+    def push(layer: str, seed: int) -> None:
         client = redis.Redis.from_url(redis_server.url)
         try:
-            results.append(ModelRegistry(client).push("bottle", tiny_artifact(layer)).version)
+            results.append(ModelRegistry(client).push("bottle", tiny_artifact(layer, seed=seed)).version)
         except BaseException as e:
             errors.append(e)
         finally:
             client.close()
 
-    tiny_artifact("layer1"), tiny_artifact("layer2")  # build them before the race
-    threads = [threading.Thread(target=push, args=(layer,)) for layer in ("layer1", "layer2") * 2]
+    for layer in ("layer1", "layer2"):  # build them before the race (four different artifacts)
+        tiny_artifact(layer, seed=0), tiny_artifact(layer, seed=1)
+    threads = [
+        threading.Thread(target=push, args=(layer, seed)) for layer in ("layer1", "layer2") for seed in (0, 1)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -285,7 +304,7 @@ def test_registry_works_on_a_redis_cluster(tmp_path: Path) -> None:
         data = tiny_artifact("layer1")
         registry.push("bottle", data)
         registry.push("cable", tiny_artifact("layer2"))
-        registry.push("bottle", data)
+        registry.push("bottle", tiny_artifact("layer1", seed=1))
         assert registry.rollback("bottle") == 1
         registry.assign("cam1", ModelRef("bottle"))
         assert registry.resolve("cam1") == ModelRef("bottle", 1)

@@ -38,11 +38,11 @@ ADMIN_SECRET = "admin-Pw-31"
 
 DFM_COMMANDS = (
     "ping hello"
-    # reader: frames, health events, camera registration
-    " xadd publish hset"
+    # reader: frames, health events, camera registration and heartbeats
+    " xadd publish hset zadd zremrangebyscore"
     # worker: consumer group, scripted read / publish + ack, reclaim, stats, heartbeat
     " xgroup|create xreadgroup xread xrevrange xack xclaim xpending xinfo|groups exists"
-    " evalsha eval script|load time hget hmget hkeys set get xdel"
+    " evalsha eval script|load time hget hmget hkeys set get xdel zrangebyscore"
     # model registry (push, assign, worker lookups and change notifications)
     " subscribe lrange rpush sadd smembers del incrby multi exec watch"
     # inspection commands (scores, alarms)
@@ -249,7 +249,8 @@ def test_pipeline_over_tls_as_the_restricted_user_never_shows_the_password(
     wait_until(lambda: admin.xlen(scores) == admin.xlen(frames), 60, what="every frame scored")
     assert procs.stop(worker) == 0
 
-    assert admin.acl_log() == [], "a process needed a command or key outside the dfm user's ACL"
+    denied = admin.acl_log()
+    assert denied == [], f"a process needed a command or key outside the dfm user's ACL: {denied}"
     assert int(admin.xpending(frames, keys.DEFAULT_GROUP)["pending"]) == 0
     logs = procs.log(reader) + procs.log(worker)
     assert "dfm:***@" in logs, "the reader logs the URL it uses, with the password masked"

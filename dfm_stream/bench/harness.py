@@ -9,6 +9,7 @@ backends   the backbone under each :mod:`~dfm_stream.backends` backend, scores c
 pipeline   JPEG frames in Redis -> ``dfm-stream work`` -> scores, rate from the score stream
 transport  the same frames through the worker's consumer/decoder/publisher with no model
 latency    real-time paced frames at 50 % and 80 % of the pipeline's capacity: p50/p95/p99
+isolation  paced frames at 50 % load, alone and beside a hostile camera: throughput, p99, errors
 fit        fitting on 1,000 generated 256x256 images in a fresh process: time and peak RSS
 =========  ===================================================================================
 
@@ -36,9 +37,13 @@ from dfm_stream.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-STAGES: tuple[str, ...] = ("backbone", "dfm", "backends", "pipeline", "transport", "latency", "fit")
+STAGES: tuple[str, ...] = (
+    "backbone", "dfm", "backends", "pipeline", "transport", "latency", "isolation", "fit",
+)  # fmt: skip
 DEFAULT_STAGES: tuple[str, ...] = ("backbone", "dfm", "pipeline", "transport", "latency")
-STREAM_STAGES = frozenset({"pipeline", "transport", "latency"})
+STREAM_STAGES = frozenset({"pipeline", "transport", "latency", "isolation"})
+ISOLATION_LOAD = 0.5
+"""Load (fraction of capacity) of the honest cameras in the isolation stage."""
 
 
 @dataclass
@@ -194,6 +199,29 @@ def _run_repeat(
             if level["inspect_p99_ms"] is not None:  # trigger -> result of part jobs (#17)
                 runs.add(f"inspect{key}_p99_ms", level["inspect_p99_ms"], level, foreign=foreign)
             say(f"{tag} latency at {key}%: p50 {level['p50_ms']:.0f} ms, p99 {level['p99_ms']:.0f} ms")
+    if "isolation" in chosen:
+        _isolation(settings, stages, setup, runs, rep, say)
+
+
+def _isolation(
+    settings: BenchSettings, stages: Any, setup: Any, runs: Runs, rep: int, say: Callable[[str], None]
+) -> None:
+    from dfm_stream.bench.isolation import isolation_run
+
+    capacity = runs.last("pipeline", "dfm", "backbone") or stages.dfm(min(settings.duration, 3.0)).rate
+    window = CpuWindow(setup.pids)
+    result = isolation_run(setup.stream, rep, capacity, ISOLATION_LOAD, settings.duration)
+    foreign = window.foreign_cores()
+    for key in ("throughput_ratio", "p99_ratio"):
+        if result[key] is not None:
+            runs.add(f"isolation_{key}", result[key], result, foreign=foreign)
+    runs.add("isolation_probe_errors", float(result["hostile"]["probe_errors"]), result, foreign=foreign)
+    hostile = result["hostile"]
+    say(
+        f"[{rep + 1}/{settings.repeats}] isolation: honest throughput x{result['throughput_ratio'] or 0:.3f}"
+        f", p99 x{result['p99_ratio'] or 0:.3f} beside a hostile camera; "
+        f"{hostile['probe_errors']} Redis errors in {hostile['probes']} probes"
+    )
 
 
 def _backlog_size(settings: BenchSettings, rate: float) -> int:

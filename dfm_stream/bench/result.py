@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from dfm_stream.bench.env import load_average, summarize, versions
+from dfm_stream.redact import safe_url
 
 SCHEMA = "dfm-stream-bench/1"
 TARGET_PIPELINE_EFFICIENCY = 0.95
@@ -93,6 +94,7 @@ def build_document(
         "wall_s": time.time() - started,
         "settings": {
             **dataclasses.asdict(settings),
+            "redis_url": safe_url(settings.redis_url) if getattr(settings, "redis_url", None) else None,
             "device_resolved": str(engine.device),
             "precision": engine.precision,
             "worker_backend": stages.backend,

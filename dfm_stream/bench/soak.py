@@ -221,7 +221,7 @@ def _stream_counts(url: str, cameras: list[str]) -> dict[str, Any]:
     """Return scores written, pending, undelivered (lag) and dead letters, and Redis used_memory."""
     import redis
 
-    from dfm_stream import keys
+    from dfm_stream import keys, replies
 
     client = redis.Redis.from_url(url, socket_timeout=5)
     out: dict[str, Any] = {"scores": 0, "pending": 0, "lag": 0, "deadletter": 0}
@@ -234,7 +234,7 @@ def _stream_counts(url: str, cameras: list[str]) -> dict[str, Any]:
                 out["pending"] += int(group["pending"])
                 # counted, not XINFO's lag (Redis 7.0 overstates it after entries were trimmed)
                 last = group["last-delivered-id"]
-                after = client.xrange(keys.frames_key(camera), min=b"(" + last, max="+")
+                after = replies.xrange(client, keys.frames_key(camera), b"(" + last, "+")
                 out["lag"] += len(after)
         out["deadletter"] = client.xlen(keys.deadletter_key())
         out["used_memory"] = int(client.info("memory")["used_memory"])

@@ -30,11 +30,11 @@ from typing import Any
 
 import redis
 
-from dfm_stream import keys
+from dfm_stream import keys, replies
 from dfm_stream.bench.env import percentile
 from dfm_stream.errors import DfmStreamError
 from dfm_stream.frame_codec import encode_frame
-from dfm_stream.wire import FIELD, FrameMsg, ScoreMsg
+from dfm_stream.wire import FIELD, FrameMsg, ScoreMsg, ScoreStatus
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def read_scores(client: redis.Redis, prefix: str, cameras: list[str]) -> list[Sc
         key = keys.scores_key(camera, prefix)
         start = "-"
         while True:
-            rows = client.xrange(key, min=start, max="+", count=2000)
+            rows = replies.xrange(client, key, start, "+", count=2000)
             if not rows:
                 break
             out.extend(ScoreMsg.from_bytes(r[1][FIELD.encode()]) for r in rows)
@@ -253,7 +253,7 @@ def pipeline_run(setup: StreamSetup, rep: int, n_frames: int, expected_rate: flo
         "rate": throughput_from_scores(times, skip),
         **(batch_rates(times, setup.batch_size, skip) if setup.workers == 1 else {}),
         "frames": len(scores),
-        "not_scored": sum(1 for s in scores if s.status != "scored"),
+        "not_scored": sum(1 for s in scores if s.status != ScoreStatus.SCORED),
     }
 
 
@@ -312,10 +312,10 @@ def run_echo_consumer(
 
 
 def _echo_item(frame: Any, worker: str) -> Any:
-    from dfm_stream.publisher import ScoredItem, frame_score
+    from dfm_stream.publisher import AlarmBit, ScoredItem, frame_score
 
     template = frame_score(frame.entry, frame.msg, worker, "none", 0.0, None)
-    return ScoredItem(template=template, entry_id=frame.entry.entry_id, alarm_bit="0")
+    return ScoredItem(template=template, entry_id=frame.entry.entry_id, alarm_bit=AlarmBit.NORMAL)
 
 
 def _paced_send(setup: StreamSetup, prefix: str, rate: float, duration: float, session: str) -> int:
@@ -358,7 +358,9 @@ def latency_run(
     finally:
         delete_prefix(setup.client, prefix)
     for load in loads:
-        lat = [s.latency_ms for s in scores if s.session == f"load{load:g}" and s.status == "scored"]
+        lat = [
+            s.latency_ms for s in scores if s.session == f"load{load:g}" and s.status == ScoreStatus.SCORED
+        ]
         out[f"{round(load * 100)}"] = {
             "load": load,
             "offered_fps": load * capacity,

@@ -4,20 +4,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from dfm_stream.commands.argtypes import fraction, positive_float, positive_int
 from dfm_stream.errors import ConfigError
-
-
-def _positive(kind: type) -> "object":
-    def parse(text: str) -> float | int:
-        try:
-            value = kind(text)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from e
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-
-    return parse
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -33,30 +21,36 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         " --duration or Ctrl-C, and print a summary. line-a shows only good parts; the other cameras"
         " show some defective ones.",
     )
-    p.add_argument("--duration", type=_positive(float), default=60.0, help="seconds to run (default 60)")
-    p.add_argument("--cameras", type=_positive(int), default=2, help="synthetic cameras (default 2, max 8)")
+    p.add_argument("--duration", type=positive_float, default=60.0, help="seconds to run (default 60)")
+    p.add_argument("--cameras", type=positive_int, default=2, help="synthetic cameras (default 2, max 8)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic cameras (default 0)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="model device")
     p.add_argument("--weights", type=Path, help="local torchvision state dict for the backbone")
     p.add_argument("--backbone", help="default: resnet18 on CPU, resnet50 on GPU")
     p.add_argument("--layer", help="default: layer2 on CPU, layer3 on GPU")
+    p.add_argument("--size", type=positive_int, help="frame and model image size (default 128 CPU, 256 GPU)")
+    p.add_argument("--fps", type=positive_float, default=8.0, help="frames per second per camera (default 8)")
     p.add_argument(
-        "--size", type=_positive(int), help="frame and model image size (default 128 CPU, 256 GPU)"
+        "--defect-rate",
+        type=fraction,
+        default=0.12,
+        help="share of defective parts on line-b.. (default 0.12)",
     )
+    p.add_argument("--warmup", type=positive_int, default=192, help="good frames to fit on (default 192)")
     p.add_argument(
-        "--fps", type=_positive(float), default=8.0, help="frames per second per camera (default 8)"
+        "--margin", type=positive_float, default=1.2, help="threshold = max held-out good score x this"
     )
-    p.add_argument(
-        "--defect-rate", type=float, default=0.12, help="share of defective parts on line-b.. (default 0.12)"
-    )
-    p.add_argument("--warmup", type=_positive(int), default=192, help="good frames to fit on (default 192)")
-    p.add_argument(
-        "--margin", type=_positive(float), default=1.2, help="threshold = max held-out good score x this"
-    )
-    p.add_argument("--batch-size", type=_positive(int), default=8, help="worker batch size (default 8)")
-    p.add_argument("--max-wait-ms", type=_positive(int), default=50, help="worker batch wait (default 50)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="worker batch size (default 8)")
+    p.add_argument("--max-wait-ms", type=positive_int, default=50, help="worker batch wait (default 50)")
     p.add_argument("--no-view", action="store_true", help="print a line per second instead of the live view")
     p.add_argument("--summary-json", type=Path, help="also write the summary to this JSON file")
+    p.add_argument(
+        "--console-port",
+        type=int,
+        default=8080,
+        help="port of the web console (read only), on --metrics-host (default 8080; taken or 0: a free"
+        " port; -1: no console)",
+    )
     p.add_argument("--workdir", type=Path, help="keep the model and logs here (default: a temp folder)")
     add_redis_args(p)
     p.set_defaults(redis=None)
@@ -114,6 +108,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         view=not args.no_view and sys.stdout.isatty(),
         metrics_host=args.metrics_host,
         metrics_port=args.metrics_port,
+        console_port=args.console_port,
         summary_json=args.summary_json,
         workdir=args.workdir,
         redis=RedisSettings.from_args(args) if args.redis else None,

@@ -11,16 +11,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from dfm_stream import keys
+from dfm_stream import keys, replies
+from dfm_stream.commands.argtypes import positive_int, stream_id
 from dfm_stream.connect import RedisClient, RedisSettings, add_redis_args, connect
 from dfm_stream.errors import ConfigError, WireError
 from dfm_stream.wire import FIELD, EventMsg, ScoreMsg
 
 FOLLOW_BLOCK_MS = 1000
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -37,10 +42,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--follow", "-f", action="store_true", help="keep printing new entries")
-    p.add_argument("--since", help="start after this stream entry id (default: the beginning)")
+    p.add_argument(
+        "--since", type=stream_id, help="start after this stream entry id (default: the beginning)"
+    )
     p.add_argument(
         "--count",
-        type=int,
+        type=positive_int,
         help="at most N entries (no --since: the last N; with --follow: the last N, then new ones)",
     )
     add_redis_args(p)
@@ -50,16 +57,15 @@ def _s(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _entries(client: RedisClient, key: str, args: argparse.Namespace) -> Any:
+def _entries(
+    client: RedisClient, key: str, args: argparse.Namespace
+) -> Iterator[tuple[str, dict[bytes, bytes]]]:
     """Yield ``(entry id, fields)`` of ``key`` as the options ask."""
-    if args.count is not None and args.count < 1:
-        raise ConfigError("--count must be >= 1")
     remaining = None if args.follow else args.count
+    rows: list[replies.Record] = []
+    last = args.since or "0-0"
     if args.since is None and args.count is not None:
-        rows = list(reversed(client.xrevrange(key, count=args.count)))
-        last = "0-0"
-    else:
-        rows, last = [], args.since or "0-0"
+        rows = list(reversed(replies.xrevrange(client, key, count=args.count)))
     while True:
         for entry_id, fields in rows:
             last = _s(entry_id)
@@ -71,8 +77,7 @@ def _entries(client: RedisClient, key: str, args: argparse.Namespace) -> Any:
         if args.count is not None and args.since is None and not args.follow:
             return
         block = FOLLOW_BLOCK_MS if args.follow else None
-        reply = client.xread({key: last}, count=500, block=block)
-        rows = reply[0][1] if reply else []
+        rows = replies.xread_one(client, key, last, count=500, block=block)
         if not rows and not args.follow:
             return
 
@@ -89,10 +94,34 @@ def _event_line(entry_id: str, fields: dict[bytes, bytes], images: Path | None) 
         return {"id": entry_id, "error": str(e)}
     line = {"id": entry_id, **event.to_json_dict()}
     if event.image is not None and images is not None:
-        path = images / f"{event.camera}_{entry_id}.jpg"
-        path.write_bytes(event.image)
-        line["image_file"] = str(path)
+        try:
+            line["image_file"] = str(save_event_image(images, event.camera, entry_id, event.image))
+        except OSError as e:
+            line["image_error"] = f"not saved: {e.strerror or e}"
+            print(f"warning: event {entry_id}: image not saved ({e.strerror or e}); skipped", file=sys.stderr)
     return line
+
+
+def image_file_name(camera: str, entry_id: str) -> str:
+    """Return ``{camera}_{entry id}.jpg`` made of letters, digits, ``_``, ``.``, ``-`` only.
+
+    Both parts come from Redis, i.e. from whoever can write the alarm stream: a camera named
+    ``../x`` or ``/etc/x`` must not pick the file that is written.
+    """
+    stem = _UNSAFE.sub("_", f"{camera}_{entry_id}")[:120].lstrip(".")
+    return f"{stem or 'event'}.jpg"
+
+
+def save_event_image(folder: Path, camera: str, entry_id: str, image: bytes) -> Path:
+    """Write ``image`` to ``folder`` under :func:`image_file_name`; never outside ``folder``."""
+    path = folder / image_file_name(camera, entry_id)
+    if path.parent.resolve() != folder.resolve():
+        raise OSError(f"{path} is outside {folder}")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(path, flags, 0o644)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(image)
+    return path
 
 
 def run_alarms(args: argparse.Namespace) -> int:
@@ -100,7 +129,10 @@ def run_alarms(args: argparse.Namespace) -> int:
     settings = RedisSettings.from_args(args)
     images = Path(args.images) if args.images else None
     if images is not None:
-        images.mkdir(parents=True, exist_ok=True)
+        try:
+            images.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"--images {images}: cannot create the folder ({e.strerror or e})") from e
     client = connect(settings)
     try:
         for entry_id, fields in _entries(client, keys.alarms_key(settings.prefix), args):
@@ -121,6 +153,7 @@ def run_scores(args: argparse.Namespace) -> int:
         raise ConfigError(str(e)) from e
     client = connect(settings)
     try:
+        _check_camera_known(client, args.camera, settings)
         for entry_id, fields in _entries(client, key, args):
             try:
                 line = {"id": entry_id, **ScoreMsg.from_bytes(fields.get(FIELD.encode(), b"")).__dict__}
@@ -132,3 +165,19 @@ def run_scores(args: argparse.Namespace) -> int:
     finally:
         client.close()
     return 0
+
+
+def _check_camera_known(client: RedisClient, camera: str, settings: RedisSettings) -> None:
+    """Refuse a camera that has no score stream and no reader registration, naming those that do."""
+    prefix = settings.prefix
+    if client.exists(keys.scores_key(camera, prefix)) or client.hexists(keys.cameras_key(prefix), camera):
+        return
+    known = {_s(name) for name in client.hkeys(keys.cameras_key(prefix))}
+    for key in client.scan_iter(match=f"{prefix}:{{*}}:scores", count=500):
+        name = _s(key)[len(prefix) + 2 : -len("}:scores")]
+        if keys.valid_name(name):
+            known.add(name)
+    listing = ", ".join(sorted(known)) if known else "none yet (no reader has run with this --prefix)"
+    raise ConfigError(
+        f"no camera {camera!r} in {settings.safe_url()} (prefix {prefix!r}): cameras there: {listing}"
+    )

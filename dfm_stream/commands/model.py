@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import redis
 
+from dfm_stream.commands.argtypes import positive_int
 from dfm_stream.connect import RedisSettings, add_redis_args, connect
 from dfm_stream.errors import RedisConnectError, RegistryError
+from dfm_stream.files import write_atomic
 from dfm_stream.registry import ModelRef, ModelRegistry
 
 
@@ -40,7 +40,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = _sub(sub, "rollback", "make an older version current (default: the one before current)", cmd_rollback)
     p.add_argument("name", help="model name")
-    p.add_argument("--to", type=int, default=None, metavar="VERSION", help="the version to make current")
+    p.add_argument(
+        "--to", type=positive_int, default=None, metavar="VERSION", help="the version to make current"
+    )
 
     p = _sub(
         sub, "assign", "route a camera to a model (NAME: its current version; NAME@V: pinned)", cmd_assign
@@ -87,27 +89,41 @@ def cmd_push(args: argparse.Namespace) -> int:
         data = args.file.read_bytes()
     except OSError as e:
         raise RegistryError(f"cannot read artifact {args.file}: {e.strerror or e}") from e
-    info = _registry(args).push(args.name, data, source=str(args.file))
-    text = (
-        f"pushed {info.name} version {info.version} (now current): {info.size} bytes in {info.chunks}"
-        f" chunk(s), sha256 {info.sha256}, content hash {info.content_hash}"
-    )
-    return _emit(args, info.to_dict(), text)
+    result = _registry(args).push_result(args.name, data, source=str(args.file))
+    info = result.info
+    names = f"file sha256 {info.sha256}, content hash {info.content_hash}"
+    if result.created:
+        text = (
+            f"pushed {info.name} version {info.version} (now current): {info.size} bytes in {info.chunks}"
+            f" chunk(s), {names}"
+        )
+    else:
+        was = (
+            "it was current already"
+            if result.previous_current == info.version
+            else f"now current again, was {result.previous_current}"
+        )
+        text = (
+            f"{args.file} is byte-identical to {info.name} version {info.version}: no new version"
+            f" stored ({was}); {names}"
+        )
+    data_out = {**info.to_dict(), "created": result.created, "previous_current": result.previous_current}
+    return _emit(args, data_out, text)
 
 
 def cmd_list(args: argparse.Namespace) -> int:
     """Print every model with its versions, current version and assigned cameras."""
     reg = _registry(args)
     assignments = reg.assignments()
-    rows = []
+    rows: list[dict[str, object]] = []
+    lines = [f"{'MODEL':<24} {'CURRENT':>7} {'VERSIONS':<16} CAMERAS"]
     for name in reg.names():
         versions = [v.version for v in reg.versions(name)]
         cameras = sorted(cam for cam, ref in assignments.items() if ref.name == name)
-        rows.append({"name": name, "current": reg.current(name), "versions": versions, "cameras": cameras})
-    lines = [f"{'MODEL':<24} {'CURRENT':>7} {'VERSIONS':<16} CAMERAS"]
-    for r in rows:
-        versions_text = ",".join(str(v) for v in r["versions"])
-        lines.append(f"{r['name']:<24} {r['current']:>7} {versions_text:<16} {','.join(r['cameras']) or '-'}")
+        current = reg.current(name)
+        rows.append({"name": name, "current": current, "versions": versions, "cameras": cameras})
+        versions_text = ",".join(str(v) for v in versions)
+        lines.append(f"{name:<24} {current:>7} {versions_text:<16} {','.join(cameras) or '-'}")
     if not rows:
         lines = ["no models in the registry: push one with `dfm-stream model push --name NAME --file FILE`"]
     return _emit(args, rows, "\n".join(lines))
@@ -153,19 +169,15 @@ def cmd_pull(args: argparse.Namespace) -> int:
     data = reg.get_bytes(ref.name, version)
     _write_atomic(args.out, data)
     info = reg.version_info(ref.name, version)
-    text = f"wrote {args.out}: {ref.name}@{version}, {len(data)} bytes, sha256 {info.sha256}"
+    text = (
+        f"wrote {args.out}: {ref.name}@{version}, {len(data)} bytes,"
+        f" file sha256 {info.sha256}, content hash {info.content_hash}"
+    )
     return _emit(args, {**info.to_dict(), "file": str(args.out)}, text)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    tmp: str | None = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        Path(tmp).replace(path)
+        write_atomic(path, data)
     except OSError as e:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
         raise RegistryError(f"cannot write {path}: {e.strerror or e}") from e

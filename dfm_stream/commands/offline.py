@@ -14,7 +14,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dfm_stream.errors import ConfigError, DfmStreamError, ImageReadError, ScoreTypeError
+from dfm_stream.commands.argtypes import check_writable_folder, int_at_least, non_negative_int, positive_int
+from dfm_stream.errors import ConfigError, ImageReadError, ScoreTypeError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -36,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _add_runtime_args(parser: argparse.ArgumentParser, batch_size: int = 16) -> None:
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: auto")
-    parser.add_argument("--batch-size", type=int, default=batch_size, help="default: %(default)s")
+    parser.add_argument("--batch-size", type=positive_int, default=batch_size, help="default: %(default)s")
     parser.add_argument(
         "--on-error",
         default="stop",
@@ -102,18 +103,40 @@ def _register_calibrate(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--max-fpr", type=float, default=0.01, help="accepted false-alarm rate on good images (default 0.01)"
     )
+    p.add_argument(
+        "--margin",
+        type=_positive_float,
+        default=1.0,
+        help="multiply the chosen threshold by this, as the demo does (e.g. 1.2; default 1: none)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="accept too few good images for --max-fpr: the threshold is then the highest good score",
+    )
     _add_runtime_args(p)
     p.set_defaults(func=cmd_calibrate)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        msg = f"must be a number > 0, got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
 
 
 def _register_make_dataset(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("make-dataset", help="write a synthetic MVTec-layout data set")
     p.add_argument("--out", required=True, type=Path, help="folder to create")
-    p.add_argument("--size", type=int, default=128, help="image side in pixels (default: %(default)s)")
+    p.add_argument("--size", type=int_at_least(32), default=128, help="image side, px (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n-train", type=int, default=60)
-    p.add_argument("--n-test-good", type=int, default=20)
-    p.add_argument("--n-test-defect", type=int, default=20)
+    p.add_argument("--n-train", type=positive_int, default=60)
+    p.add_argument("--n-test-good", type=non_negative_int, default=20)
+    p.add_argument("--n-test-defect", type=non_negative_int, default=20)
     p.set_defaults(func=cmd_make_dataset)
 
 
@@ -160,6 +183,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from dfm_stream.images import iter_batches
     from dfm_stream.model import Dfm
 
+    check_writable_folder(args.out.parent, "--out")
     paths = _train_paths(args.train)
     device = _device(args.device)
     trainer = Dfm(
@@ -183,8 +207,22 @@ def cmd_fit(args: argparse.Namespace) -> int:
     info = ArtifactInfo.for_model(model, args.image_size, trainer.n_train)
     content_hash = save_artifact(args.out, model, info)
     print(f"fitted on {trainer.n_train} images: k={model.pca_model.k} components, fit time {elapsed:.1f} s")
-    print(f"artifact: {args.out} (sha256 {content_hash[:16]}...)")
+    print(f"artifact: {args.out}")
+    _print_hashes(args.out, content_hash)
     return 0
+
+
+def _print_hashes(path: Path, content_hash: str) -> None:
+    """Print the artifact's two hashes under their names, as ``model push`` and the worker use them.
+
+    The content hash covers the tensors and metadata (a worker given ``--model FILE`` labels the
+    model ``STEM@`` + its first 8 digits); the file sha256 is over the bytes (the registry checks it).
+    """
+    import hashlib
+
+    file_sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+    print(f"  content hash {content_hash} (worker label {path.stem}@{content_hash[:8]})")
+    print(f"  file sha256  {file_sha256}")
 
 
 def _load(path: Path, device: str) -> FittedModel:
@@ -219,48 +257,44 @@ def _score_paths(
             progress.update(task, completed=done + len(skipped))
 
 
-def _score_line(path: Path, score: float, info: ArtifactInfo) -> dict[str, Any]:
+def _score_line(path: Path, score: float, info: ArtifactInfo, heatmap: Path | None) -> dict[str, Any]:
+    """One JSON line of ``score``: field names as in the wire format's score message."""
     from dfm_stream.artifact import normalize_score
 
     threshold = info.threshold
-    return {
+    line: dict[str, Any] = {
         "path": str(path),
         "score": float(score),
         "anomalous": None if threshold is None else bool(score > threshold),
         "threshold": threshold,
-        "normalized_score": normalize_score(float(score), info),
+        "score_norm": normalize_score(float(score), info),
     }
+    line["normalized_score"] = line["score_norm"]  # its earlier name, kept so existing readers still work
+    if heatmap is not None:
+        line["heatmap"] = str(heatmap)
+    return line
 
 
-def _heatmap_scale(fitted: FittedModel, anomaly_map: np.ndarray, score: float) -> float:
-    """Colour scale: the map's maximum, but at least twice the per-position error at the threshold.
-
-    Good parts then stay cool instead of showing their noise at full colour.
-    """
-    peak = float(anomaly_map.max())
-    if fitted.info.threshold is None or score <= 0:
-        return peak
-    positions = score / max(float(anomaly_map.mean()), 1e-12)  # ~ number of feature positions
-    return max(peak, 2.0 * fitted.info.threshold / positions)
-
-
-def _write_heatmap(folder: Path, path: Path, anomaly_map: np.ndarray, vmax: float, index: int) -> None:
-    from dfm_stream.evaluate import heatmap_overlay, write_png
+def _write_heatmap(path: Path, source: Path, anomaly_map: np.ndarray, vmax: float) -> None:
     from dfm_stream.images import read_image
+    from dfm_stream.plots import heatmap_overlay, write_png
 
-    overlay = heatmap_overlay(read_image(path), anomaly_map, vmax)
-    write_png(folder / f"{index:05d}_{path.stem}.png", overlay)
+    write_png(path, heatmap_overlay(read_image(source), anomaly_map, vmax))
 
 
 def cmd_score(args: argparse.Namespace) -> int:
     """Score ``--images`` into ``--out`` (JSON lines), optionally with heatmap overlays."""
+    from dfm_stream.heatmaps import heatmap_names, heatmap_scale
     from dfm_stream.images import collect_image_paths
+    from dfm_stream.model.dfm import ScoreType
 
+    check_writable_folder(args.out.parent, "--out")
     fitted = _load(args.model, _device(args.device))
-    if args.heatmaps is not None and fitted.info.score_type != "fre":
+    if args.heatmaps is not None and fitted.info.score_type != ScoreType.FRE:
         msg = f"--heatmaps needs a 'fre' model; {args.model} scores with '{fitted.info.score_type}'"
         raise ScoreTypeError(msg)
     paths = collect_image_paths(args.images)
+    names = heatmap_names(paths) if args.heatmaps is not None else {}
     if args.heatmaps is not None:
         args.heatmaps.mkdir(parents=True, exist_ok=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -271,10 +305,12 @@ def cmd_score(args: argparse.Namespace) -> int:
             fitted, paths, args, args.heatmaps is not None, skipped
         ):
             for i, (path, score) in enumerate(zip(batch_paths, scores, strict=True)):
-                out.write(json.dumps(_score_line(path, float(score), fitted.info)) + "\n")
+                heatmap = None
                 if maps is not None:
-                    vmax = _heatmap_scale(fitted, maps[i], float(score))
-                    _write_heatmap(args.heatmaps, path, maps[i], vmax, count)
+                    heatmap = args.heatmaps / names[path]
+                    vmax = heatmap_scale(fitted.info.threshold, maps[i], float(score))
+                    _write_heatmap(heatmap, path, maps[i], vmax)
+                out.write(json.dumps(_score_line(path, float(score), fitted.info, heatmap)) + "\n")
                 count += 1
     _report_skipped(skipped)
     print(f"scored {count} images -> {args.out}" + (f" ({len(skipped)} skipped)" if skipped else ""))
@@ -285,10 +321,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate on an MVTec-layout set; write ``report.json``, ``roc.png`` and ``histogram.png``."""
     from dfm_stream.evaluate import EvalCollector, write_report
     from dfm_stream.images import mvtec_test_set
+    from dfm_stream.model.dfm import ScoreType
 
+    check_writable_folder(args.out, "--out")
     fitted = _load(args.model, _device(args.device))
     samples = {s.path: s for s in mvtec_test_set(args.data)}
-    want_maps = fitted.info.score_type == "fre" and any(s.mask_path for s in samples.values())
+    want_maps = fitted.info.score_type == ScoreType.FRE and any(s.mask_path for s in samples.values())
     collector = EvalCollector(fitted.info.image_size)
     skipped: list[tuple[Path, str]] = []
     for batch_paths, scores, maps in _score_paths(fitted, list(samples), args, want_maps, skipped):
@@ -304,16 +342,26 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
+def _print_point(name: str, point: dict[str, Any]) -> None:
+    recall = "n/a" if point["recall"] is None else f"{point['recall']:.3f}"
+    fpr = "n/a" if point["false_alarm_rate"] is None else f"{point['false_alarm_rate']:.3f}"
+    n_good = point["false_positives"] + point["true_negatives"]
+    print(
+        f"{name} {point['threshold']:.6g}: precision {point['precision']:.3f}, recall {recall}, "
+        f"false-alarm rate {fpr} ({point['false_positives']}/{n_good} good), F1 {point['f1']:.3f}"
+    )
+
+
 def _print_report(report: dict[str, Any], out: Path) -> None:
     print(f"image AUROC: {_fmt(report['image_auroc'])}")
     for defect, value in report["image_auroc_per_defect"].items():
         print(f"  {defect}: {_fmt(value)}")
-    best = report["f1_optimal"]
-    if best is not None:
-        print(
-            f"F1-optimal threshold {best['threshold']:.6g}: precision {best['precision']:.3f}, "
-            f"recall {best['recall']:.3f}, F1 {best['f1']:.3f}"
-        )
+    if report["at_model_threshold"] is not None:
+        _print_point("model threshold", report["at_model_threshold"])
+    else:
+        print("model threshold: none (not calibrated: run `dfm-stream calibrate`)")
+    if report["f1_optimal"] is not None:
+        _print_point("F1-optimal threshold", report["f1_optimal"])
     if report["pixel_auroc"] is not None:
         print(f"pixel AUROC: {_fmt(report['pixel_auroc'])}")
     print(f"report: {out / 'report.json'}")
@@ -334,9 +382,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     import numpy as np
 
     from dfm_stream.artifact import update_calibration
-    from dfm_stream.evaluate import f1_optimal_threshold, quantile_threshold
+    from dfm_stream.calibration import choose_threshold
 
     fitted = _load(args.model, _device(args.device))
+    check_writable_folder(args.model.parent, "--model (rewritten in place)")
     paths, labels = _calibration_set(args.data)
     label_of = dict(zip(paths, labels, strict=True))
     skipped: list[tuple[Path, str]] = []
@@ -349,21 +398,15 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise ImageReadError(msg)
     scores = np.array([s for s, _ in scored])
     y = np.array([label for _, label in scored])
-    if y.any() and not y.all():
-        choice = f1_optimal_threshold(y, scores)
-        threshold, how = (
-            choice.threshold,
-            f"F1-optimal (precision {choice.precision:.3f}, recall {choice.recall:.3f})",
-        )
-    elif not y.any():
-        threshold = quantile_threshold(scores, args.max_fpr)
-        how = f"quantile of {len(scores)} good images for a false-alarm rate <= {args.max_fpr}"
-    else:
-        msg = f"calibration data {args.data} holds only defective images: add good ones (test/good)"
-        raise DfmStreamError(msg)
-    info = update_calibration(args.model, threshold, float(scores.min()), float(scores.max()))
-    print(f"threshold {threshold:.6g} ({how}); scores {info.score_min:.6g} .. {info.score_max:.6g}")
+    choice = choose_threshold(scores, y, args.max_fpr, args.margin, args.force)
+    if choice.warning:
+        print(f"warning: {choice.warning}", file=sys.stderr)
+    info = update_calibration(args.model, choice.threshold, float(scores.min()), float(scores.max()))
+    spread = f"{info.score_min:.6g} .. {info.score_max:.6g}"
+    print(f"threshold {choice.threshold:.6g} ({choice.how}); scores {spread}")
+    print(f"expected false-alarm rate: {choice.false_alarms}")
     print(f"artifact updated: {args.model}")
+    _print_hashes(args.model, info.content_hash)
     return 0
 
 
@@ -371,6 +414,7 @@ def cmd_make_dataset(args: argparse.Namespace) -> int:
     """Write the synthetic data set."""
     from dfm_stream.synthetic_parts import make_dataset
 
+    check_writable_folder(args.out, "--out")
     root = make_dataset(
         args.out,
         n_train=args.n_train,

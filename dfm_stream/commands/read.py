@@ -10,7 +10,9 @@ Examples::
 Options given on the command line override the config file for every selected camera. The
 process serves ``/metrics``, ``/healthz`` and ``/readyz`` (ready = Redis reachable and every
 camera open) and exits 0 on SIGTERM/SIGINT, with ``--duration``, or when every finite source
-(video file or folder without ``--loop``, or ``--max-frames``) is done.
+(video file or folder without ``--loop``, or ``--max-frames``) is done -- unless a camera sent
+nothing to Redis in the run (its source never delivered a frame, or no frame could be written):
+then it says why (one line on stderr, every such camera) and exits 2.
 """
 
 import argparse
@@ -19,8 +21,15 @@ import logging
 import threading
 from typing import Any
 
+from dfm_stream.commands.argtypes import (
+    non_negative_float,
+    non_negative_int,
+    parsed,
+    positive_float,
+    positive_int,
+)
 from dfm_stream.config import CameraConfig, Config, parse_roi, parse_size
-from dfm_stream.errors import ConfigError, SourceError
+from dfm_stream.errors import ConfigError, NoFramesError, SourceError
 from dfm_stream.metrics import add_metrics_args
 from dfm_stream.signals import stop_on_signals
 
@@ -45,38 +54,6 @@ _OVERRIDES = {
 }
 
 
-def _arg_type(parse: Any, what: str) -> Any:
-    def convert(text: str) -> Any:
-        try:
-            return parse(text)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(f"{what}: {e}") from e
-
-    convert.__name__ = what
-    return convert
-
-
-def _non_negative(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise ValueError(f"{text} must be >= 0")
-    return value
-
-
-def _positive(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise ValueError(f"{text} must be > 0")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise ValueError(f"{text} must be >= 1")
-    return value
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``dfm-stream read``."""
     from dfm_stream.connect import add_redis_args
@@ -85,7 +62,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "read",
         help="read cameras and push their frames into Redis Streams",
         description="Push camera frames into Redis Streams: one camera (--camera, --source) or many"
-        " (--config FILE). Exits 0 on SIGTERM/SIGINT, after --duration, or when finite sources end.",
+        " (--config FILE). Exits 0 on SIGTERM/SIGINT, after --duration, or when finite sources end;"
+        " 2 (and says why) when a camera sent nothing to Redis in the run: no frame from its source,"
+        " or none could be written.",
     )
     g = p.add_argument_group("cameras")
     g.add_argument("--config", help="TOML config with [[cameras]] (env DFM__... overrides it)")
@@ -96,19 +75,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "synthetic:seed=N,defect_rate=R,fps=F,size=WxH",
     )
     s = p.add_argument_group("per-camera settings (override the config)")
-    s.add_argument("--fps", type=_arg_type(_non_negative, "--fps"), help="frame-rate cap; 0 = source rate")
-    s.add_argument("--size", type=_arg_type(parse_size, "--size"), help="resize frames to WxH, e.g. 256x256")
-    s.add_argument("--roi", type=_arg_type(parse_roi, "--roi"), help="crop x,y,w,h (source pixels) first")
-    s.add_argument("--jpeg-quality", type=_arg_type(int, "--jpeg-quality"), help="1-100 (default 90)")
+    s.add_argument("--fps", type=non_negative_float, help="frame-rate cap; 0 = source rate")
+    s.add_argument("--size", type=parsed(parse_size, "--size"), help="resize frames to WxH, e.g. 256x256")
+    s.add_argument("--roi", type=parsed(parse_roi, "--roi"), help="crop x,y,w,h (source pixels) first")
+    s.add_argument("--jpeg-quality", type=parsed(int, "--jpeg-quality"), help="1-100 (default 90)")
     s.add_argument("--encoding", choices=("jpeg", "raw"), help="frame encoding (default jpeg)")
-    s.add_argument("--maxlen", type=_arg_type(int, "--maxlen"), help="stream MAXLEN ~ (default ~10 s)")
+    s.add_argument("--maxlen", type=non_negative_int, help="stream MAXLEN ~ (default ~10 s)")
     s.add_argument("--loop", action="store_true", default=None, help="loop video files and folders")
-    s.add_argument("--backoff-initial", type=_arg_type(_positive, "--backoff-initial"), help="seconds")
-    s.add_argument(
-        "--backoff-max", type=_arg_type(_positive, "--backoff-max"), help="reconnect delay cap (s)"
-    )
-    s.add_argument("--open-timeout", type=_arg_type(_positive, "--open-timeout"), help="seconds (default 10)")
-    s.add_argument("--read-timeout", type=_arg_type(_positive, "--read-timeout"), help="seconds (default 5)")
+    s.add_argument("--backoff-initial", type=positive_float, help="seconds")
+    s.add_argument("--backoff-max", type=positive_float, help="reconnect delay cap (s)")
+    s.add_argument("--open-timeout", type=positive_float, help="seconds (default 10)")
+    s.add_argument("--read-timeout", type=positive_float, help="seconds (default 5)")
     s.add_argument(
         "--no-pace",
         dest="pace",
@@ -117,10 +94,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="read files/folders/synthetic as fast as possible instead of in real time",
     )
     r = p.add_argument_group("run")
-    r.add_argument(
-        "--max-frames", type=_arg_type(_positive_int, "--max-frames"), help="per camera, then stop"
-    )
-    r.add_argument("--duration", type=_arg_type(_positive, "--duration"), help="stop after this many seconds")
+    r.add_argument("--max-frames", type=positive_int, help="per camera, then stop")
+    r.add_argument("--duration", type=positive_float, help="stop after this many seconds")
     add_redis_args(p)
     add_metrics_args(p, default_port=DEFAULT_METRICS_PORT)
     p.set_defaults(func=run)
@@ -167,9 +142,32 @@ def check_sources(cameras: list[CameraConfig]) -> None:
 
     for cam in cameras:
         try:
-            make_source(cam.source, SourceOptions(cam.loop, cam.fps, cam.open_timeout, cam.read_timeout))
+            source = make_source(
+                cam.source, SourceOptions(cam.loop, cam.fps, cam.open_timeout, cam.read_timeout)
+            )
+            if cam.roi is not None and not source.is_live:
+                _check_roi(cam.id, cam.roi, source)
         except SourceError as e:
             raise SourceError(f"camera {cam.id}: {e}") from e
+
+
+def _check_roi(camera: str, roi: tuple[int, int, int, int], source: Any) -> None:
+    """Read one frame of a file, folder or synthetic source and refuse a ``roi`` beyond it.
+
+    Live cameras are checked on their first frame instead (the reader logs and drops frames
+    whose roi does not fit): opening them here could wait for the network.
+    """
+    from dfm_stream.reader import roi_problem
+    from dfm_stream.sources import SourceFinished
+
+    try:
+        with source:
+            frame = source.read()
+    except SourceFinished:
+        return
+    problem = roi_problem(roi, frame.image.shape[1], frame.image.shape[0])
+    if problem:
+        raise ConfigError(f"camera {camera}: {problem}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -184,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, stop: threading.Event) -> int:
     from dfm_stream.connect import connect, settings_with_config
-    from dfm_stream.metrics import ReaderMetrics, new_registry, serve
+    from dfm_stream.metrics import ReaderMetrics, new_registry, serve_for
     from dfm_stream.reader import Reader
 
     cameras, config = select_cameras(args)
@@ -194,11 +192,20 @@ def _run(args: argparse.Namespace, stop: threading.Event) -> int:
         return 0
     client = connect(settings, socket_timeout=2.0, socket_connect_timeout=2.0)
     registry = new_registry()
-    reader = Reader(cameras, client, settings.prefix, ReaderMetrics.create(registry), stop, args.max_frames)
+    metrics = ReaderMetrics.create(registry)
+    reader = Reader(
+        cameras, client, settings.prefix, metrics, stop, args.max_frames, durability=settings.durability
+    )
     server = None
     if args.metrics_port >= 0:
-        server = serve(registry, args.metrics_host, args.metrics_port, ready=reader.ready)
-    timer = threading.Timer(args.duration, stop.set) if args.duration else None
+        server = serve_for("reader", registry, args.metrics_host, args.metrics_port, ready=reader.ready)
+    time_up = threading.Event()
+
+    def _time_up() -> None:
+        time_up.set()
+        stop.set()
+
+    timer = threading.Timer(args.duration, _time_up) if args.duration else None
     if timer is not None:
         timer.daemon = True
         timer.start()
@@ -209,10 +216,29 @@ def _run(args: argparse.Namespace, stop: threading.Event) -> int:
         ", ".join(c.id for c in cameras),
     )
     try:
-        return reader.run()
+        reader.start()
+        reader.wait()
+        signalled = stop.is_set() and not time_up.is_set()
+        reader.close()
     finally:
         if timer is not None:
             timer.cancel()
         if server is not None:
             server.close()
         client.close()
+    return _verdict(reader.problems(), signalled)
+
+
+def _verdict(problems: list[str], signalled: bool) -> int:
+    """Return 0, or raise :class:`NoFramesError` when a camera sent nothing to Redis in this run.
+
+    A run stopped by SIGTERM/SIGINT exits 0 whatever happened (the stop was asked for); the
+    problems are logged as a warning then.
+    """
+    if not problems:
+        return 0
+    text = "; ".join(problems)
+    if signalled:
+        log.warning("stopped by a signal, and nothing reached Redis from: %s", text)
+        return 0
+    raise NoFramesError(text)

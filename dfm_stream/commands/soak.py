@@ -4,22 +4,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from dfm_stream.commands.argtypes import float_at_least, int_at_least, non_negative_float, positive_int
 from dfm_stream.errors import ConfigError
-
-
-def _number(kind: type, minimum: float) -> "object":
-    """Return an argparse type: a ``kind`` (int or float) of at least ``minimum``."""
-
-    def parse(text: str) -> float | int:
-        try:
-            value = kind(text)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from e
-        if not value >= minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {text}")
-        return value
-
-    return parse
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -31,12 +17,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         " processes with a tiny model, sample the RSS of each process every --rss-interval seconds, and"
         " report start/warm/end/peak memory and the growth after warm-up.",
     )
-    p.add_argument("--duration", type=_number(float, 1), required=True, help="seconds to run")
-    p.add_argument("--cameras", type=_number(int, 1), default=4, help="synthetic cameras (4)")
-    p.add_argument("--workers", type=_number(int, 1), default=1, help="worker processes (1)")
-    p.add_argument("--rss-interval", type=_number(float, 0.1), default=5.0, help="seconds (5)")
-    p.add_argument("--fps", type=_number(float, 0.1), default=10.0, help="per camera (10)")
-    p.add_argument("--size", type=_number(int, 32), default=64, help="frame side in px (64)")
+    p.add_argument("--duration", type=float_at_least(1), required=True, help="seconds to run")
+    p.add_argument("--cameras", type=positive_int, default=4, help="synthetic cameras (4)")
+    p.add_argument("--workers", type=positive_int, default=1, help="worker processes (1)")
+    p.add_argument("--rss-interval", type=float_at_least(0.1), default=5.0, help="seconds (5)")
+    p.add_argument("--fps", type=float_at_least(0.1), default=10.0, help="per camera (10)")
+    p.add_argument("--size", type=int_at_least(32), default=64, help="frame side in px (64)")
     p.add_argument("--model", type=Path, help="artifact to score with (default: fit a tiny one at start)")
     p.add_argument(
         "--redis", help="use this Redis (redis:// or unix://, no TLS options) instead of an embedded server"
@@ -45,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, help="write the report (with every RSS sample) as JSON here")
     p.add_argument(
         "--max-growth-mib",
-        type=_number(float, 0),
+        type=non_negative_float,
         help="exit 1 when any process grew more than this after warm-up",
     )
     p.set_defaults(func=cmd_soak)

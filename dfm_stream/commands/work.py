@@ -9,6 +9,13 @@ from pathlib import Path
 from typing import Any
 
 from dfm_stream import keys
+from dfm_stream.commands.argtypes import (
+    int_at_least,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 from dfm_stream.config import WORKER_BACKENDS, WORKER_PRECISIONS
 from dfm_stream.connect import add_redis_args, connect, settings_with_config
 from dfm_stream.errors import ConfigError
@@ -35,9 +42,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     src.add_argument("--cameras", help="comma-separated camera ids (default: the config's, else discovered)")
     w = p.add_argument_group("worker")
     w.add_argument("--group", default=None, help=f"consumer group (default {keys.DEFAULT_GROUP})")
-    w.add_argument("--batch-size", type=int, default=None, help="largest model batch (default 8)")
+    w.add_argument("--batch-size", type=positive_int, default=None, help="largest model batch (default 8)")
     w.add_argument(
-        "--max-wait-ms", type=float, default=None, help="wait after a batch's first frame (default 20)"
+        "--max-wait-ms",
+        type=non_negative_float,
+        default=None,
+        help="wait after a batch's first frame (default 20)",
     )
     w.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N")
     w.add_argument(
@@ -55,31 +65,62 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     w.add_argument(
         "--threads",
-        type=int,
+        type=non_negative_int,
         default=None,
         help="CPU threads of the model; 0 or unset: torch's choice, capped at the CPU quota of the container",
     )
     w.add_argument(
-        "--claim-idle", type=float, default=None, help="reclaim frames idle this long, s (default 30)"
+        "--claim-idle",
+        type=positive_float,
+        default=None,
+        help="reclaim frames idle this long, s (default 30)",
     )
-    w.add_argument("--max-deliveries", type=int, default=None, help="then dead-letter the frame (default 3)")
     w.add_argument(
-        "--max-age", type=float, default=None, help="skip frames older than this at dequeue, s (off)"
+        "--max-deliveries", type=positive_int, default=None, help="then dead-letter the frame (default 3)"
     )
-    w.add_argument("--scores-maxlen", type=int, default=10_000, help="approximate MAXLEN of score streams")
-    w.add_argument("--max-pixels", type=int, default=None, help="largest w*h accepted (default 8192*8192)")
+    w.add_argument(
+        "--max-age",
+        type=non_negative_float,
+        default=None,
+        help="skip frames older than this at dequeue, s (off)",
+    )
+    w.add_argument(
+        "--scores-maxlen", type=int_at_least(100), default=10_000, help="approximate MAXLEN of score streams"
+    )
+    w.add_argument(
+        "--max-pixels", type=positive_int, default=None, help="largest w*h accepted (default 8192*8192)"
+    )
+    w.add_argument(
+        "--max-frame-bytes",
+        type=positive_int,
+        default=None,
+        help="larger frame messages are dead-lettered as oversized (default 3 * max-pixels + 1 MiB)",
+    )
     w.add_argument(
         "--burst", action="store_true", help="exit once every stream is drained and nothing pending"
     )
-    w.add_argument("--max-frames", type=int, default=None, help="exit after reading this many frames")
+    w.add_argument(
+        "--max-frames", type=positive_int, default=None, help="exit after reading this many frames"
+    )
+    w.add_argument(
+        "--max-cameras",
+        type=positive_int,
+        default=None,
+        help="most cameras followed by discovery (no --cameras/config cameras); the rest are refused (256)",
+    )
     a = p.add_argument_group("alarms")
-    a.add_argument("--alarm-k", type=int, default=None, help="raise when k of the last n are anomalous (1)")
-    a.add_argument("--alarm-n", type=int, default=None, help="window of the k-of-n rule (1)")
     a.add_argument(
-        "--alarm-clear-after", type=int, default=None, help="consecutive normal frames to clear (5)"
+        "--alarm-k", type=positive_int, default=None, help="raise when k of the last n are anomalous (1)"
+    )
+    a.add_argument("--alarm-n", type=positive_int, default=None, help="window of the k-of-n rule (1)")
+    a.add_argument(
+        "--alarm-clear-after", type=positive_int, default=None, help="consecutive normal frames to clear (5)"
     )
     a.add_argument(
-        "--alarm-cooldown", type=float, default=None, help="no new raise this long after a clear, s (0)"
+        "--alarm-cooldown",
+        type=non_negative_float,
+        default=None,
+        help="no new raise this long after a clear, s (0)",
     )
     add_redis_args(p)
     add_metrics_args(p, default_port=DEFAULT_METRICS_PORT)
@@ -92,6 +133,7 @@ def _pick(*values: Any) -> Any:
 
 def _settings(args: argparse.Namespace, config: Any) -> Any:
     from dfm_stream.alarms import AlarmSettings
+    from dfm_stream.consumer import DEFAULT_MAX_CAMERAS
     from dfm_stream.wire import DEFAULT_MAX_PIXELS
     from dfm_stream.worker import WorkerSettings
 
@@ -124,9 +166,11 @@ def _settings(args: argparse.Namespace, config: Any) -> Any:
         max_age_s=None if max_age is None or max_age == 0 else max_age,
         scores_maxlen=args.scores_maxlen,
         max_pixels=_pick(args.max_pixels, DEFAULT_MAX_PIXELS),
+        max_frame_bytes=args.max_frame_bytes,
         alarm=alarm,
         burst=args.burst,
         max_frames=args.max_frames,
+        max_cameras=_pick(args.max_cameras, wc.max_cameras if wc else None, DEFAULT_MAX_CAMERAS),
     )
     _check_ranges(settings)
     return settings
@@ -152,6 +196,13 @@ def _check_ranges(settings: Any) -> None:
             "must be >= 100 (the score stream would throw scores away before anyone reads them)",
         ),
         ("--max-pixels", settings.max_pixels, settings.max_pixels >= 1, "must be >= 1"),
+        ("--max-cameras", settings.max_cameras, settings.max_cameras >= 1, "must be >= 1"),
+        (
+            "--max-frame-bytes",
+            settings.max_frame_bytes,
+            settings.max_frame_bytes is None or settings.max_frame_bytes >= 1,
+            "must be >= 1",
+        ),
     )
     for flag, value, ok, rule in rules:
         if not ok:
@@ -169,26 +220,28 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, stop: threading.Event) -> int:
-    import torch
-
-    from dfm_stream.artifact import read_info
-    from dfm_stream.cpus import model_threads
-    from dfm_stream.inference import Engine
-    from dfm_stream.metrics import WorkerMetrics, new_registry, serve
-    from dfm_stream.routing import ModelRouter
-    from dfm_stream.worker import Worker
-
     config = None
     if args.config:
         from dfm_stream.config import load_config
 
         config = load_config(args.config)
-    if args.model:
-        if not Path(args.model).is_file():
-            raise ConfigError(f"--model {args.model}: no such file")
-        read_info(args.model)  # fail fast on a corrupt or tampered artifact
+    if args.model and not Path(args.model).is_file():  # before importing torch: a typo is quick to see
+        raise ConfigError(f"--model {args.model}: no such file")
     settings = _settings(args, config)
+
+    import torch
+
+    from dfm_stream.artifact import read_info
+    from dfm_stream.cpus import model_threads
+    from dfm_stream.inference import Engine
+    from dfm_stream.metrics import WorkerMetrics, new_registry, serve_for
+    from dfm_stream.routing import ModelRouter
+    from dfm_stream.worker import Worker
+
+    if args.model:
+        read_info(args.model)  # fail fast on a corrupt or tampered artifact
     redis_settings = settings_with_config(args, config.redis if config else None)
+    settings.durability = redis_settings.durability
     wc = config.worker if config else None
     threads = _pick(args.threads, wc.threads if wc and wc.threads else None) or model_threads(
         torch.get_num_threads()
@@ -221,19 +274,21 @@ def _run(args: argparse.Namespace, stop: threading.Event) -> int:
     worker = Worker(client, router, settings, redis_settings.prefix, metrics, cluster=redis_settings.cluster)
     server = None
     if args.metrics_port >= 0 and not stop.is_set():
-        server = serve(registry, args.metrics_host, args.metrics_port, ready=worker.ready)
-    log.info(
-        "worker %s on %s (%s, %s backend, %d threads), %s, group %s, redis %s",
-        worker.name,
-        engine.device,
-        engine.precision,
-        engine.backend,
-        engine.threads,
-        "cameras " + ",".join(settings.cameras) if settings.cameras else "cameras discovered",
-        settings.group,
-        redis_settings.safe_url(),
-    )
+        server = serve_for("worker", registry, args.metrics_host, args.metrics_port, ready=worker.ready)
     try:
+        if not stop.is_set():
+            router.preload()  # build file models now: /readyz is ready once built, first frames do not wait
+        log.info(
+            "worker %s on %s (%s, %s backend, %d threads), %s, group %s, redis %s",
+            worker.name,
+            engine.device,
+            engine.precision,
+            engine.backend,
+            engine.threads,
+            "cameras " + ",".join(settings.cameras) if settings.cameras else "cameras discovered",
+            settings.group,
+            redis_settings.safe_url(),
+        )
         worker.run(stop)  # returns at once when a signal came during start-up
     finally:
         if server is not None:

@@ -34,7 +34,7 @@ from rich.live import Live
 from dfm_stream import keys
 from dfm_stream.connect import RedisClient, RedisSettings, connect
 from dfm_stream.demo.model import ModelPlan, fit_demo_model, plan_model
-from dfm_stream.demo.processes import Child, port_is_free, spawn, wait_ready
+from dfm_stream.demo.processes import Child, port_is_free, spawn, spawn_console, wait_ready
 from dfm_stream.demo.view import DemoMetrics, Tracker, event_line, print_summary, render, status_line
 from dfm_stream.embedded_redis import EmbeddedRedis, free_port
 from dfm_stream.errors import DfmStreamError
@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 READER_STOP_S = 10.0
 WORKER_STOP_S = 20.0
 DRAIN_S = 10.0
+_KEEP = "pass --workdir DIR to keep the model and logs"
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ class DemoSettings:
     view: bool = True
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9400
+    console_port: int = 8080
     summary_json: Path | None = None
     workdir: Path | None = None
     redis: RedisSettings | None = None
@@ -223,7 +225,10 @@ class Demo:
             spec = f"synthetic:seed={self.s.seed + i},defect_rate={rate},fps={self.s.fps},size={size}x{size}"
             args = ["read", *self.s.redis_cli, "--camera", name, "--source", spec]
             readers.append(self._spawn(f"reader-{name}", "reader", args, logdir))
-        with self.console.status("starting the camera readers..."):
+        if self.s.console_port >= 0:  # the web console, read only (no users file)
+            readers.append(spawn_console(self.s.redis_cli, logdir, self.s.metrics_host, self.s.console_port))
+            self.children.append(readers[-1])
+        with self.console.status("starting the camera readers and the console..."):
             for reader in readers:
                 self._wait_ready(reader)
 
@@ -327,7 +332,8 @@ class Demo:
         if self.metrics_server is not None:
             self.console.print(f"metrics: http://{host}:{self.metrics_server.port}/metrics (demo)")
         for child in self.children:
-            self.console.print(f"metrics: http://{host}:{child.metrics_port}/metrics ({child.name})")
+            path, what = ("/", "console") if child.role == "console" else ("/metrics", "metrics")
+            self.console.print(f"{what}: http://{host}:{child.metrics_port}{path} ({child.name})")
 
     def _prepare(self, workdir: Path) -> Path:
         self._serve_metrics()  # first: a port already taken fails before anything else starts
@@ -355,6 +361,8 @@ class Demo:
             self._start_pipeline(model_path, logdir)
             self._print_urls()
             self.console.print(f"logs: {logdir}")
+            if self._tmp is not None:
+                self.console.print(f"  (a temporary folder, removed when the demo ends: {_KEEP})")
             self.running = True
             self._loop()
         except KeyboardInterrupt:
@@ -391,6 +399,8 @@ class Demo:
             self.console.print(f"killed after SIGTERM timed out: {', '.join(killed)}; logs kept in {logdir}")
         elif self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
+            self.console.print(f"removed the temporary work folder {self._tmp}")
+            self.console.print(f"  ({_KEEP})")
         else:
             self.console.print(f"model and logs: {workdir} (logs in {logdir})")
         return 130 if interrupted else 0
@@ -425,7 +435,12 @@ class Demo:
             "port": self.embedded.port if self.embedded else None,
         }
         host = self.s.metrics_host
-        data["metrics_urls"] = [f"http://{host}:{c.metrics_port}/metrics" for c in self.children]
+        data["metrics_urls"] = [
+            f"http://{host}:{c.metrics_port}/metrics" for c in self.children if c.role != "console"
+        ]
+        data["console_url"] = next(
+            (f"http://{host}:{c.metrics_port}/" for c in self.children if c.role == "console"), None
+        )
         if self.metrics_server is not None:
             data["metrics_urls"].insert(0, f"http://{host}:{self.metrics_server.port}/metrics")
         return data

@@ -86,8 +86,28 @@ def port_is_free(host: str, port: int) -> bool:
 
 def spawn(name: str, role: str, args: list[str], logdir: Path, metrics_host: str, port: int) -> Child:
     """Start ``python -m dfm_stream.cli ARGS --metrics-host H --metrics-port P``; output to ``logdir``."""
+    return _start(
+        name, role, [*args, "--metrics-host", metrics_host, "--metrics-port", str(port)], logdir, port
+    )
+
+
+def spawn_console(redis_cli: list[str], logdir: Path, host: str, port: int) -> Child:
+    """Start ``dfm-stream console`` (read only: no users file) on ``host:port``; its ``/readyz`` is there."""
+    if port == 0 or not port_is_free(host, port):
+        port = _free_port(host)
+    return _start(
+        "console", "console", ["console", *redis_cli, "--host", host, "--port", str(port)], logdir, port
+    )
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host if host not in ("0.0.0.0", "") else "127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _start(name: str, role: str, args: list[str], logdir: Path, port: int) -> Child:
     argv = [sys.executable, "-m", "dfm_stream.cli", *args]
-    argv += ["--metrics-host", metrics_host, "--metrics-port", str(port)]
     log_path = logdir / f"{name}.log"
     with log_path.open("ab") as out:
         proc = subprocess.Popen(

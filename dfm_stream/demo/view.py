@@ -19,10 +19,10 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from dfm_stream import keys
+from dfm_stream import keys, replies
 from dfm_stream.connect import RedisClient
 from dfm_stream.errors import WireError
-from dfm_stream.wire import FIELD, EventMsg, FrameMsg, ScoreMsg, split_frame_id
+from dfm_stream.wire import FIELD, EventMsg, EventType, FrameMsg, ScoreMsg, ScoreStatus, split_frame_id
 
 WINDOW_S = 5.0
 """Rates and live latency percentiles are taken over the last few seconds."""
@@ -86,7 +86,7 @@ class CameraStats:
     def add_score(self, entry_id: str, score: ScoreMsg, now: float) -> None:
         """Count a published score; match it with its frame to tell hits from false alarms."""
         part = self.pending.pop(entry_id, None)
-        if score.status != "scored":
+        if score.status != ScoreStatus.SCORED:
             self.skipped += 1
             return
         self.scored += 1
@@ -150,8 +150,7 @@ class Tracker:
         """Return the new ``(entry id, msg)`` of ``key`` (one stream per call: cluster-safe)."""
         out: list[tuple[str, bytes]] = []
         while True:
-            reply = self.client.xread({key: self._last[key]}, count=READ_COUNT)
-            entries = reply[0][1] if reply else []
+            entries = replies.xread_one(self.client, key, self._last[key], READ_COUNT)
             for entry_id, fields in entries:
                 out.append((entry_id.decode(), fields.get(_FIELD, b"")))
             if entries:
@@ -187,14 +186,14 @@ class Tracker:
 
     def _add_event(self, event: EventMsg) -> None:
         stats = self.cameras[event.camera]
-        if event.type == "raised":
+        if event.type == EventType.RAISED:
             stats.alarms_raised += 1
             stats.alarm_active = True
-        elif event.type == "cleared":
+        elif event.type == EventType.CLEARED:
             stats.alarm_active = False
             stats.alarms_cleared += 1
-        elif event.type in ("camera_down", "camera_up"):
-            stats.down = event.type == "camera_down"
+        elif event.type in (EventType.CAMERA_DOWN, EventType.CAMERA_UP):
+            stats.down = event.type == EventType.CAMERA_DOWN
         self.feed.append(event)
         self.new_events.append(event)
 

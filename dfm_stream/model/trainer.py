@@ -30,6 +30,7 @@ _BATCH_KINDS = "an image tensor, a mapping with an 'image' entry or an object wi
 
 def _images_of(batch: Any) -> torch.Tensor:
     """Return the ``(N, 3, H, W)`` float images of a tensor, a mapping or an object with ``image``."""
+    images: object
     if isinstance(batch, torch.Tensor):
         images = batch
     elif isinstance(batch, Mapping):

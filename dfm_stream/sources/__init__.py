@@ -8,13 +8,13 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from dfm_stream.errors import SourceError
+from dfm_stream.redact import safe_url
 from dfm_stream.sources.base import (
     NETWORK_SCHEMES,
     Frame,
     Source,
     SourceFinished,
     SourceOptions,
-    safe_url,
 )
 
 __all__ = [
@@ -52,7 +52,7 @@ def source_kind(spec: str) -> str:
     if path.is_file():
         return "file"
     raise SourceError(
-        f"camera source {spec!r}: no such file or folder (a source is a camera index such as 0, an"
+        f"camera source {safe_url(spec)!r}: no such file or folder (a source is a camera index such as 0, an"
         " rtsp:// / http(s):// URL, a video file, a folder of images, or synthetic:)"
     )
 

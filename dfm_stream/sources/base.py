@@ -20,7 +20,6 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, NamedTuple
-from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
@@ -96,16 +95,6 @@ class SourceOptions:
     fps: float = 0.0
     open_timeout: float = DEFAULT_OPEN_TIMEOUT_S
     read_timeout: float = DEFAULT_READ_TIMEOUT_S
-
-
-def safe_url(url: str) -> str:
-    """Return ``url`` with any password replaced by ``***`` (for logs, events and the camera registry)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 def now_ns() -> int:

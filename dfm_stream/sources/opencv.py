@@ -17,7 +17,8 @@ import cv2
 import numpy as np
 
 from dfm_stream.errors import SourceError
-from dfm_stream.sources.base import Frame, Source, SourceFinished, now_ns, safe_url, valid_fps
+from dfm_stream.redact import safe_url
+from dfm_stream.sources.base import Frame, Source, SourceFinished, now_ns, valid_fps
 
 log = logging.getLogger(__name__)
 
