@@ -50,6 +50,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r.set_defaults(func=run_results)
 
 
+USER_MISTAKES = ("bad_request", "unknown_camera", "redis_error")
+"""Result reasons that mean the command line (or --redis) is wrong, not the part or the line: exit 2."""
+
+
 def run_inspect(args: argparse.Namespace) -> int:
     """Run one job; print its result."""
     settings = RedisSettings.from_args(args)
@@ -71,6 +75,10 @@ def run_inspect(args: argparse.Namespace) -> int:
         Path(args.image).write_bytes(result.image)
     sys.stdout.write(json.dumps(result.to_json_dict(), sort_keys=True) + "\n")
     sys.stdout.flush()
+    reason = result.reason or ""
+    if result.state == "error" and reason.split(":", 1)[0] in USER_MISTAKES:
+        sys.stderr.write(f"error: {reason}\n")  # the request or the Redis URL is wrong: exit 2, one line
+        return 2
     return 1 if result.state == "error" else 0
 
 
