@@ -36,9 +36,11 @@ def xrange(
     return cast(list[Record], client.xrange(key, min=start, max=end, count=count) or [])
 
 
-def xrevrange(client: Client, key: str, count: int | None = None) -> list[Record]:
-    """``XREVRANGE key + - [COUNT count]``, newest first."""
-    return cast(list[Record], client.xrevrange(key, count=count) or [])
+def xrevrange(
+    client: Client, key: str, count: int | None = None, end: str | bytes = "+", start: str | bytes = "-"
+) -> list[Record]:
+    """``XREVRANGE key end start [COUNT count]``, newest first."""
+    return cast(list[Record], client.xrevrange(key, max=end, min=start, count=count) or [])
 
 
 def xread_one(client: Client, key: str, after: str, count: int, block: int | None = None) -> list[Record]:
