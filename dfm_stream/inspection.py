@@ -28,7 +28,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from dfm_stream import keys
+from dfm_stream import keys, replies
 from dfm_stream.alarms import overlay_jpeg
 from dfm_stream.connect import RedisClient
 from dfm_stream.errors import InspectionError, WireError
@@ -130,7 +130,7 @@ class Inspector:
             ttl_ms = int((request.timeout_s + (request.window_ms or 0) / 1000 + 30) * 1000)
             if not self.client.set(lock, job_id, nx=True, px=ttl_ms):
                 raise InspectionError(f"camera {request.camera!r} is busy with another job", "busy")
-            last = self.client.xrevrange(keys.scores_key(request.camera, self.prefix), count=1)
+            last = replies.xrevrange(self.client, keys.scores_key(request.camera, self.prefix), count=1)
         except InspectionError as e:
             return self._error(request, job_id, trigger_ts, e.reason, str(e))
         except Exception as e:  # Redis unreachable: still a result
@@ -167,8 +167,9 @@ class Inspector:
         kept: list[ScoreMsg] = []
         last_id = job.after_id
         while time.monotonic() < deadline:
-            reply = self.client.xread({key: last_id}, count=100, block=_READ_BLOCK_MS)
-            for entry_id, fields in reply[0][1] if reply else []:
+            for entry_id, fields in replies.xread_one(
+                self.client, key, last_id, count=100, block=_READ_BLOCK_MS
+            ):
                 last_id = _s(entry_id)
                 score = _score(fields)
                 if score is None or score.status != "scored" or score.ts < job.trigger_ts:
@@ -227,14 +228,14 @@ class Inspector:
         return self._frame_image(camera, frame_id), False
 
     def _raise_in_outbox(self, camera: str, frame_id: str) -> bool:
-        for _, fields in self.client.xrange(keys.event_outbox_key(camera, self.prefix)):
+        for _, fields in replies.xrange(self.client, keys.event_outbox_key(camera, self.prefix)):
             score = _score(fields)
             if fields.get(b"type") == b"raised" and score is not None and score.frame_id == frame_id:
                 return True
         return False
 
     def _raised_image(self, frame_id: str) -> bytes | None:
-        for _, fields in self.client.xrevrange(keys.alarms_key(self.prefix), count=_EVENT_LOOKBACK):
+        for _, fields in replies.xrevrange(self.client, keys.alarms_key(self.prefix), count=_EVENT_LOOKBACK):
             try:
                 event = EventMsg.from_bytes(fields.get(FIELD.encode(), b""))
             except WireError:
@@ -248,7 +249,7 @@ class Inspector:
             from dfm_stream.frame_codec import decode_frame
 
             entry_id = frame_id.rpartition(":")[2]
-            rows = self.client.xrange(keys.frames_key(camera, self.prefix), entry_id, entry_id)
+            rows = replies.xrange(self.client, keys.frames_key(camera, self.prefix), entry_id, entry_id)
             if not rows:
                 return None
             rgb = decode_frame(FrameMsg.from_bytes(rows[0][1][FIELD.encode()]))

@@ -55,6 +55,45 @@ def xread_any(client: Client, streams: Mapping[str, str], count: int, block: int
     return bool(client.xread(ids, count=count, block=block))
 
 
+def xreadgroup(
+    client: Client,
+    group: str,
+    consumer: str,
+    streams: Mapping[str, str],
+    count: int,
+    block: int | None = None,
+) -> list[tuple[bytes, list[Record]]]:
+    """``XREADGROUP GROUP group consumer [COUNT count] [BLOCK ms] STREAMS ...``: per stream, its entries.
+
+    An entry of the consumer's own pending list that was deleted (trimmed) since reads with empty
+    fields.
+    """
+    ids: dict[KeyT, StreamIdT] = {key: after for key, after in streams.items()}
+    reply = client.xreadgroup(group, consumer, ids, count=count, block=block)
+    return cast(list[tuple[bytes, list[Record]]], reply or [])
+
+
+def xautoclaim(
+    client: Client,
+    key: str,
+    group: str,
+    consumer: str,
+    min_idle_ms: int,
+    start: str = "0-0",
+    count: int = 100,
+) -> list[Record]:
+    """``XAUTOCLAIM key group consumer min-idle start COUNT count``: the entries claimed.
+
+    An entry deleted while pending (nil before Redis 7) is left out; one read with no fields keeps
+    empty fields.
+    """
+    claimed = cast(
+        list[tuple[bytes | None, dict[bytes, bytes] | None]],
+        client.xautoclaim(key, group, consumer, min_idle_ms, start, count=count)[1],
+    )
+    return [(entry_id, fields or {}) for entry_id, fields in claimed if entry_id is not None]
+
+
 def xpending_range(
     client: Client, key: str, group: str, start: str, count: int, idle: int | None = None
 ) -> list[PendingRow]:

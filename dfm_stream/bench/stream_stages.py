@@ -370,13 +370,13 @@ def latency_run(
             "p99_ms": percentile(lat, 99),
             "max_ms": max(lat) if lat else None,
         }
-        jobs = job_ms.get(load, [])
+        job_lat = job_ms.get(load, [])
         interval_ms = 1000 * len(setup.cameras) / max(load * capacity, 1e-9)  # one camera's frame interval
         p99 = out[f"{round(load * 100)}"]["p99_ms"]
         out[f"{round(load * 100)}"].update(
-            inspect_jobs=len(jobs),
-            inspect_p99_ms=percentile(jobs, 99),
-            inspect_max_ms=max(jobs) if jobs else None,
+            inspect_jobs=len(job_lat),
+            inspect_p99_ms=percentile(job_lat, 99),
+            inspect_max_ms=max(job_lat) if job_lat else None,
             inspect_budget_ms=interval_ms + p99 + 50 if p99 is not None else None,
         )
     return out

@@ -25,7 +25,7 @@ from typing import Any
 import redis
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from dfm_stream import keys
+from dfm_stream import keys, replies
 from dfm_stream.connect import RedisClient
 from dfm_stream.inspection import Inspector, Job, JobRequest, result_error_code
 from dfm_stream.metrics import LATENCY_BUCKETS
@@ -237,25 +237,24 @@ class Bridge:
         idle_ms = int(self.settings.claim_idle_s * 1000)
         backlog = 0
         for key in streams:
-            rows = self.client.xreadgroup(group, name, {key: "0"}, count=100)
+            rows = replies.xreadgroup(self.client, group, name, {key: "0"}, count=100)
             entries = rows[0][1] if rows else []
-            _, claimed, *_ = self.client.xautoclaim(key, group, name, idle_ms, "0-0", count=100)
-            entries = list(entries) + list(claimed)
+            entries += replies.xautoclaim(self.client, key, group, name, idle_ms, "0-0", count=100)
             backlog += len(entries)
             if entries and not self._offer(key, entries):
                 self.metrics.pending.set(backlog)
                 self.stop_event.wait(self.settings.retry_s)
                 return
         self.metrics.pending.set(0)
-        rows = self.client.xreadgroup(
-            group, name, dict.fromkeys(streams, ">"), count=100, block=self.settings.block_ms
+        rows = replies.xreadgroup(
+            self.client, group, name, dict.fromkeys(streams, ">"), count=100, block=self.settings.block_ms
         )
-        for key, entries in rows or []:
-            if not self._offer(_s(key), entries):
+        for stream, entries in rows:
+            if not self._offer(_s(stream), entries):
                 self.stop_event.wait(self.settings.retry_s)
                 return
 
-    def _offer(self, key: str, entries: list[Any]) -> bool:
+    def _offer(self, key: str, entries: list[replies.Record]) -> bool:
         """Hand entries of ``key`` to the adapters in order; ack the confirmed ones; False on refusal."""
         for raw_id, fields in entries:
             entry_id = _s(raw_id)
@@ -344,12 +343,11 @@ class Bridge:
         key = keys.scores_key(camera, prefix)
         last_id = self._score_ids.get(camera)
         if last_id is None:  # first look: the last score only, counting starts now
-            rows = self.client.xrevrange(key, count=1)
+            rows = replies.xrevrange(self.client, key, count=1)
             last_id = _s(rows[0][0]) if rows else "0-0"
             scores = [ScoreMsg.from_bytes(rows[0][1][FIELD.encode()])] if rows else []
         else:
-            reply = self.client.xread({key: last_id}, count=1000)
-            rows = reply[0][1] if reply else []
+            rows = replies.xread_one(self.client, key, last_id, count=1000)
             last_id = _s(rows[-1][0]) if rows else last_id
             scores = [m for m in (_score(f) for _, f in rows) if m is not None]
             state["frames_scored"] += sum(s.status == "scored" for s in scores)
@@ -362,9 +360,9 @@ class Bridge:
             for adapter in self.adapters:
                 if adapter.wants_scores:
                     adapter.score(s)
-        alarm = self.client.hget(keys.alarm_state_key(camera, prefix), "active")
+        alarm = replies.hget(self.client, keys.alarm_state_key(camera, prefix), "active")
         state["alarm_active"] = alarm == b"1"
-        state["camera_up"] = _camera_up(self.client.hget(keys.cameras_key(prefix), camera))
+        state["camera_up"] = _camera_up(replies.hget(self.client, keys.cameras_key(prefix), camera))
         if state != self._state.get(camera):
             self._state[camera] = state
             stamped = {**state, "ts": time.time_ns()}

@@ -207,7 +207,7 @@ class MqttAdapter(Adapter):
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         try:  # never block the network thread: jobs start on the request thread
-            self._requests.put_nowait((message.topic, message.payload))
+            self._requests.put_nowait((message.topic, bytes(message.payload)))
         except queue.Full:
             log.warning("mqtt: too many job requests queued; %s dropped", message.topic)
             if self.bridge is not None:

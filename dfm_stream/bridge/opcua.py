@@ -28,7 +28,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from asyncua import Server, ua
 from asyncua.crypto.cert_gen import setup_self_signed_certificate
@@ -41,6 +41,9 @@ from dfm_stream.bridge.core import Adapter, Bridge
 from dfm_stream.errors import BridgeError
 from dfm_stream.inspection import Job, JobRequest
 from dfm_stream.wire import ResultMsg
+
+if TYPE_CHECKING:
+    from asyncua.server.internal_server import InternalServer
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +114,12 @@ class _Users(UserManager):
         self.anonymous = anonymous
 
     def get_user(
-        self, iserver: Any, username: str | None = None, password: str | None = None, certificate: Any = None
-    ):
+        self,
+        iserver: InternalServer,
+        username: str | None = None,
+        password: str | None = None,
+        certificate: Any = None,
+    ) -> User | None:
         if username is None:
             return User(role=UserRole.User) if self.anonymous else None
         if self.users.get(username) == password and password is not None:
@@ -192,7 +199,7 @@ class OpcuaAdapter(Adapter):
 
     async def _security(self, server: Server) -> None:
         policies = [ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt]
-        tokens = [ua.UserNameIdentityToken] if self.users else []
+        tokens: list[type] = [ua.UserNameIdentityToken] if self.users else []
         if self.settings.anonymous:
             policies.append(ua.SecurityPolicyType.NoSecurity)
             tokens.append(ua.AnonymousIdentityToken)
@@ -245,7 +252,7 @@ class OpcuaAdapter(Adapter):
                 [ua.VariantType.String],
                 [ua.VariantType.String] * 3 + [ua.VariantType.Double, ua.VariantType.String],
             )
-            self._events[camera] = await server.get_event_generator(event_type, obj)
+            self._events[camera] = await server.get_event_generator(event_type, obj.nodeid)
 
     def stop(self) -> None:
         """Say Halted, stop serving."""

@@ -7,11 +7,16 @@ import dataclasses
 import logging
 import socket
 import threading
+from typing import TYPE_CHECKING
 
 from dfm_stream.connect import add_redis_args, connect, settings_with_config
 from dfm_stream.errors import ConfigError
 from dfm_stream.metrics import add_metrics_args
 from dfm_stream.signals import stop_on_signals
+
+if TYPE_CHECKING:
+    from dfm_stream.bridge.core import Adapter
+    from dfm_stream.config import RedisConfig
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +81,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _with_config(args: argparse.Namespace) -> object | None:
+def _with_config(args: argparse.Namespace) -> RedisConfig | None:
     """Fill the options not given on the command line from ``[bridge]`` (or its defaults)."""
     from dfm_stream.config import BridgeConfig, load_config
 
@@ -90,8 +95,8 @@ def _with_config(args: argparse.Namespace) -> object | None:
     return config.redis if config is not None else None
 
 
-def _adapters(args: argparse.Namespace) -> list:
-    adapters = []
+def _adapters(args: argparse.Namespace) -> list[Adapter]:
+    adapters: list[Adapter] = []
     if args.mqtt:
         from dfm_stream.bridge.mqtt import MqttAdapter, MqttSettings
 
