@@ -27,7 +27,8 @@ from dfm_stream.errors import DfmStreamError
 from dfm_stream.redact import safe_url
 
 COMMAND_MODULES = (
-    "offline", "read", "work", "inspect", "model", "cameras", "demo", "bench", "soak", "console",
+    "offline", "read", "work", "inspect", "jobs", "bridge", "model", "cameras", "demo", "bench", "soak",
+    "console",
 )  # fmt: skip
 
 log = logging.getLogger("dfm_stream")

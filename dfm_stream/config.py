@@ -247,6 +247,32 @@ class AlarmsConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class BridgeConfig:
+    """``[bridge]``: what ``dfm-stream bridge`` delivers where (its command-line options win)."""
+
+    cameras: str = _f("", "comma-separated camera ids; empty = every camera in dfm:cameras")
+    group: str = _f("dfm-bridge", "consumer group of the bridges on dfm:alarms and the results")
+    name: str = _f("", "consumer name, stable across restarts; empty = bridge-<host>")
+    job_timeout_s: float = _f(10.0, "seconds a part job waits for frames before an error result")
+    mqtt: str = _f("", "MQTT broker URL, mqtt://HOST[:PORT] or mqtts://; empty = no MQTT")
+    mqtt_prefix: str = _f("dfm", "MQTT topic prefix")
+    mqtt_qos: int = _f(1, "QoS of events and results (0, 1, 2)")
+    mqtt_protocol: str = _f("5", "MQTT version: 5 or 3.1.1")
+    mqtt_username: str = _f("", "MQTT user name")
+    mqtt_password_file: str = _f("", "file holding the MQTT password")
+    mqtt_ca_file: str = _f("", "CA bundle for mqtts://")
+    modbus: str = _f("", "serve Modbus TCP on HOST:PORT; empty = no Modbus")
+    opcua: str = _f("", "serve OPC UA on this opc.tcp:// endpoint; empty = no OPC UA")
+    opcua_users: str = _f("", "file of user:password lines for OPC UA")
+    opcua_anonymous: bool = _f(False, "also allow anonymous, unencrypted OPC UA access")
+    opcua_pki: str = _f("opcua-pki", "where the OPC UA server certificate is created and kept")
+
+    def __post_init__(self) -> None:
+        _check(self.mqtt_qos in (0, 1, 2), f"mqtt_qos={self.mqtt_qos} must be 0, 1 or 2")
+        _check(self.job_timeout_s > 0, f"job_timeout_s={self.job_timeout_s} must be > 0")
+
+
+@dataclass(frozen=True, kw_only=True)
 class ConsoleConfig:
     """``[console]``: the operator console (``dfm-stream console``); its flags override these."""
 
@@ -269,6 +295,7 @@ class Config:
     cameras: tuple[CameraConfig, ...] = ()
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     alarms: AlarmsConfig = field(default_factory=AlarmsConfig)
+    bridge: BridgeConfig = field(default_factory=BridgeConfig)
     console: ConsoleConfig = field(default_factory=ConsoleConfig)
     path: Path | None = None
 
@@ -286,6 +313,7 @@ SECTIONS: dict[str, type] = {
     "reader": ReaderConfig,
     "worker": WorkerConfig,
     "alarms": AlarmsConfig,
+    "bridge": BridgeConfig,
     "console": ConsoleConfig,
 }
 
@@ -397,7 +425,7 @@ def config_from_dict(
         if key not in (*SECTIONS, "cameras"):
             raise ConfigError(
                 f"{origin}: unknown key {key!r} (known: [redis], [reader], [[cameras]], [worker], [alarms],"
-                " [console])"
+                " [bridge], [console])"
             )
     cams = data.get("cameras", [])
     if not isinstance(cams, list):

@@ -28,6 +28,7 @@ import redis
 from redis.cluster import RedisCluster
 from redis.connection import SSLConnection
 from redis.sentinel import Sentinel, SentinelManagedConnection
+from redis.utils import SENTINEL as _UNSET
 
 from dfm_stream.config import RedisConfig
 from dfm_stream.errors import RedisConnectError
@@ -269,10 +270,25 @@ class FailoverConnection(SentinelManagedConnection):
     so readers and workers back off and ask the sentinels again instead of logging an error.
     """
 
-    def read_response(self, *args: object, **kwargs: object) -> object:
-        """Read a reply; raise ``ConnectionError`` (and disconnect) on a ``NOREPLICAS`` answer."""
+    def read_response(
+        self,
+        disable_decoding: bool = False,
+        *,
+        timeout: float | object = _UNSET,
+        disconnect_on_error: bool | None = False,
+        push_request: bool | None = False,
+    ) -> object:
+        """Read a reply; raise ``ConnectionError`` (and disconnect) on a ``NOREPLICAS`` answer.
+
+        The signature and defaults are :class:`SentinelManagedConnection`'s, passed on unchanged.
+        """
         try:
-            return super().read_response(*args, **kwargs)
+            return super().read_response(
+                disable_decoding,
+                timeout=timeout,
+                disconnect_on_error=disconnect_on_error,
+                push_request=push_request,
+            )
         except redis.ResponseError as e:
             if not str(e).startswith("NOREPLICAS"):
                 raise

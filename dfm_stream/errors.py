@@ -73,6 +73,18 @@ class BackendError(DfmStreamError):
     """A backbone execution backend (onnxruntime, openvino, compile) is not installed or cannot run."""
 
 
+class InspectionError(DfmStreamError):
+    """A part inspection job could not run (``reason``: bad_request, unknown_camera, busy, ...)."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class BridgeError(DfmStreamError):
+    """The bridge cannot start an adapter (bad URL or endpoint, unreadable password file, port in use)."""
+
+
 class PortInUseError(DfmStreamError):
     """A port to listen on (``--metrics-port``) is taken by another process or cannot be bound."""
 

@@ -10,6 +10,8 @@ Layout (default prefix ``dfm``)::
     dfm:{cam1}:frames          stream   frames of camera cam1 (readers XADD, workers XREADGROUP)
     dfm:{cam1}:scores          stream   one score per frame (workers XADD)
     dfm:{cam1}:alarm           hash     alarm state machine of cam1 (survives worker restarts)
+    dfm:{cam1}:results         stream   part inspection results (one per job)
+    dfm:{cam1}:job             string   the job running on cam1 (busy lock, expires)
     dfm:{cam1}:seq             hash     last sequence number handed to the consumer group, per session
     dfm:{cam1}:candidates      stream   frames marked false alarm in the console (candidate good samples)
     dfm:alarms                 stream   alarm and health events of every camera (+ pub/sub channel)
@@ -66,6 +68,16 @@ def frames_key(camera: str, prefix: str = DEFAULT_PREFIX) -> str:
 def scores_key(camera: str, prefix: str = DEFAULT_PREFIX) -> str:
     """Return the score stream of ``camera``."""
     return _camera_key(camera, "scores", prefix)
+
+
+def results_key(camera: str, prefix: str = DEFAULT_PREFIX) -> str:
+    """Return the stream of part inspection results of ``camera`` (one entry per job)."""
+    return _camera_key(camera, "results", prefix)
+
+
+def job_lock_key(camera: str, prefix: str = DEFAULT_PREFIX) -> str:
+    """Return the expiring key naming the job that runs on ``camera`` (one job at a time)."""
+    return _camera_key(camera, "job", prefix)
 
 
 def alarm_state_key(camera: str, prefix: str = DEFAULT_PREFIX) -> str:

@@ -38,7 +38,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -264,7 +264,7 @@ class Publisher:
         if self.metrics:
             self.metrics.alarm_active.labels(camera).set(int(active))
 
-    def _run_script(self, keys_: list[str], args: list[object]) -> tuple[list, bool]:
+    def _run_script(self, keys_: list[str], args: Sequence[replies.ScriptArg]) -> tuple[list, bool]:
         """Run the publish script; with ``replicated``, WAIT for one replica in the same round trip."""
         if not self.replicated:
             return self._script(keys=keys_, args=args), True

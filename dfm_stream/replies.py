@@ -36,9 +36,11 @@ def xrange(
     return cast(list[Record], client.xrange(key, min=start, max=end, count=count) or [])
 
 
-def xrevrange(client: Client, key: str, count: int | None = None) -> list[Record]:
-    """``XREVRANGE key + - [COUNT count]``, newest first."""
-    return cast(list[Record], client.xrevrange(key, count=count) or [])
+def xrevrange(
+    client: Client, key: str, count: int | None = None, end: str | bytes = "+", start: str | bytes = "-"
+) -> list[Record]:
+    """``XREVRANGE key end start [COUNT count]``, newest first."""
+    return cast(list[Record], client.xrevrange(key, max=end, min=start, count=count) or [])
 
 
 def xread_one(client: Client, key: str, after: str, count: int, block: int | None = None) -> list[Record]:
@@ -51,6 +53,45 @@ def xread_any(client: Client, streams: Mapping[str, str], count: int, block: int
     """``XREAD COUNT count BLOCK ms STREAMS ...``: return True when some stream had a newer entry."""
     ids: dict[KeyT, StreamIdT] = {key: after for key, after in streams.items()}
     return bool(client.xread(ids, count=count, block=block))
+
+
+def xreadgroup(
+    client: Client,
+    group: str,
+    consumer: str,
+    streams: Mapping[str, str],
+    count: int,
+    block: int | None = None,
+) -> list[tuple[bytes, list[Record]]]:
+    """``XREADGROUP GROUP group consumer [COUNT count] [BLOCK ms] STREAMS ...``: per stream, its entries.
+
+    An entry of the consumer's own pending list that was deleted (trimmed) since reads with empty
+    fields.
+    """
+    ids: dict[KeyT, StreamIdT] = {key: after for key, after in streams.items()}
+    reply = client.xreadgroup(group, consumer, ids, count=count, block=block)
+    return cast(list[tuple[bytes, list[Record]]], reply or [])
+
+
+def xautoclaim(
+    client: Client,
+    key: str,
+    group: str,
+    consumer: str,
+    min_idle_ms: int,
+    start: str = "0-0",
+    count: int = 100,
+) -> list[Record]:
+    """``XAUTOCLAIM key group consumer min-idle start COUNT count``: the entries claimed.
+
+    An entry deleted while pending (nil before Redis 7) is left out; one read with no fields keeps
+    empty fields.
+    """
+    claimed = cast(
+        list[tuple[bytes | None, dict[bytes, bytes] | None]],
+        client.xautoclaim(key, group, consumer, min_idle_ms, start, count=count)[1],
+    )
+    return [(entry_id, fields or {}) for entry_id, fields in claimed if entry_id is not None]
 
 
 def xpending_range(

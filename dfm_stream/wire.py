@@ -414,6 +414,89 @@ class DeadLetterMsg:
         )
 
 
+RESULT_STATES = ("ok", "ng", "error")
+
+
+@dataclass(frozen=True)
+class ResultMsg:
+    """The result of one part inspection (job), as written to ``{prefix}:{camera}:results``.
+
+    ``state`` is ``ok``, ``ng`` (a frame of the window was anomalous) or ``error`` (then ``reason``
+    says why and the score fields are None). ``result_id`` equals ``job_id``: one job, one result.
+    """
+
+    result_id: str
+    job_id: str
+    camera: str
+    meas_id: str
+    part_id: str
+    state: str
+    trigger_ts: int
+    result_ts: int
+    reason: str | None = None
+    frames: int = 0
+    frame_id: str | None = None
+    score: float | None = None
+    threshold: float | None = None
+    model: str | None = None
+    image: bytes | None = None
+    image_overlay: bool = False
+    want_frames: int | None = None
+    window_ms: int | None = None
+    source: str = "api"
+
+    WHAT: ClassVar[str] = "result message"
+
+    @property
+    def latency_ms(self) -> float:
+        """Trigger to result, in ms."""
+        return max(0.0, (self.result_ts - self.trigger_ts) / 1e6)
+
+    def to_bytes(self) -> bytes:
+        """Encode as the msgpack map stored in the ``msg`` field (every key present, nil allowed)."""
+        body = {"v": SCHEMA_VERSION, **self.__dict__, "latency_ms": self.latency_ms}
+        return msgpack.packb(body, use_bin_type=True)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "ResultMsg":
+        """Decode and validate a result message."""
+        what = cls.WHAT
+        obj = _unpack_map(data, what)
+        num = (int, float)
+        state = _get(obj, "state", str, what)
+        if state not in RESULT_STATES:
+            raise WireError(f"{what}: 'state' must be one of {RESULT_STATES}, got {state!r}", "bad_message")
+        return cls(
+            result_id=_get(obj, "result_id", str, what),
+            job_id=_get(obj, "job_id", str, what),
+            camera=_get(obj, "camera", str, what),
+            meas_id=_get(obj, "meas_id", str, what),
+            part_id=_get(obj, "part_id", str, what),
+            state=state,
+            trigger_ts=_get(obj, "trigger_ts", int, what),
+            result_ts=_get(obj, "result_ts", int, what),
+            reason=_get(obj, "reason", str, what, None),
+            frames=_get(obj, "frames", int, what, 0),
+            frame_id=_get(obj, "frame_id", str, what, None),
+            score=_finite(_get(obj, "score", num, what, None), "score", what),
+            threshold=_finite(_get(obj, "threshold", num, what, None), "threshold", what),
+            model=_get(obj, "model", str, what, None),
+            image=_get(obj, "image", bytes, what, None),
+            image_overlay=_get(obj, "image_overlay", bool, what, False),
+            want_frames=_get(obj, "want_frames", int, what, None),
+            window_ms=_get(obj, "window_ms", int, what, None),
+            source=_get(obj, "source", str, what, "api"),
+        )
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """Return the result as a JSON-friendly dict: the image as ``image_bytes`` (its size)."""
+        out = {k: v for k, v in self.__dict__.items() if k != "image"}
+        out["v"] = SCHEMA_VERSION
+        out["latency_ms"] = round(self.latency_ms, 3)
+        out["image_bytes"] = len(self.image) if self.image is not None else 0
+        return out
+
+
 @dataclass(frozen=True)
 class AuditMsg:
     """One action of a console user, as written to ``{prefix}:audit`` (who, what, when, outcome)."""

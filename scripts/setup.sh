@@ -3,7 +3,8 @@
 # dependencies (re-installed only when pyproject.toml changes). With --test it also adds the test
 # dependencies and, where it can (root + apt-get), the system tools the tests use: redis-server,
 # ffmpeg (network camera streams), GStreamer's RTSP server (the RTSP camera test),
-# prometheus/promtool and chromium (the console's browser tests, driven by Playwright). Without them those tests skip locally;
+# prometheus/promtool, mosquitto (the MQTT bridge tests) and chromium (the console's browser tests,
+# driven by Playwright). Without them those tests skip locally;
 # under CI=true they fail instead, so CI never goes green by skipping.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -46,6 +47,9 @@ if [ "$want_test" = 1 ]; then
   /usr/bin/python3 -c 'import gi; gi.require_version("GstRtspServer", "1.0")' >/dev/null 2>&1 \
     || missing+=(python3-gi gir1.2-gst-rtsp-server-1.0)
   command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+  # the bridge's MQTT tests run Debian's broker and read it with mosquitto_sub
+  { command -v mosquitto || [ -x /usr/sbin/mosquitto ]; } >/dev/null 2>&1 || missing+=(mosquitto)
+  command -v mosquitto_sub >/dev/null 2>&1 || missing+=(mosquitto-clients)
   # Playwright drives Debian's chromium: its own browser download is not used
   command -v chromium >/dev/null 2>&1 || missing+=(chromium)
   if [ ${#missing[@]} -gt 0 ]; then

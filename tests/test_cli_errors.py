@@ -111,6 +111,14 @@ CASES = [
     Case("model-unassign-unreachable", ("model", "unassign", *NO_REDIS, "--camera", "c1"),
          ("cannot reach Redis",)),
     Case("model-pull-unknown", ("model", "pull", *R, "nosuch", "--out", "{tmp}/p.st"), ("nosuch",)),
+    # part inspections and the bridge
+    Case("inspect-frames-0", ("inspect", *NO_REDIS, "--camera", "c1", "--part", "p", "--frames", "0"),
+         ("bad_request", "frames")),
+    Case("inspect-redis-unreachable", ("inspect", *NO_REDIS, "--camera", "c1", "--part", "p"),
+         ("redis_error",)),
+    Case("results-redis-unreachable", ("results", *NO_REDIS, "--camera", "c1"), ("cannot reach Redis",)),
+    Case("bridge-modbus-without-cameras", ("bridge", *NO_REDIS, "--modbus", "127.0.0.1:0"),
+         ("--modbus", "--cameras")),
     # cameras
     Case("cameras-list-unreachable", ("cameras", "list", *NO_REDIS), ("cannot reach Redis",)),
     Case("cameras-remove-unknown", ("cameras", "remove", *R, "nosuch"), ("'nosuch'",)),

@@ -196,6 +196,8 @@ def _run_repeat(
         foreign = window.foreign_cores()
         for key, level in result.items():
             runs.add(f"latency{key}_p99_ms", level["p99_ms"] or 0.0, level, foreign=foreign)
+            if level["inspect_p99_ms"] is not None:  # trigger -> result of part jobs (#17)
+                runs.add(f"inspect{key}_p99_ms", level["inspect_p99_ms"], level, foreign=foreign)
             say(f"{tag} latency at {key}%: p50 {level['p50_ms']:.0f} ms, p99 {level['p99_ms']:.0f} ms")
     if "isolation" in chosen:
         _isolation(settings, stages, setup, runs, rep, say)

@@ -14,6 +14,8 @@ _ROWS: tuple[tuple[str, str, str], ...] = (
     ("transport", "transport only (no model)", "frames/s"),
     ("latency50_p99_ms", "p99 latency at 50 % load", "ms"),
     ("latency80_p99_ms", "p99 latency at 80 % load", "ms"),
+    ("inspect50_p99_ms", "p99 part job trigger -> result at 50 % load", "ms"),
+    ("inspect80_p99_ms", "p99 part job trigger -> result at 80 % load", "ms"),
     ("isolation_throughput_ratio", "honest throughput beside a hostile camera / alone", "x"),
     ("isolation_p99_ratio", "honest p99 latency beside a hostile camera / alone", "x"),
     ("isolation_probe_errors", "Redis errors (BUSY ...) seen by a probe beside a hostile camera", ""),

@@ -8,7 +8,8 @@
   :class:`~dfm_stream.publisher.Publisher`) with no model: what Redis, msgpack and JPEG decoding
   cost per frame.
 * ``latency``: frames paced in real time at a fraction of the measured capacity; percentiles of
-  the ``latency_ms`` the worker writes into every score (capture -> published).
+  the ``latency_ms`` the worker writes into every score (capture -> published), and of part
+  inspection jobs run meanwhile on the first camera (trigger -> result).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -339,6 +341,7 @@ def latency_run(
     """For each load (fraction of ``capacity``), pace frames in real time; return latency percentiles."""
     prefix = setup.prefix("latency", rep)
     out: dict[str, dict[str, Any]] = {}
+    job_ms: dict[float, list[float]] = {}
     try:
         with WorkerGroup(setup, prefix, f"latency{rep}") as group:
             warm = 2 * setup.batch_size * setup.workers
@@ -346,7 +349,9 @@ def latency_run(
             expected = wait_for_scores(setup, prefix, warm, 120 + 5 * warm / max(capacity, 0.1), group)
             for load in loads:
                 rate = load * capacity
-                sent = _paced_send(setup, prefix, rate, duration, session=f"load{load:g}")
+                with _InspectWhile(setup, prefix) as jobs:
+                    sent = _paced_send(setup, prefix, rate, duration, session=f"load{load:g}")
+                job_ms[load] = jobs.latencies_ms
                 expected += sent
                 wait_for_scores(setup, prefix, expected, 60 + 5 * sent / max(capacity, 0.1), group)
         scores = read_scores(setup.client, prefix, setup.cameras)
@@ -365,4 +370,49 @@ def latency_run(
             "p99_ms": percentile(lat, 99),
             "max_ms": max(lat) if lat else None,
         }
+        job_lat = job_ms.get(load, [])
+        interval_ms = 1000 * len(setup.cameras) / max(load * capacity, 1e-9)  # one camera's frame interval
+        p99 = out[f"{round(load * 100)}"]["p99_ms"]
+        out[f"{round(load * 100)}"].update(
+            inspect_jobs=len(job_lat),
+            inspect_p99_ms=percentile(job_lat, 99),
+            inspect_max_ms=max(job_lat) if job_lat else None,
+            inspect_budget_ms=interval_ms + p99 + 50 if p99 is not None else None,
+        )
     return out
+
+
+class _InspectWhile:
+    """Part inspection jobs on the first camera, one after the other, while the block runs.
+
+    ``latencies_ms``: trigger -> result of every job that ended ``ok``/``ng``; #17's bound is the
+    camera's frame interval + the pipeline's p99 + 50 ms.
+    """
+
+    def __init__(self, setup: StreamSetup, prefix: str) -> None:
+        from dfm_stream.inspection import Inspector
+
+        self.inspector = Inspector(setup.client, prefix)
+        self.camera = setup.cameras[0]
+        self.latencies_ms: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bench-inspect", daemon=True)
+
+    def _run(self) -> None:
+        from dfm_stream.inspection import JobRequest
+
+        while not self._stop.is_set():
+            result = self.inspector.inspect(
+                JobRequest(self.camera, part_id="bench", timeout_s=2, source="api")
+            )
+            if result.state != "error":
+                self.latencies_ms.append(result.latency_ms)
+            self._stop.wait(0.05)
+
+    def __enter__(self) -> _InspectWhile:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(30)

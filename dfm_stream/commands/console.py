@@ -111,10 +111,10 @@ def run_console(args: argparse.Namespace) -> int:
     port = sock.getsockname()[1]
     mode = f"users from {users_path}" if users.enabled else "read only: no users file"
     print(f"console: http://{host}:{port}/ ({mode}; Redis {settings.safe_url()})", flush=True)
-    config = uvicorn.Config(
+    server_config = uvicorn.Config(
         app, host=host, port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=3
     )
-    _Server(config, app.state.console.live.closing).run(sock)
+    _Server(server_config, app.state.console.live.closing).run(sock)
     return 0
 
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from dfm_stream import keys
+from dfm_stream import keys, replies
 from dfm_stream.console import queries
 from dfm_stream.console.store import reviews
 from dfm_stream.errors import WireError
@@ -113,10 +113,9 @@ class Live:
     def _poll_events(self) -> None:
         key = keys.alarms_key(self.prefix)
         if self._last_event_id == "$":
-            newest = self.client.xrevrange(key, count=1)
+            newest = replies.xrevrange(self.client, key, count=1)
             self._last_event_id = queries.text(newest[0][0]) if newest else "0-0"
-        reply = self.client.xread({key: self._last_event_id}, count=200)
-        for entry_id, fields in reply[0][1] if reply else []:
+        for entry_id, fields in replies.xread_one(self.client, key, self._last_event_id, count=200):
             self._last_event_id = queries.text(entry_id)
             try:
                 event = EventMsg.from_bytes(fields[FIELD.encode()])

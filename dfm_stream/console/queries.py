@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 import redis
 
-from dfm_stream import keys
+from dfm_stream import keys, replies
 from dfm_stream.errors import RegistryError, WireError
 from dfm_stream.registry import ModelRegistry
 from dfm_stream.wire import FIELD, DeadLetterMsg, EventMsg, FrameMsg, ScoreMsg
@@ -75,7 +75,7 @@ def streamed_cameras(client: RedisClient, prefix: str) -> set[str]:
 def recent_scores(client: RedisClient, prefix: str, camera: str, count: int) -> list[tuple[str, ScoreMsg]]:
     """Return up to ``count`` newest ``(entry id, score)`` of ``camera``, oldest first."""
     out = []
-    for entry_id, fields in reversed(client.xrevrange(keys.scores_key(camera, prefix), count=count)):
+    for entry_id, fields in reversed(replies.xrevrange(client, keys.scores_key(camera, prefix), count=count)):
         try:
             out.append((text(entry_id), ScoreMsg.from_bytes(fields[_F])))
         except (KeyError, WireError):
@@ -85,7 +85,7 @@ def recent_scores(client: RedisClient, prefix: str, camera: str, count: int) -> 
 
 def scores_after(client: RedisClient, prefix: str, camera: str, after: str, count: int = 2000) -> list[dict]:
     """Return ``camera``'s scores after entry id ``after`` as ``{id, t, score, threshold, anomalous}``."""
-    rows = client.xrange(keys.scores_key(camera, prefix), min=f"({after}", count=count)
+    rows = replies.xrange(client, keys.scores_key(camera, prefix), f"({after}", count=count)
     out = []
     for entry_id, fields in rows:
         try:
@@ -144,7 +144,7 @@ def scores_since(
     if not after:
         return recent_scores(client, prefix, camera, count)
     out = []
-    for entry_id, fields in client.xrange(keys.scores_key(camera, prefix), min=f"({after}", count=count):
+    for entry_id, fields in replies.xrange(client, keys.scores_key(camera, prefix), f"({after}", count=count):
         try:
             out.append((text(entry_id), ScoreMsg.from_bytes(fields[_F])))
         except (KeyError, WireError):
@@ -191,7 +191,7 @@ def camera_state(
 
 def latest_frame_jpeg(client: RedisClient, prefix: str, camera: str) -> bytes | None:
     """Return the newest frame of ``camera`` as JPEG bytes (raw frames are encoded), or None."""
-    rows = client.xrevrange(keys.frames_key(camera, prefix), count=1)
+    rows = replies.xrevrange(client, keys.frames_key(camera, prefix), count=1)
     if not rows:
         return None
     return frame_jpeg(rows[0][1])
@@ -215,7 +215,7 @@ def frame_jpeg(fields: dict[bytes, bytes]) -> bytes | None:
 def event_at(client: RedisClient, prefix: str, entry_id: str) -> EventMsg | None:
     """Return the event stored at ``entry_id`` in ``{prefix}:alarms``, or None."""
     try:
-        rows = client.xrange(keys.alarms_key(prefix), min=entry_id, max=entry_id, count=1)
+        rows = replies.xrange(client, keys.alarms_key(prefix), entry_id, entry_id, count=1)
     except redis.ResponseError:  # not a valid stream id
         return None
     try:
@@ -238,7 +238,7 @@ def alarm_events(
     top = str(until_ms) if until_ms is not None else "+"
     bottom = str(since_ms) if since_ms is not None else "-"
     out = []
-    for entry_id, fields in client.xrevrange(keys.alarms_key(prefix), max=top, min=bottom, count=scan):
+    for entry_id, fields in replies.xrevrange(client, keys.alarms_key(prefix), scan, end=top, start=bottom):
         try:
             event = EventMsg.from_bytes(fields[_F])
         except (KeyError, WireError):
@@ -289,7 +289,7 @@ def stream_lag(client: RedisClient, prefix: str, camera: str) -> dict[str, Any]:
 def dead_letters(client: RedisClient, prefix: str, count: int = 50) -> list[dict[str, Any]]:
     """Return the newest dead letters (without their payload), newest first."""
     out = []
-    for entry_id, fields in client.xrevrange(keys.deadletter_key(prefix), count=count):
+    for entry_id, fields in replies.xrevrange(client, keys.deadletter_key(prefix), count=count):
         try:
             msg = DeadLetterMsg.from_bytes(fields[_F])
         except (KeyError, WireError):

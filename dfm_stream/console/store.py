@@ -15,7 +15,7 @@ import json
 import time
 from typing import TYPE_CHECKING, Any
 
-from dfm_stream import keys
+from dfm_stream import keys, replies
 from dfm_stream.alarms import publish_event
 from dfm_stream.console.queries import event_at, frame_jpeg
 from dfm_stream.errors import ConsoleError
@@ -113,7 +113,7 @@ def keep_candidate(client: RedisClient, prefix: str, event: EventMsg, user: str)
     10 s); later, the raised event's picture is kept instead.
     """
     camera, entry_id = split_frame_id(event.frame_id or "")
-    rows = client.xrange(keys.frames_key(camera, prefix), min=entry_id, max=entry_id, count=1)
+    rows = replies.xrange(client, keys.frames_key(camera, prefix), entry_id, entry_id, count=1)
     image = frame_jpeg(rows[0][1]) if rows else None
     source = "frame"
     if image is None:
