@@ -14,7 +14,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -146,17 +146,34 @@ def run_alarms(args: argparse.Namespace) -> int:
 
 def run_scores(args: argparse.Namespace) -> int:
     """Print one camera's score stream."""
+    return print_camera_stream(
+        args, keys.scores_key, lambda data: ScoreMsg.from_bytes(data).__dict__, must_be_known=True
+    )
+
+
+def print_camera_stream(
+    args: argparse.Namespace,
+    key_of: Callable[[str, str], str],
+    as_dict: Callable[[bytes], dict[str, Any]],
+    must_be_known: bool = False,
+) -> int:
+    """Print ``args.camera``'s stream ``key_of(camera, prefix)`` as JSON lines, one per entry.
+
+    ``as_dict`` decodes an entry's ``msg``; an entry it refuses is printed as ``{"id", "error"}``.
+    With ``must_be_known``, a camera Redis has never heard of is an error naming those it has.
+    """
     settings = RedisSettings.from_args(args)
     try:
-        key = keys.scores_key(args.camera, settings.prefix)
+        key = key_of(args.camera, settings.prefix)
     except ValueError as e:
         raise ConfigError(str(e)) from e
     client = connect(settings)
     try:
-        _check_camera_known(client, args.camera, settings)
+        if must_be_known:
+            _check_camera_known(client, args.camera, settings)
         for entry_id, fields in _entries(client, key, args):
             try:
-                line = {"id": entry_id, **ScoreMsg.from_bytes(fields.get(FIELD.encode(), b"")).__dict__}
+                line = {"id": entry_id, **as_dict(fields.get(FIELD.encode(), b""))}
             except WireError as e:
                 line = {"id": entry_id, "error": str(e)}
             _print(line)

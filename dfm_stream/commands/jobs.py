@@ -14,11 +14,10 @@ import sys
 from pathlib import Path
 
 from dfm_stream import keys
-from dfm_stream.commands.inspect import _common, _entries
+from dfm_stream.commands.inspect import _common, print_camera_stream
 from dfm_stream.connect import RedisSettings, add_redis_args, connect
-from dfm_stream.errors import ConfigError, WireError
 from dfm_stream.inspection import DEFAULT_TIMEOUT_S, Inspector, JobRequest
-from dfm_stream.wire import FIELD, ResultMsg
+from dfm_stream.wire import ResultMsg
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -84,25 +83,4 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 def run_results(args: argparse.Namespace) -> int:
     """Print one camera's results stream."""
-    settings = RedisSettings.from_args(args)
-    try:
-        key = keys.results_key(args.camera, settings.prefix)
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
-    client = connect(settings)
-    try:
-        for entry_id, fields in _entries(client, key, args):
-            try:
-                line = {
-                    "id": entry_id,
-                    **ResultMsg.from_bytes(fields.get(FIELD.encode(), b"")).to_json_dict(),
-                }
-            except WireError as e:
-                line = {"id": entry_id, "error": str(e)}
-            sys.stdout.write(json.dumps(line, sort_keys=True) + "\n")
-            sys.stdout.flush()
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        client.close()
-    return 0
+    return print_camera_stream(args, keys.results_key, lambda data: ResultMsg.from_bytes(data).to_json_dict())
