@@ -86,6 +86,14 @@ def port(text: str) -> int:
     return value
 
 
+def listen_port(text: str) -> int:
+    """Parse a TCP port a server must listen on, 0..65535 (0: a free one; no "off")."""
+    value = _number(int, text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port 0..65535 (0: a free one), got {text}")
+    return value
+
+
 def stream_id(text: str) -> str:
     """Parse a stream entry id as printed in the ``id`` of each line (``1700000000000-0``)."""
     if not _STREAM_ID.fullmatch(text.strip()):

@@ -19,20 +19,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from dfm_stream.commands.argtypes import int_at_least
+from dfm_stream.commands.argtypes import listen_port
 from dfm_stream.config import ConsoleConfig, load_config
 from dfm_stream.connect import add_redis_args, connect, settings_with_config
 from dfm_stream.errors import ConsoleError, PortInUseError
 
 log = logging.getLogger(__name__)
-
-
-def tcp_port(text: str) -> int:
-    """Parse a TCP port to listen on, 0..65535 (0: a free one)."""
-    value = int_at_least(0)(text)
-    if value > 65535:
-        raise argparse.ArgumentTypeError(f"must be a port 0..65535 (0: a free one), got {text}")
-    return value
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -54,7 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``console`` (and its ``add-user`` action) to ``subparsers``."""
     p = subparsers.add_parser("console", help="serve the operator console (web pages over Redis)")
     p.add_argument("--host", help="listen address (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=tcp_port, help="TCP port (default 8080; 0: a free one)")
+    p.add_argument("--port", type=listen_port, help="TCP port (default 8080; 0: a free one)")
     p.add_argument("--users", help="users file (console add-user); without one the console is read only")
     p.add_argument("--secret-file", help="cookie signing key file (else env DFM_CONSOLE_SECRET, else random)")
     p.add_argument("--secure-cookies", action="store_true", help="send the session cookie over HTTPS only")
