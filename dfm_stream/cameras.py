@@ -15,7 +15,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from dfm_stream import keys, liveness
+from dfm_stream import keys, liveness, replies
 from dfm_stream.consumer import LAG_COUNT_CAP, LAG_SCRIPT
 from dfm_stream.errors import DfmStreamError
 
@@ -53,7 +53,8 @@ class CameraStatus:
 
 
 def _text(value: bytes | str) -> str:
-    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+    """Return a reply value as str; bytes that are not UTF-8 (names written by others) still list."""
+    return replies.text(value, errors="replace")
 
 
 def heartbeats(client: Any, prefix: str = keys.DEFAULT_PREFIX) -> dict[str, float]:

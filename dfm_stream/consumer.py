@@ -46,6 +46,7 @@ import redis
 from dfm_stream import keys, liveness, replies
 from dfm_stream.connect import RedisClient
 from dfm_stream.read_script import READ_SCRIPT
+from dfm_stream.replies import text as _s
 from dfm_stream.wire import FIELD, frame_bytes_cap
 
 log = logging.getLogger(__name__)
@@ -91,10 +92,6 @@ end
 return {#redis.call('XRANGE', KEYS[1], '(' .. last, '+', 'COUNT', tonumber(ARGV[2])), pending}
 """
 """KEYS: frames stream. ARGV: group, cap. Returns {lag (-1: no stream or group), pending}."""
-
-
-def _s(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def consumer_name() -> str:

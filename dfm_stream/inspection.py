@@ -32,6 +32,7 @@ from dfm_stream import keys, replies
 from dfm_stream.alarms import overlay_jpeg
 from dfm_stream.connect import RedisClient
 from dfm_stream.errors import InspectionError, WireError
+from dfm_stream.replies import text as _s
 from dfm_stream.wire import FIELD, EventMsg, FrameMsg, ResultMsg, ScoreMsg
 
 log = logging.getLogger(__name__)
@@ -292,10 +293,6 @@ class Inspector:
 
 
 _RELEASE_LUA = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
-
-
-def _s(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _score(fields: dict[bytes, bytes]) -> ScoreMsg | None:

@@ -52,6 +52,7 @@ from dfm_stream.consumer import StreamEntry
 from dfm_stream.errors import WireError
 from dfm_stream.inference import DecodedFrame
 from dfm_stream.metrics import WorkerMetrics
+from dfm_stream.replies import text as _s
 from dfm_stream.wire import EventMsg, EventType, FrameMsg, ScoreMsg, ScoreStatus, make_frame_id
 
 log = logging.getLogger(__name__)
@@ -378,10 +379,6 @@ class Publisher:
         m.e2e_latency_seconds.labels(msg.camera).observe(msg.latency_ms / 1000.0)
         if msg.score is not None and msg.threshold:
             m.score_ratio.labels(msg.camera).observe(msg.score / msg.threshold)
-
-
-def _s(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class PublisherThread:

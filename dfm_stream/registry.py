@@ -34,6 +34,7 @@ import redis
 
 from dfm_stream import keys, replies
 from dfm_stream.errors import ArtifactError, RegistryError
+from dfm_stream.replies import text as _text
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -127,10 +128,6 @@ class PushResult(NamedTuple):
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def _identical_versions(stored: dict[Any, Any], sha256: str, where: str) -> list[VersionInfo]:

@@ -14,6 +14,12 @@ from redis.typing import KeyT, StreamIdT
 
 from dfm_stream.connect import RedisClient as Client
 
+
+def text(value: bytes | str, errors: str = "strict") -> str:
+    """Return a reply value (an id, a field, a hash value) as ``str``: bytes are UTF-8 decoded."""
+    return value.decode(errors=errors) if isinstance(value, bytes) else str(value)
+
+
 Record = tuple[bytes, dict[bytes, bytes]]
 """One stream entry: its id and its fields."""
 ScriptArg = bytes | str | int | float

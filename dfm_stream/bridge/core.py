@@ -29,6 +29,7 @@ from dfm_stream import keys, replies
 from dfm_stream.connect import RedisClient
 from dfm_stream.inspection import Inspector, Job, JobRequest, result_error_code
 from dfm_stream.metrics import LATENCY_BUCKETS
+from dfm_stream.replies import text as _s
 from dfm_stream.wire import FIELD, EventMsg, ResultMsg, ScoreMsg, WireError
 
 log = logging.getLogger(__name__)
@@ -404,7 +405,3 @@ def _score(fields: dict[bytes, bytes]) -> ScoreMsg | None:
 def _age_s(entry_id: str) -> float:
     ms = int(entry_id.split("-", 1)[0])
     return max(0.0, time.time() - ms / 1000)
-
-
-def _s(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

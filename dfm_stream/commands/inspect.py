@@ -22,6 +22,7 @@ from dfm_stream import keys, replies
 from dfm_stream.commands.argtypes import positive_int, stream_id
 from dfm_stream.connect import RedisClient, RedisSettings, add_redis_args, connect
 from dfm_stream.errors import ConfigError, WireError
+from dfm_stream.replies import text as _s
 from dfm_stream.wire import FIELD, EventMsg, ScoreMsg
 
 FOLLOW_BLOCK_MS = 1000
@@ -51,10 +52,6 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="at most N entries (no --since: the last N; with --follow: the last N, then new ones)",
     )
     add_redis_args(p)
-
-
-def _s(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _entries(

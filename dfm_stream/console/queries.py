@@ -19,6 +19,7 @@ import redis
 from dfm_stream import keys, replies
 from dfm_stream.errors import RegistryError, WireError
 from dfm_stream.registry import ModelRegistry
+from dfm_stream.replies import text
 from dfm_stream.wire import FIELD, DeadLetterMsg, EventMsg, FrameMsg, ScoreMsg
 
 if TYPE_CHECKING:
@@ -33,11 +34,6 @@ STATS_WINDOW_S = 10.0
 UP_WITHIN_S = 10.0
 """A camera counts as up while its newest frame is at most this old."""
 _F = FIELD.encode()
-
-
-def text(value: bytes | str) -> str:
-    """Return a Redis reply value as str."""
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def entry_ms(entry_id: str) -> int:

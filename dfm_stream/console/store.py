@@ -19,6 +19,7 @@ from dfm_stream import keys, replies
 from dfm_stream.alarms import publish_event
 from dfm_stream.console.queries import event_at, frame_jpeg
 from dfm_stream.errors import ConsoleError
+from dfm_stream.replies import text as _s
 from dfm_stream.wire import FIELD, REVIEW_TYPES, AuditMsg, CandidateMsg, EventMsg, split_frame_id
 
 if TYPE_CHECKING:
@@ -27,10 +28,6 @@ if TYPE_CHECKING:
 AUDIT_MAXLEN = 100_000
 CANDIDATES_MAXLEN = 1_000
 MAX_COMMENT = 500
-
-
-def _s(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def audit(
