@@ -3,7 +3,7 @@
 The state lives in the camera's hash ``{prefix}:{camera}:alarm`` and is stepped inside the same Lua
 script that acknowledges a frame and publishes its score (see :mod:`dfm_stream.publisher`), so it
 survives worker restarts, follows a camera that moves to another worker, and stays consistent with
-several workers scoring one camera. Rules (:class:`AlarmSettings`):
+several workers scoring one camera. Rules (:class:`AlarmsConfig`):
 
 * **raise** on an anomalous frame when at least ``k`` of the last ``n`` scored frames are anomalous
   and the alarm is not active, unless a clear happened less than ``cooldown_s`` ago;
@@ -23,7 +23,6 @@ between loses that one event, never the state.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -37,26 +36,6 @@ log = logging.getLogger(__name__)
 EVENTS_MAXLEN = 10_000
 MAX_IMAGE_BYTES = 64 * 1024
 _MAX_SIDE = 512
-
-
-@dataclass(frozen=True)
-class AlarmSettings:
-    """Alarm rules: raise when ``k`` of the last ``n`` frames are anomalous; clear after ``clear_after``."""
-
-    k: int = 1
-    n: int = 1
-    clear_after: int = 5
-    cooldown_s: float = 0.0
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.k <= self.n:
-            raise ValueError(f"alarm rule needs 1 <= k <= n, got k={self.k} n={self.n}")
-        if self.clear_after < 1 or self.cooldown_s < 0:
-            raise ValueError(f"alarm clear_after must be >= 1 and cooldown >= 0 (got {self})")
-
-    def script_args(self) -> list[int]:
-        """Return ``[k, n, clear_after, cooldown_ms]`` as passed to the publish script."""
-        return [self.k, self.n, self.clear_after, round(self.cooldown_s * 1000)]
 
 
 ALARM_LUA = """

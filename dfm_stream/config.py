@@ -51,9 +51,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dfm_stream.batcher import DEFAULT_BATCH_SIZE, DEFAULT_MAX_WAIT_MS
 from dfm_stream.errors import ConfigError
-from dfm_stream.keys import DEFAULT_GROUP, DEFAULT_PREFIX, check_name
+from dfm_stream.keys import DEFAULT_GROUP, DEFAULT_PREFIX, DEFAULT_SCORES_MAXLEN, check_name
+from dfm_stream.liveness import DEFAULT_MAX_CAMERAS
 from dfm_stream.redact import safe_url
+from dfm_stream.wire import DEFAULT_MAX_PIXELS
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 ENV_PREFIX = "DFM__"
@@ -61,8 +64,14 @@ _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off", "")
 
 
-def _f(default: Any, help: str, kind: str = "") -> Any:
-    return field(default=default, metadata={"help": help, "kind": kind})
+def _f(default: Any, help: str, kind: str = "", *, flag: str = "", choices: tuple[str, ...] = ()) -> Any:
+    """Define a setting once: its default, description, value kind, command-line flag and choices.
+
+    ``flag`` is the option of the commands that expose the setting when it is not ``--`` + the key
+    with ``-`` for ``_`` (:mod:`dfm_stream.commands.config_flags` builds the options from these).
+    """
+    meta = {"help": help, "kind": kind, "flag": flag, "choices": choices}
+    return field(default=default, metadata=meta)
 
 
 def parse_size(value: Any) -> tuple[int, int] | None:
@@ -109,18 +118,26 @@ class RedisConfig:
 
     url: str = _f(
         DEFAULT_REDIS_URL,
-        "Redis URL: redis://, rediss:// (TLS), unix:// or redis+sentinel://h1:26379,h2:26379/SERVICE/db,"
-        " with user:password",
+        "Redis URL: redis://[user:pass@]host:port/db, rediss:// (TLS), unix:///path.sock or"
+        " redis+sentinel://[user:pass@]host1:26379,host2:26379/SERVICE/db (rediss+sentinel:// with TLS);"
+        " env DFM_REDIS_URL. DFM_REDIS_USERNAME/DFM_REDIS_PASSWORD override the URL's",
+        flag="--redis",
     )
-    cluster: bool = _f(False, "treat url as one seed node of a Redis Cluster")
-    prefix: str = _f(DEFAULT_PREFIX, "prefix of every Redis key")
-    durability: str = _f("local", "local, or replicated: writes count once a replica confirmed them (WAIT 1)")
+    cluster: bool = _f(False, "treat the URL as one seed node of a Redis Cluster (env DFM_REDIS_CLUSTER=1)")
+    prefix: str = _f(DEFAULT_PREFIX, "prefix of every Redis key (env DFM_PREFIX)")
+    durability: str = _f(
+        "local",
+        "local: a write counts once the primary has it; replicated: once a replica confirmed it (WAIT 1),"
+        " so a Sentinel failover loses no accepted frame or score (env DFM_DURABILITY)",
+        choices=("local", "replicated"),
+    )
 
     def __post_init__(self) -> None:
         _check(
             self.durability in ("local", "replicated"),
             f"durability={self.durability!r} must be 'local' or 'replicated'",
         )
+        _check(bool(self.url.strip()), "url must not be empty")
 
     def __repr__(self) -> str:
         return f"RedisConfig(url={safe_url(self.url)!r}, cluster={self.cluster}, prefix={self.prefix!r})"
@@ -133,7 +150,7 @@ class ReaderConfig:
     fps: float = _f(0.0, "frame-rate cap (frames beyond it are decimated); 0 = the source's own rate")
     size: tuple[int, int] | None = _f(None, "resize published frames to WxH; empty = keep", "size")
     jpeg_quality: int = _f(90, "JPEG quality 1-100 (encoding = jpeg)")
-    encoding: str = _f("jpeg", "frame encoding: jpeg or raw (uncompressed BGR)")
+    encoding: str = _f("jpeg", "frame encoding: jpeg or raw (uncompressed BGR)", choices=("jpeg", "raw"))
     maxlen: int = _f(0, "approximate MAXLEN of the frame stream; 0 = about 10 s of frames, >= 50")
     backoff_initial: float = _f(0.5, "first reconnect delay in seconds (doubles per failure, with jitter)")
     backoff_max: float = _f(30.0, "longest reconnect delay in seconds")
@@ -197,19 +214,48 @@ class WorkerConfig:
     """``[worker]``: how workers consume frames."""
 
     group: str = _f(DEFAULT_GROUP, "consumer group shared by the workers of one deployment")
-    batch_size: int = _f(8, "largest model batch")
-    max_wait_ms: float = _f(20.0, "longest wait after a batch's first frame before running it")
+    batch_size: int = _f(DEFAULT_BATCH_SIZE, "largest model batch")
+    max_wait_ms: float = _f(DEFAULT_MAX_WAIT_MS, "longest wait after a batch's first frame before running it")
     device: str = _f("auto", "auto (CUDA if available), cpu, cuda, cuda:N")
-    precision: str = _f("auto", "backbone precision: auto (fp32 on CPU, bf16/fp16 on CUDA), fp32, fp16, bf16")
-    backend: str = _f("auto", "backbone runtime: auto (the fastest installed) or a name, see work --help")
+    precision: str = _f(
+        "auto",
+        "backbone precision: auto (fp32 on the CPU, bf16/fp16 on CUDA), fp32, fp16, bf16",
+        choices=WORKER_PRECISIONS,
+    )
+    backend: str = _f(
+        "auto",
+        "backbone runtime: auto (the fastest installed: ONNX Runtime > OpenVINO > fused on the CPU;"
+        " channels_last on CUDA) or one by name; all keep scores within 1e-3 of fp32 eager",
+        choices=WORKER_BACKENDS,
+    )
     threads: int = _f(0, "CPU threads of the model; 0 = automatic, at most the cgroup CPU quota")
-    claim_idle_s: float = _f(30.0, "reclaim frames pending this long at a dead or stuck consumer (XCLAIM)")
+    claim_idle_s: float = _f(
+        30.0, "reclaim frames pending this long at a dead or stuck consumer (XCLAIM), s", flag="--claim-idle"
+    )
     max_deliveries: int = _f(3, "deliveries after which a frame goes to the dead-letter stream")
-    max_age_s: float = _f(0.0, "skip frames older than this at dequeue; 0 = never skip")
+    max_age_s: float = _f(0.0, "skip frames older than this at dequeue, s; 0 = never skip", flag="--max-age")
     model: str = _f("", "default model for cameras without one: NAME[@VERSION] or an artifact path")
-    max_cameras: int = _f(256, "most cameras a worker follows by discovery (readers with a live heartbeat)")
+    max_cameras: int = _f(
+        DEFAULT_MAX_CAMERAS,
+        "most cameras followed by discovery (readers with a live heartbeat; no --cameras or config cameras);"
+        " the rest are refused",
+    )
+    scores_maxlen: int = _f(DEFAULT_SCORES_MAXLEN, "approximate MAXLEN of each camera's score stream, >= 100")
+    max_pixels: int = _f(DEFAULT_MAX_PIXELS, "largest frame accepted, in pixels (w*h)")
+    max_frame_bytes: int = _f(
+        0, "larger frame messages are dead-lettered as oversized; 0 = 3 * max_pixels + 1 MiB"
+    )
 
     def __post_init__(self) -> None:
+        _check(
+            self.scores_maxlen >= 100,
+            f"scores_maxlen={self.scores_maxlen} must be >= 100 (the score"
+            " stream would throw scores away before anyone reads them)",
+        )
+        _check(self.max_pixels >= 1, f"max_pixels={self.max_pixels} must be >= 1")
+        _check(
+            self.max_frame_bytes >= 0, f"max_frame_bytes={self.max_frame_bytes} must be >= 0 (0 = automatic)"
+        )
         _check(self.batch_size >= 1, f"batch_size={self.batch_size} must be >= 1")
         _check(self.max_wait_ms >= 0, f"max_wait_ms={self.max_wait_ms} must be >= 0")
         _check(self.claim_idle_s > 0, f"claim_idle_s={self.claim_idle_s} must be > 0")
@@ -235,15 +281,19 @@ class WorkerConfig:
 class AlarmsConfig:
     """``[alarms]``: the per-camera alarm state machine."""
 
-    k: int = _f(1, "raise when at least k of the last n scored frames are anomalous")
-    n: int = _f(1, "window of the k-of-n rule")
-    clear_after: int = _f(5, "clear after this many consecutive normal frames")
-    cooldown_s: float = _f(0.0, "after a clear, no new raise for this many seconds")
+    k: int = _f(1, "raise when at least k of the last n scored frames are anomalous", flag="--alarm-k")
+    n: int = _f(1, "window of the k-of-n rule", flag="--alarm-n")
+    clear_after: int = _f(5, "clear after this many consecutive normal frames", flag="--alarm-clear-after")
+    cooldown_s: float = _f(0.0, "after a clear, no new raise for this many seconds", flag="--alarm-cooldown")
 
     def __post_init__(self) -> None:
         _check(1 <= self.k <= self.n, f"k={self.k}, n={self.n}: need 1 <= k <= n")
         _check(self.clear_after >= 1, f"clear_after={self.clear_after} must be >= 1")
         _check(self.cooldown_s >= 0, f"cooldown_s={self.cooldown_s} must be >= 0")
+
+    def script_args(self) -> list[int]:
+        """Return ``[k, n, clear_after, cooldown_ms]`` as passed to the publish script."""
+        return [self.k, self.n, self.clear_after, round(self.cooldown_s * 1000)]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -252,24 +302,41 @@ class BridgeConfig:
 
     cameras: str = _f("", "comma-separated camera ids; empty = every camera in dfm:cameras")
     group: str = _f("dfm-bridge", "consumer group of the bridges on dfm:alarms and the results")
-    name: str = _f("", "consumer name, stable across restarts; empty = bridge-<host>")
-    job_timeout_s: float = _f(10.0, "seconds a part job waits for frames before an error result")
-    mqtt: str = _f("", "MQTT broker URL, mqtt://HOST[:PORT] or mqtts://; empty = no MQTT")
+    name: str = _f(
+        "", "consumer name, stable across restarts, one per bridge of a pair; empty = bridge-<host>"
+    )
+    job_timeout_s: float = _f(
+        10.0, "seconds a part job waits for frames before an error result", flag="--job-timeout"
+    )
+    mqtt: str = _f("", "MQTT broker URL, mqtt://[USER@]HOST[:PORT] or mqtts:// (TLS); empty = no MQTT")
     mqtt_prefix: str = _f("dfm", "MQTT topic prefix")
     mqtt_qos: int = _f(1, "QoS of events and results (0, 1, 2)")
-    mqtt_protocol: str = _f("5", "MQTT version: 5 or 3.1.1")
-    mqtt_username: str = _f("", "MQTT user name")
+    mqtt_protocol: str = _f("5", "MQTT version: 5 or 3.1.1", choices=("3.1.1", "5"))
+    mqtt_client_id: str = _f("", "MQTT client id; empty = dfm-<consumer name>")
+    mqtt_username: str = _f("", "MQTT user name (or in the URL)")
     mqtt_password_file: str = _f("", "file holding the MQTT password")
     mqtt_ca_file: str = _f("", "CA bundle for mqtts://")
-    modbus: str = _f("", "serve Modbus TCP on HOST:PORT; empty = no Modbus")
-    opcua: str = _f("", "serve OPC UA on this opc.tcp:// endpoint; empty = no OPC UA")
-    opcua_users: str = _f("", "file of user:password lines for OPC UA")
+    mqtt_cert_file: str = _f("", "client certificate for mqtts://")
+    mqtt_key_file: str = _f("", "client key for mqtts://")
+    mqtt_scores: bool = _f(False, "also publish per-frame scores")
+    mqtt_scores_rate: float = _f(1.0, "per-frame scores per second and camera (with mqtt_scores)")
+    modbus: str = _f("", "serve Modbus TCP on HOST:PORT (e.g. 0.0.0.0:502); registers: docs/modbus.md")
+    modbus_cameras: str = _f("", "cameras of the Modbus register blocks, in order; empty = cameras")
+    opcua: str = _f("", "serve OPC UA on this endpoint, e.g. opc.tcp://0.0.0.0:4840/dfm/; empty = no OPC UA")
+    opcua_cameras: str = _f("", "cameras in the OPC UA address space; empty = cameras")
+    opcua_users: str = _f("", "file of user:password lines for OPC UA (Basic256Sha256 Sign&Encrypt)")
     opcua_anonymous: bool = _f(False, "also allow anonymous, unencrypted OPC UA access")
-    opcua_pki: str = _f("opcua-pki", "where the OPC UA server certificate is created and kept")
+    opcua_cert: str = _f("", "OPC UA server certificate (DER); empty = created in opcua_pki")
+    opcua_key: str = _f("", "private key (PEM) of opcua_cert")
+    opcua_pki: str = _f("opcua-pki", "where the created OPC UA server certificate is kept")
 
     def __post_init__(self) -> None:
         _check(self.mqtt_qos in (0, 1, 2), f"mqtt_qos={self.mqtt_qos} must be 0, 1 or 2")
         _check(self.job_timeout_s > 0, f"job_timeout_s={self.job_timeout_s} must be > 0")
+        _check(self.mqtt_scores_rate > 0, f"mqtt_scores_rate={self.mqtt_scores_rate} must be > 0")
+        _check(
+            self.mqtt_protocol in ("3.1.1", "5"), f"mqtt_protocol={self.mqtt_protocol!r} must be 5 or 3.1.1"
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -277,9 +344,10 @@ class ConsoleConfig:
     """``[console]``: the operator console (``dfm-stream console``); its flags override these."""
 
     host: str = _f("127.0.0.1", "address the console listens on (keep 127.0.0.1 unless behind a proxy)")
-    port: int = _f(8080, "TCP port of the console")
+    port: int = _f(8080, "TCP port of the console (0: a free one)")
     users: str = _f("", "users file written by `dfm-stream console add-user`; empty = read-only console")
     secret_file: str = _f("", "file holding the cookie signing key; empty = env DFM_CONSOLE_SECRET or random")
+    secure_cookies: bool = _f(False, "send the session cookie over HTTPS only (behind a TLS proxy)")
 
     def __post_init__(self) -> None:
         _check(0 <= self.port <= 65535, f"port={self.port} must be within 0..65535")
@@ -328,9 +396,14 @@ def field_help(cls: type) -> dict[str, str]:
     return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
 
 
+def field_kind(f: dataclasses.Field) -> str:
+    """Return a field's value kind: ``bool``, ``int``, ``float``, ``str``, ``size`` or ``roi``."""
+    return str(f.metadata.get("kind") or f.default.__class__.__name__)
+
+
 def _convert(f: dataclasses.Field, value: Any, where: str) -> Any:
     """Convert a TOML value (or an env string) to the field's type; raise ConfigError naming ``where``."""
-    kind = f.metadata.get("kind") or f.default.__class__.__name__
+    kind = field_kind(f)
     try:
         if kind in _PARSERS:
             return _PARSERS[kind](value)
@@ -399,6 +472,30 @@ def _build(cls: type, table: Mapping[str, Any], where: str, base: Mapping[str, A
         return cls(**values)
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from e
+
+
+def settings_config(path: str | Path | None, env: Mapping[str, str] | None = None) -> Config:
+    """Return the config of ``path`` (``--config``), or without one the defaults; environment applied.
+
+    This is what a command's flags are laid over (flag > environment > file > default), so the
+    ``DFM__<SECTION>__<KEY>`` variables work with and without a config file.
+    """
+    if path:
+        return load_config(path, env)
+    return config_from_dict({}, "environment", os.environ if env is None else env)
+
+
+def with_environment(section: Any, name: str, env: Mapping[str, str] | None = None) -> Any:
+    """Return the section ``[name]`` with the environment's overrides applied on top of it.
+
+    For a section built in code (a library caller's ``RedisConfig(...)``); one that came from
+    :func:`settings_config` has them already, and applying them again changes nothing.
+    """
+    env = os.environ if env is None else env
+    data: dict[str, Any] = {}
+    own = {var: value for var, value in env.items() if not var.startswith(f"{ENV_PREFIX}CAMERAS__")}
+    _apply_env(data, [], own, "environment")
+    return _build(type(section), data.get(name, {}), f"environment [{name}]", dataclasses.asdict(section))
 
 
 def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Config:

@@ -18,7 +18,6 @@ environment (``DFM_REDIS_PASSWORD``) or a file (``--redis-password-file``), and 
 """
 
 import argparse
-import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,12 +29,13 @@ from redis.connection import SSLConnection
 from redis.sentinel import Sentinel, SentinelManagedConnection
 from redis.utils import SENTINEL as _UNSET
 
-from dfm_stream.config import RedisConfig
+from dfm_stream.commands.config_flags import add_section_flags, overlay
+from dfm_stream.config import DEFAULT_REDIS_URL, RedisConfig, settings_config, with_environment
 from dfm_stream.errors import RedisConnectError
 from dfm_stream.keys import DEFAULT_PREFIX
 from dfm_stream.redact import help_text, safe_url
 
-DEFAULT_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_URL = DEFAULT_REDIS_URL
 SOCKET_TIMEOUT_S = 10.0
 CONNECT_TIMEOUT_S = 5.0
 
@@ -77,85 +77,55 @@ class RedisSettings:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "RedisSettings":
-        """Build settings from the options added by :func:`add_redis_args`."""
-        password = os.environ.get("DFM_REDIS_PASSWORD") or None
-        if getattr(args, "redis_password_file", None):
-            path = Path(args.redis_password_file)
-            try:
-                password = path.read_text().strip()
-            except OSError as e:
-                raise RedisConnectError(f"cannot read the Redis password file {path}: {e}") from e
-        return cls(
-            url=args.redis,
-            cluster=bool(getattr(args, "cluster", False)),
-            prefix=getattr(args, "prefix", DEFAULT_PREFIX),
-            ca_file=getattr(args, "redis_ca", None),
-            cert_file=getattr(args, "redis_cert", None),
-            key_file=getattr(args, "redis_key", None),
-            password=password,
-            username=os.environ.get("DFM_REDIS_USERNAME") or None,
-            durability=getattr(args, "durability", "local"),
-        )
+        """Build settings from the options added by :func:`add_redis_args` (and the environment)."""
+        return settings_with_config(args, None)
+
+
+REDIS_FLAGS = ("url", "cluster", "prefix", "durability")
+"""The ``[redis]`` settings every command takes as options (``--redis``, ``--cluster``, ...)."""
 
 
 def settings_with_config(args: argparse.Namespace, config_redis: RedisConfig | None) -> RedisSettings:
-    """Return settings from the command line, completed by a config file's ``[redis]`` section.
+    """Return the settings of the command line over ``[redis]`` of a config file (or the defaults).
 
-    The command line (or its environment variables) wins where it was given: the file's ``url``
-    applies unless ``--redis``/``DFM_REDIS_URL`` is set, its ``prefix`` unless ``--prefix``/
-    ``DFM_PREFIX`` is set, and ``cluster`` is on when either turns it on. Readers and workers use
-    this one rule, so they always agree on the server and the keys.
+    One rule for every command: an option that was given wins, then the environment
+    (``DFM_REDIS_URL``, ``DFM_PREFIX``, ``DFM_REDIS_CLUSTER``, ``DFM_DURABILITY``, ``DFM__REDIS__KEY``),
+    then the file, then the default; readers, workers, bridges and consoles so always agree on the
+    server and the keys. TLS files and the password come from their options or the environment.
     """
-    settings = RedisSettings.from_args(args)
-    if config_redis is None:
-        return settings
-    url, prefix = settings.url, settings.prefix
-    if args.redis == DEFAULT_URL and "DFM_REDIS_URL" not in os.environ:
-        url = config_redis.url
-    if args.prefix == DEFAULT_PREFIX and "DFM_PREFIX" not in os.environ:
-        prefix = config_redis.prefix
-    cluster = settings.cluster or bool(config_redis.cluster)
-    durability = settings.durability
-    if getattr(args, "durability", "local") == "local" and "DFM_DURABILITY" not in os.environ:
-        durability = config_redis.durability
-    return dataclasses.replace(settings, url=url, prefix=prefix, cluster=cluster, durability=durability)
+    file_or_default = with_environment(config_redis, "redis") if config_redis else settings_config(None).redis
+    section = overlay(file_or_default, args, REDIS_FLAGS)
+    password = os.environ.get("DFM_REDIS_PASSWORD") or None
+    if getattr(args, "redis_password_file", None):
+        path = Path(args.redis_password_file)
+        try:
+            password = path.read_text().strip()
+        except OSError as e:
+            raise RedisConnectError(f"cannot read the Redis password file {path}: {e}") from e
+    return RedisSettings(
+        url=section.url,
+        cluster=section.cluster,
+        prefix=section.prefix,
+        ca_file=getattr(args, "redis_ca", None),
+        cert_file=getattr(args, "redis_cert", None),
+        key_file=getattr(args, "redis_key", None),
+        password=password,
+        username=os.environ.get("DFM_REDIS_USERNAME") or None,
+        durability=section.durability,
+    )
 
 
 def add_redis_args(parser: argparse.ArgumentParser) -> None:
     """Add the Redis options every command shares (``--redis``, ``--cluster``, TLS, ``--prefix``)."""
-    g = parser.add_argument_group("Redis")
-    default_url = os.environ.get("DFM_REDIS_URL", DEFAULT_URL)
-    g.add_argument(
-        "--redis",
-        default=default_url,
-        help="Redis URL: redis://[user:pass@]host:port/db, rediss:// (TLS), unix:///path.sock or "
-        "redis+sentinel://[user:pass@]host1:26379,host2:26379/SERVICE/db (rediss+sentinel:// with TLS) "
-        f"(env DFM_REDIS_URL; default {help_text(default_url)}). DFM_REDIS_USERNAME/DFM_REDIS_PASSWORD "
-        "override the URL's.",
-    )
-    g.add_argument(
-        "--cluster",
-        action="store_true",
-        default=os.environ.get("DFM_REDIS_CLUSTER", "") in ("1", "true", "yes"),
-        help="treat --redis as one seed node of a Redis Cluster (env DFM_REDIS_CLUSTER=1)",
-    )
+    g = parser.add_argument_group("Redis (option > environment > [redis] in --config > default)")
+    add_section_flags(g, RedisConfig, REDIS_FLAGS)
+    if os.environ.get("DFM_REDIS_URL"):  # say which server a command without --redis will use
+        url_option = next(a for a in g._group_actions if a.dest == "redis")
+        url_option.help = f"{url_option.help}; now DFM_REDIS_URL={help_text(os.environ['DFM_REDIS_URL'])}"
     g.add_argument("--redis-ca", default=os.environ.get("DFM_REDIS_CA"), help="CA bundle for rediss://")
     g.add_argument("--redis-cert", default=os.environ.get("DFM_REDIS_CERT"), help="client certificate (mTLS)")
     g.add_argument("--redis-key", default=os.environ.get("DFM_REDIS_KEY"), help="client private key (mTLS)")
     g.add_argument("--redis-password-file", help="read the Redis password from this file (e.g. a Secret)")
-    g.add_argument(
-        "--durability",
-        choices=DURABILITY_LEVELS,
-        default=os.environ.get("DFM_DURABILITY", "local"),
-        help="local: a write counts once the primary has it; replicated: once a replica confirmed it "
-        "(WAIT 1), so a Sentinel failover loses no accepted frame or score (env DFM_DURABILITY; "
-        "default %(default)s)",
-    )
-    g.add_argument(
-        "--prefix",
-        default=os.environ.get("DFM_PREFIX", DEFAULT_PREFIX),
-        help="prefix of every Redis key (env DFM_PREFIX; default %(default)s)",
-    )
 
 
 def connect(settings: RedisSettings, **overrides: object) -> RedisClient:

@@ -45,14 +45,13 @@ import redis
 
 from dfm_stream import keys, liveness, replies
 from dfm_stream.connect import RedisClient
+from dfm_stream.liveness import DEFAULT_MAX_CAMERAS
 from dfm_stream.read_script import READ_SCRIPT
 from dfm_stream.replies import text as _s
 from dfm_stream.wire import FIELD, frame_bytes_cap
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_CAMERAS = 256
-"""Most cameras a worker follows by discovery (``--max-cameras``); given cameras are not limited."""
 
 SCORED_FIELD = "scored"
 """Field of ``{prefix}:{camera}:seq``: the highest frame entry id with a score (written on publish)."""

@@ -38,6 +38,9 @@ DEFAULT_PREFIX = "dfm"
 DEFAULT_GROUP = "dfm-workers"
 """The consumer group the workers of one deployment share on every frame stream."""
 
+DEFAULT_SCORES_MAXLEN = 10_000
+"""Approximate MAXLEN of a camera's score stream (``--scores-maxlen``, ``[worker] scores_maxlen``)."""
+
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 

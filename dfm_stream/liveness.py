@@ -27,6 +27,9 @@ ALIVE_TTL_S = 60.0
 FORGET_AFTER_S = 86_400.0
 """Heartbeats older than this are removed from the sorted set (a reader of that camera is long gone)."""
 
+DEFAULT_MAX_CAMERAS = 256
+"""Most cameras a worker follows by discovery (``--max-cameras``); given cameras are not limited."""
+
 SCAN_LIMIT = 4096
 """Most live heartbeats one discovery looks at (bounds its cost whatever was written into the set)."""
 

@@ -45,19 +45,20 @@ import numpy as np
 import redis
 
 from dfm_stream import keys, replies
-from dfm_stream.alarms import ALARM_LUA, AlarmSettings, overlay_jpeg, publish_event
+from dfm_stream.alarms import ALARM_LUA, overlay_jpeg, publish_event
 from dfm_stream.backoff import EVENT_SEND, PUBLISH
+from dfm_stream.config import AlarmsConfig
 from dfm_stream.connect import REPLICA_WAIT_MS, RedisClient
 from dfm_stream.consumer import StreamEntry
 from dfm_stream.errors import WireError
 from dfm_stream.inference import DecodedFrame
+from dfm_stream.keys import DEFAULT_SCORES_MAXLEN
 from dfm_stream.metrics import WorkerMetrics
 from dfm_stream.replies import text as _s
 from dfm_stream.wire import EventMsg, EventType, FrameMsg, ScoreMsg, ScoreStatus, make_frame_id
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SCORES_MAXLEN = 10_000
 OUTBOX_MAXLEN = 1_000
 """Approximate cap of a camera's undelivered alarm events (only reached with no worker alive)."""
 OUTBOX_DELIVER_AFTER_S = 20.0
@@ -187,7 +188,7 @@ class Publisher:
         prefix: str = keys.DEFAULT_PREFIX,
         group: str = keys.DEFAULT_GROUP,
         scores_maxlen: int = DEFAULT_SCORES_MAXLEN,
-        alarm: AlarmSettings | None = None,
+        alarm: AlarmsConfig | None = None,
         metrics: WorkerMetrics | None = None,
         durability: str = "local",
         abort: threading.Event | None = None,
@@ -197,7 +198,7 @@ class Publisher:
         self.replicated = durability == "replicated"
         self.group = group
         self.scores_maxlen = int(scores_maxlen)
-        self.alarm = alarm or AlarmSettings()
+        self.alarm = alarm or AlarmsConfig()
         self.metrics = metrics
         self.abort = abort or threading.Event()
         """Set to stop retrying at once (shutdown gave up); undelivered events stay in the outbox."""

@@ -24,30 +24,24 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import redis
 import torch
 
 from dfm_stream import keys
-from dfm_stream.alarms import AlarmSettings
 from dfm_stream.artifact import normalize_score
 from dfm_stream.backoff import WORKER_FETCH, Backoff
-from dfm_stream.batcher import (
-    DEFAULT_BATCH_SIZE,
-    DEFAULT_MAX_BATCH_BYTES,
-    DEFAULT_MAX_WAIT_MS,
-    Batch,
-    Batcher,
-)
+from dfm_stream.batcher import DEFAULT_MAX_BATCH_BYTES, Batch, Batcher
+from dfm_stream.config import AlarmsConfig, WorkerConfig
 from dfm_stream.connect import RedisClient
-from dfm_stream.consumer import DEFAULT_MAX_CAMERAS, StreamConsumer, StreamEntry
+from dfm_stream.consumer import StreamConsumer, StreamEntry
 from dfm_stream.deadletter import send_to_deadletter
 from dfm_stream.errors import WireError
 from dfm_stream.inference import DecodedFrame, DecodeFailure, Decoder, Engine, parse_entry
 from dfm_stream.metrics import WorkerMetrics
 from dfm_stream.model.dfm import ScoreType
 from dfm_stream.publisher import (
-    DEFAULT_SCORES_MAXLEN,
     OUTBOX_DELIVER_AFTER_S,
     REDIS_ERRORS,
     AlarmBit,
@@ -58,7 +52,7 @@ from dfm_stream.publisher import (
     frame_score,
 )
 from dfm_stream.routing import LoadedModel, ModelRouter
-from dfm_stream.wire import DEFAULT_MAX_PIXELS, FrameMsg, ScoreStatus, frame_bytes_cap, make_frame_id
+from dfm_stream.wire import FrameMsg, ScoreStatus, frame_bytes_cap, make_frame_id
 
 log = logging.getLogger(__name__)
 
@@ -66,32 +60,57 @@ IDLE_BLOCK_MS = 500
 """Longest single wait for new frames (bounds how long a stop request waits)."""
 
 
+_CONFIG = WorkerConfig()
+
+
 @dataclass
 class WorkerSettings:
-    """Everything that shapes a worker's behaviour (the CLI flags of ``dfm-stream work``)."""
+    """Everything that shapes a worker's behaviour.
+
+    The user's settings are those of ``[worker]`` and ``[alarms]`` (:class:`WorkerConfig`, defined
+    and checked there; :meth:`from_config`); the rest belongs to one run or to tests.
+    """
 
     cameras: list[str] | None = None
-    group: str = keys.DEFAULT_GROUP
-    batch_size: int = DEFAULT_BATCH_SIZE
-    max_wait_ms: float = DEFAULT_MAX_WAIT_MS
-    claim_idle_s: float = 30.0
-    max_deliveries: int = 3
-    max_age_s: float | None = None
-    scores_maxlen: int = DEFAULT_SCORES_MAXLEN
-    max_pixels: int = DEFAULT_MAX_PIXELS
+    group: str = _CONFIG.group
+    batch_size: int = _CONFIG.batch_size
+    max_wait_ms: float = _CONFIG.max_wait_ms
+    claim_idle_s: float = _CONFIG.claim_idle_s
+    max_deliveries: int = _CONFIG.max_deliveries
+    max_age_s: float | None = None  # None: never skip (max_age_s = 0 in the config)
+    scores_maxlen: int = _CONFIG.scores_maxlen
+    max_pixels: int = _CONFIG.max_pixels
     max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES
     """Decoded bytes (3 per pixel) one batch may hold: huge frames make smaller batches."""
     max_frame_bytes: int | None = None  # None: frame_bytes_cap(max_pixels)
-    alarm: AlarmSettings = field(default_factory=AlarmSettings)
+    alarm: AlarmsConfig = field(default_factory=AlarmsConfig)
     burst: bool = False
     max_frames: int | None = None
     discover_interval_s: float = 5.0
-    max_cameras: int = DEFAULT_MAX_CAMERAS
+    max_cameras: int = _CONFIG.max_cameras
     stats_interval_s: float = 5.0
     heartbeat_interval_s: float = 10.0
     outbox_interval_s: float = 5.0
     outbox_deliver_after_s: float = OUTBOX_DELIVER_AFTER_S
     durability: str = "local"
+
+    @classmethod
+    def from_config(cls, worker: WorkerConfig, alarms: AlarmsConfig, **run: Any) -> WorkerSettings:
+        """Return the settings of ``[worker]`` and ``[alarms]`` plus those of one run (``cameras``...)."""
+        return cls(
+            group=worker.group,
+            batch_size=worker.batch_size,
+            max_wait_ms=worker.max_wait_ms,
+            claim_idle_s=worker.claim_idle_s,
+            max_deliveries=worker.max_deliveries,
+            max_age_s=worker.max_age_s or None,
+            scores_maxlen=worker.scores_maxlen,
+            max_pixels=worker.max_pixels,
+            max_frame_bytes=worker.max_frame_bytes or None,
+            max_cameras=worker.max_cameras,
+            alarm=alarms,
+            **run,
+        )
 
 
 @dataclass

@@ -7,7 +7,9 @@ import pytest
 import redis
 
 from dfm_stream import keys
-from dfm_stream.alarms import AlarmSettings, alarm_state, overlay_jpeg
+from dfm_stream.alarms import alarm_state, overlay_jpeg
+from dfm_stream.config import AlarmsConfig
+from dfm_stream.errors import ConfigError
 from dfm_stream.publisher import Publisher, ScoredItem
 from dfm_stream.wire import FIELD, EventMsg, ScoreMsg
 
@@ -29,7 +31,7 @@ def feed(client, publisher, camera, bits):
 
 
 def test_one_of_one_raises_and_clears_after_five_normal(redis_client):
-    pub = Publisher(redis_client, alarm=AlarmSettings())
+    pub = Publisher(redis_client, alarm=AlarmsConfig())
     assert feed(redis_client, pub, "c1", "0011") == ["raised"]
     assert feed(redis_client, pub, "c1", "0000") == []
     assert feed(redis_client, pub, "c1", "1") == []  # still active: the anomaly keeps coming
@@ -42,18 +44,18 @@ def test_one_of_one_raises_and_clears_after_five_normal(redis_client):
 
 
 def test_k_of_n_needs_enough_anomalies_in_the_window(redis_client):
-    pub = Publisher(redis_client, alarm=AlarmSettings(k=2, n=3, clear_after=2))
+    pub = Publisher(redis_client, alarm=AlarmsConfig(k=2, n=3, clear_after=2))
     assert feed(redis_client, pub, "c1", "1001001") == []
     assert feed(redis_client, pub, "c1", "01") == ["raised"]
     assert feed(redis_client, pub, "c1", "00") == ["cleared"]
 
 
 def test_cooldown_blocks_a_new_raise_right_after_a_clear(redis_client):
-    pub = Publisher(redis_client, alarm=AlarmSettings(clear_after=1, cooldown_s=60))
+    pub = Publisher(redis_client, alarm=AlarmsConfig(clear_after=1, cooldown_s=60))
     assert feed(redis_client, pub, "c1", "1") == ["raised"]
     assert feed(redis_client, pub, "c1", "0") == ["cleared"]
     assert feed(redis_client, pub, "c1", "1111") == []
-    no_cooldown = Publisher(redis_client, alarm=AlarmSettings(clear_after=1))
+    no_cooldown = Publisher(redis_client, alarm=AlarmsConfig(clear_after=1))
     assert feed(redis_client, no_cooldown, "c2", "1010") == ["raised", "cleared", "raised", "cleared"]
 
 
@@ -88,5 +90,5 @@ def test_overlay_jpeg_fits_the_size_bound():
 
 
 def test_bad_alarm_settings_are_refused():
-    with pytest.raises(ValueError):
-        AlarmSettings(k=3, n=2)
+    with pytest.raises(ConfigError, match="k=3, n=2"):
+        AlarmsConfig(k=3, n=2)

@@ -3,7 +3,7 @@
 from worker_helpers import GROUP, push_frames, run_worker, scores
 
 from dfm_stream import keys
-from dfm_stream.alarms import AlarmSettings
+from dfm_stream.config import AlarmsConfig
 from dfm_stream.consumer import StreamEntry
 from dfm_stream.metrics import WorkerMetrics, new_registry
 from dfm_stream.publisher import PUBLISH_SCRIPT, Publisher, frame_score
@@ -38,7 +38,7 @@ def run_the_publish_script_and_die(client, camera: str, threshold: float) -> Non
         keys.event_outbox_key(camera),
         keys.seq_key(camera),
     ]
-    args = [GROUP, 10_000, *AlarmSettings().script_args(), entry_id, msg.to_bytes(), "1"]
+    args = [GROUP, 10_000, *AlarmsConfig().script_args(), entry_id, msg.to_bytes(), "1"]
     published, transitions, active = client.eval(PUBLISH_SCRIPT, len(keys_), *keys_, *args)
     assert published == [entry_id] and active == 1 and transitions[0][0] == b"raised"
 

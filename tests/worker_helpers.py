@@ -17,8 +17,8 @@ import redis
 import torch
 
 from dfm_stream import keys
-from dfm_stream.alarms import AlarmSettings
 from dfm_stream.artifact import ArtifactInfo, save_artifact
+from dfm_stream.config import AlarmsConfig
 from dfm_stream.frame_codec import encode_frame
 from dfm_stream.images import preprocess
 from dfm_stream.inference import Engine
@@ -116,7 +116,7 @@ def pending(client: redis.Redis, camera: str) -> int:
 def make_worker(redis_url: str, artifact_path: Path, **overrides: object) -> Worker:
     """An in-process worker (CPU, fp32) on ``artifact_path`` with test-friendly settings."""
     client = redis.Redis.from_url(redis_url)
-    settings = WorkerSettings(burst=True, batch_size=4, max_wait_ms=5, claim_idle_s=30, alarm=AlarmSettings())
+    settings = WorkerSettings(burst=True, batch_size=4, max_wait_ms=5, claim_idle_s=30, alarm=AlarmsConfig())
     settings = dataclasses.replace(settings, **overrides)
     router = ModelRouter(Engine("cpu", "fp32"), client, model_file=str(artifact_path))
     return Worker(client, router, settings)

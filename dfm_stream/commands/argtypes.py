@@ -34,6 +34,16 @@ def _number(kind: type, text: str) -> Any:
     return value
 
 
+def whole_number(text: str) -> int:
+    """Parse a whole number (its range is checked by the setting it feeds)."""
+    return int(_number(int, text))
+
+
+def finite_number(text: str) -> float:
+    """Parse a finite number (its range is checked by the setting it feeds)."""
+    return float(_number(float, text))
+
+
 def int_at_least(minimum: int) -> Callable[[str], int]:
     """Return a type: a whole number >= ``minimum``."""
 
@@ -83,14 +93,6 @@ def port(text: str) -> int:
     value = _number(int, text)
     if not -1 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"must be a port 0..65535 (0: a free one) or -1 (off), got {text}")
-    return value
-
-
-def listen_port(text: str) -> int:
-    """Parse a TCP port a server must listen on, 0..65535 (0: a free one; no "off")."""
-    value = _number(int, text)
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be a port 0..65535 (0: a free one), got {text}")
     return value
 
 

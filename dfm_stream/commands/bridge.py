@@ -9,6 +9,8 @@ import socket
 import threading
 from typing import TYPE_CHECKING
 
+from dfm_stream.commands.config_flags import add_section_flags, overlay
+from dfm_stream.config import BridgeConfig, Config, settings_config
 from dfm_stream.connect import add_redis_args, connect, settings_with_config
 from dfm_stream.errors import ConfigError
 from dfm_stream.metrics import add_metrics_args
@@ -16,11 +18,14 @@ from dfm_stream.signals import stop_on_signals
 
 if TYPE_CHECKING:
     from dfm_stream.bridge.core import Adapter
-    from dfm_stream.config import RedisConfig
 
 log = logging.getLogger(__name__)
 
 DEFAULT_METRICS_PORT = 9403
+MQTT_FLAGS = tuple(f.name for f in dataclasses.fields(BridgeConfig) if f.name.startswith("mqtt"))
+OPCUA_FLAGS = tuple(f.name for f in dataclasses.fields(BridgeConfig) if f.name.startswith("opcua"))
+BRIDGE_FLAGS = tuple(f.name for f in dataclasses.fields(BridgeConfig))
+"""Every ``[bridge]`` setting is also an option of ``dfm-stream bridge``."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -32,109 +37,65 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "deliver them at least once (acknowledged in Redis only after the far side confirmed), publish "
         "camera state, and start part inspection jobs asked for over each protocol.",
     )
-    b = p.add_argument_group("bridge")
-    b.add_argument("--config", help="TOML config: its [redis] and [bridge] sections (options win)")
-    b.add_argument("--cameras", help="comma-separated camera ids (default: every camera in dfm:cameras)")
-    b.add_argument("--group", help="consumer group (default dfm-bridge)")
-    b.add_argument(
-        "--name",
-        help="consumer name, stable across restarts; each bridge of a pair its own (default bridge-<host>)",
-    )
-    b.add_argument(
-        "--job-timeout", dest="job_timeout_s", type=float, help="seconds a job waits for frames (default 10)"
-    )
-    m = p.add_argument_group("MQTT")
-    m.add_argument("--mqtt", help="broker URL: mqtt://[USER@]HOST[:PORT] or mqtts:// (TLS)")
-    m.add_argument("--mqtt-prefix", help="topic prefix (default dfm)")
-    m.add_argument("--mqtt-qos", type=int, help="QoS of events and results (default 1)")
-    m.add_argument("--mqtt-protocol", choices=("3.1.1", "5"), help="MQTT version (default 5)")
-    m.add_argument("--mqtt-client-id", help="client id (default dfm-bridge-<consumer name>)")
-    m.add_argument("--mqtt-username", help="user name (or in the URL)")
-    m.add_argument("--mqtt-password-file", help="file holding the password")
-    m.add_argument("--mqtt-ca-file", help="CA bundle for mqtts://")
-    m.add_argument("--mqtt-cert-file", help="client certificate for mqtts://")
-    m.add_argument("--mqtt-key-file", help="client key for mqtts://")
-    m.add_argument("--mqtt-scores", action="store_true", help="also publish per-frame scores")
-    m.add_argument(
-        "--mqtt-scores-rate", type=float, default=1.0, help="per-frame scores per second and camera"
-    )
-    mb = p.add_argument_group("Modbus TCP")
-    mb.add_argument(
-        "--modbus", help="serve Modbus TCP on HOST:PORT (e.g. 0.0.0.0:502); registers: docs/modbus.md"
-    )
-    mb.add_argument("--modbus-cameras", help="cameras of the register blocks, in order (default: --cameras)")
-    o = p.add_argument_group("OPC UA")
-    o.add_argument("--opcua", help="serve OPC UA on this endpoint, e.g. opc.tcp://0.0.0.0:4840/dfm/")
-    o.add_argument("--opcua-cameras", help="cameras in the address space (default: --cameras)")
-    o.add_argument("--opcua-users", help="file of user:password lines (Basic256Sha256 Sign&Encrypt)")
-    o.add_argument(
-        "--opcua-anonymous",
-        action="store_true",
-        default=None,
-        help="also allow anonymous, unencrypted access",
-    )
-    o.add_argument("--opcua-cert", help="server certificate (DER); default: created in --opcua-pki")
-    o.add_argument("--opcua-key", help="server private key (PEM) of --opcua-cert")
-    o.add_argument("--opcua-pki", help="where the created certificate is kept (default opcua-pki)")
+    b = p.add_argument_group("bridge (option > environment DFM__BRIDGE__KEY > [bridge] > default)")
+    b.add_argument("--config", help="TOML config: its [redis] and [bridge] sections")
+    add_section_flags(b, BridgeConfig, ("cameras", "group", "name", "job_timeout_s"))
+    add_section_flags(p.add_argument_group("MQTT"), BridgeConfig, MQTT_FLAGS)
+    add_section_flags(p.add_argument_group("Modbus TCP"), BridgeConfig, ("modbus", "modbus_cameras"))
+    add_section_flags(p.add_argument_group("OPC UA"), BridgeConfig, OPCUA_FLAGS)
     add_redis_args(p)
     add_metrics_args(p, default_port=DEFAULT_METRICS_PORT)
     p.set_defaults(func=run)
 
 
-def _with_config(args: argparse.Namespace) -> RedisConfig | None:
-    """Fill the options not given on the command line from ``[bridge]`` (or its defaults)."""
-    from dfm_stream.config import BridgeConfig, load_config
-
-    config = load_config(args.config) if args.config else None
-    section = config.bridge if config is not None else BridgeConfig()
-    for f in dataclasses.fields(BridgeConfig):
-        if getattr(args, f.name, None) is None:
-            value = getattr(section, f.name)
-            setattr(args, f.name, value if value != "" else None)
-    args.name = args.name or f"bridge-{socket.gethostname()}"
-    return config.redis if config is not None else None
+def resolve(args: argparse.Namespace) -> tuple[Config, BridgeConfig]:
+    """Return the config and its ``[bridge]`` with the options that were given laid over."""
+    config = settings_config(args.config)
+    return config, overlay(config.bridge, args, BRIDGE_FLAGS)
 
 
-def _adapters(args: argparse.Namespace) -> list[Adapter]:
+def _cameras(text: str) -> list[str]:
+    return [c.strip() for c in text.split(",") if c.strip()]
+
+
+def _adapters(section: BridgeConfig, name: str) -> list[Adapter]:
     adapters: list[Adapter] = []
-    if args.mqtt:
+    if section.mqtt:
         from dfm_stream.bridge.mqtt import MqttAdapter, MqttSettings
 
         adapters.append(
             MqttAdapter(
                 MqttSettings(
-                    url=args.mqtt,
-                    prefix=args.mqtt_prefix,
-                    qos=args.mqtt_qos,
-                    protocol=args.mqtt_protocol,
-                    client_id=args.mqtt_client_id or f"dfm-{args.name}",
-                    username=args.mqtt_username,
-                    password_file=args.mqtt_password_file,
-                    ca_file=args.mqtt_ca_file,
-                    cert_file=args.mqtt_cert_file,
-                    key_file=args.mqtt_key_file,
-                    scores=args.mqtt_scores,
-                    scores_rate=args.mqtt_scores_rate,
+                    url=section.mqtt,
+                    prefix=section.mqtt_prefix,
+                    qos=section.mqtt_qos,
+                    protocol=section.mqtt_protocol,
+                    client_id=section.mqtt_client_id or f"dfm-{name}",
+                    username=section.mqtt_username or None,
+                    password_file=section.mqtt_password_file or None,
+                    ca_file=section.mqtt_ca_file or None,
+                    cert_file=section.mqtt_cert_file or None,
+                    key_file=section.mqtt_key_file or None,
+                    scores=section.mqtt_scores,
+                    scores_rate=section.mqtt_scores_rate,
                 )
             )
         )
-    if args.modbus:
+    if section.modbus:
         from dfm_stream.bridge.modbus import ModbusAdapter
 
-        cameras = args.modbus_cameras or args.cameras or ""
-        adapters.append(ModbusAdapter(args.modbus, [c for c in cameras.split(",") if c]))
-    if args.opcua:
+        adapters.append(ModbusAdapter(section.modbus, _cameras(section.modbus_cameras or section.cameras)))
+    if section.opcua:
         from dfm_stream.bridge.opcua import OpcuaAdapter, OpcuaSettings
 
-        cameras = args.opcua_cameras or args.cameras or ""
         settings = OpcuaSettings(
-            endpoint=args.opcua,
-            cameras=[c for c in cameras.split(",") if c],
-            anonymous=args.opcua_anonymous,
-            users_file=args.opcua_users,
-            cert_file=args.opcua_cert,
-            key_file=args.opcua_key,
-            pki_dir=args.opcua_pki,
+            endpoint=section.opcua,
+            cameras=_cameras(section.opcua_cameras or section.cameras),
+            anonymous=section.opcua_anonymous,
+            users_file=section.opcua_users or None,
+            cert_file=section.opcua_cert or None,
+            key_file=section.opcua_key or None,
+            pki_dir=section.opcua_pki,
         )
         adapters.append(OpcuaAdapter(settings))
     return adapters
@@ -146,18 +107,18 @@ def run(args: argparse.Namespace) -> int:
     from dfm_stream.metrics import new_registry, serve
 
     with stop_on_signals(threading.Event(), "stopping the bridge") as stop:
-        config_redis = _with_config(args)
-        adapters = _adapters(args)
+        config, section = resolve(args)
+        name = section.name or f"bridge-{socket.gethostname()}"
+        adapters = _adapters(section, name)
         if not adapters:
             raise ConfigError("bridge: give at least one of --mqtt, --opcua, --modbus")
-        redis_settings = settings_with_config(args, config_redis)
-        cameras = [c for c in args.cameras.split(",") if c] if args.cameras else None
+        redis_settings = settings_with_config(args, config.redis)
         settings = BridgeSettings(
             prefix=redis_settings.prefix,
-            group=args.group,
-            name=args.name,
-            cameras=cameras,
-            job_timeout_s=args.job_timeout_s,
+            group=section.group,
+            name=name,
+            cameras=_cameras(section.cameras) or None,
+            job_timeout_s=section.job_timeout_s,
         )
         registry = new_registry()
         client = connect(redis_settings)
@@ -166,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
         server = None
         if args.metrics_port >= 0:
             server = serve(registry, args.metrics_host, args.metrics_port, ready=bridge.ready)
-        log.info("bridge %s: %s", args.name, ", ".join(a.protocol for a in adapters))
+        log.info("bridge %s: %s", name, ", ".join(a.protocol for a in adapters))
         try:
             bridge.run()
         finally:

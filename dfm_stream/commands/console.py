@@ -1,8 +1,9 @@
 """``dfm-stream console``: serve the operator console; ``dfm-stream console add-user``: write its users file.
 
 The console reads everything from Redis (any number of consoles may run) and binds 127.0.0.1
-unless told otherwise. Without ``--users`` it is read only and says so on every page. Flags win
-over the ``[console]`` section of ``--config``, which wins over the defaults.
+unless told otherwise. Without ``--users`` it is read only and says so on every page. Options win
+over the environment (``DFM__CONSOLE__PORT``), which wins over ``[console]`` of ``--config``, which
+wins over the defaults.
 """
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from dfm_stream.commands.argtypes import listen_port
-from dfm_stream.config import ConsoleConfig, load_config
+from dfm_stream.commands.config_flags import add_section_flags, overlay
+from dfm_stream.config import Config, ConsoleConfig, settings_config
 from dfm_stream.connect import add_redis_args, connect, settings_with_config
 from dfm_stream.errors import ConsoleError, PortInUseError
 
 log = logging.getLogger(__name__)
+
+CONSOLE_FLAGS = ("host", "port", "users", "secret_file", "secure_cookies")
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -45,12 +48,9 @@ def _listen(host: str, port: int) -> socket.socket:
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``console`` (and its ``add-user`` action) to ``subparsers``."""
     p = subparsers.add_parser("console", help="serve the operator console (web pages over Redis)")
-    p.add_argument("--host", help="listen address (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=listen_port, help="TCP port (default 8080; 0: a free one)")
-    p.add_argument("--users", help="users file (console add-user); without one the console is read only")
-    p.add_argument("--secret-file", help="cookie signing key file (else env DFM_CONSOLE_SECRET, else random)")
-    p.add_argument("--secure-cookies", action="store_true", help="send the session cookie over HTTPS only")
     p.add_argument("--config", help="TOML config: its [redis] and [console] sections")
+    g = p.add_argument_group("console (option > environment DFM__CONSOLE__KEY > [console] > default)")
+    add_section_flags(g, ConsoleConfig, CONSOLE_FLAGS)
     add_redis_args(p)
     p.set_defaults(func=run_console)
     sub = p.add_subparsers(dest="console_command", metavar="ACTION")
@@ -60,6 +60,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     a.add_argument("--role", required=True, choices=("viewer", "operator"), help="viewer: read only")
     a.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
     a.set_defaults(func=run_add_user)
+
+
+def resolve(args: argparse.Namespace) -> tuple[Config, ConsoleConfig]:
+    """Return the config and its ``[console]`` with the options that were given laid over."""
+    config = settings_config(args.config)
+    return config, overlay(config.console, args, CONSOLE_FLAGS)
 
 
 def run_add_user(args: argparse.Namespace) -> int:
@@ -84,20 +90,17 @@ def run_console(args: argparse.Namespace) -> int:
     from dfm_stream.console.app import build_app
     from dfm_stream.console.auth import Users, load_secret
 
-    config = load_config(args.config) if args.config else None
-    section = config.console if config else ConsoleConfig()
-    host = args.host or section.host
-    port = args.port if args.port is not None else section.port
-    users_path = args.users or section.users
-    secret_path = args.secret_file or section.secret_file
-    settings = settings_with_config(args, config.redis if config else None)
+    config, section = resolve(args)
+    host, port = section.host, section.port
+    users_path, secret_path = section.users, section.secret_file
+    settings = settings_with_config(args, config.redis)
     users = Users(Path(users_path) if users_path else None)
     app = build_app(
         connect(settings),
         settings.prefix,
         users,
         load_secret(Path(secret_path) if secret_path else None),
-        https_only=args.secure_cookies,
+        https_only=section.secure_cookies,
     )
     sock = _listen(host, port)
     port = sock.getsockname()[1]

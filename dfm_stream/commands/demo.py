@@ -63,10 +63,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _redis_cli(args: argparse.Namespace) -> list[str]:
     """Return the Redis options the demo hands on to its reader and worker processes."""
-    out = ["--prefix", args.prefix]
+    from dfm_stream.connect import RedisSettings
+
+    settings = RedisSettings.from_args(args)
+    out = ["--prefix", settings.prefix]
     if args.redis:
         out = ["--redis", args.redis, *out]
-    if args.cluster:
+    if settings.cluster:
         out.append("--cluster")
     for flag, value in (
         ("--redis-ca", args.redis_ca),
@@ -86,7 +89,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     if args.cameras > 8:
         raise ConfigError(f"--cameras {args.cameras}: the demo runs at most 8 cameras on one machine")
-    if args.cluster and not args.redis:
+    redis = RedisSettings.from_args(args)
+    if redis.cluster and not args.redis:
         raise ConfigError("--cluster needs --redis URL (a seed node): the embedded server is not a cluster")
     if not 0.0 <= args.defect_rate <= 1.0:
         raise ConfigError(f"--defect-rate {args.defect_rate} must be within [0, 1]")
@@ -111,8 +115,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         console_port=args.console_port,
         summary_json=args.summary_json,
         workdir=args.workdir,
-        redis=RedisSettings.from_args(args) if args.redis else None,
-        prefix=args.prefix,
+        redis=redis if args.redis else None,
+        prefix=redis.prefix,
         redis_cli=_redis_cli(args),
     )
     return run_demo(settings)

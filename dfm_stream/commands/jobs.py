@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from dfm_stream import keys
+from dfm_stream.commands.argtypes import positive_float, positive_int
 from dfm_stream.commands.inspect import _common, print_camera_stream
 from dfm_stream.connect import RedisSettings, add_redis_args, connect
 from dfm_stream.inspection import DEFAULT_TIMEOUT_S, Inspector, JobRequest
@@ -32,11 +33,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--part", required=True, help="part id (yours, returned untouched)")
     p.add_argument("--meas", default="", help="measurement id (yours, returned untouched)")
     window = p.add_mutually_exclusive_group()
-    window.add_argument("--frames", type=int, help="judge the next N frames captured (default 1)")
-    window.add_argument("--window-ms", type=int, help="judge the frames captured within MS ms")
+    window.add_argument("--frames", type=positive_int, help="judge the next N frames captured (default 1)")
+    window.add_argument("--window-ms", type=positive_int, help="judge the frames captured within MS ms")
     p.add_argument(
         "--timeout",
-        type=float,
+        type=positive_float,
         default=DEFAULT_TIMEOUT_S,
         help="seconds to wait for frames before an error result (default %(default)s)",
     )

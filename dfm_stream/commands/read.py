@@ -7,7 +7,9 @@ Examples::
     dfm-stream read --config cameras.toml                 # every camera of the file
     dfm-stream read --config cameras.toml --camera line1  # one camera of the file
 
-Options given on the command line override the config file for every selected camera. The
+Options given on the command line override the environment and the config file for every
+selected camera (option > ``DFM__CAMERAS__ID__KEY`` > the camera's table > ``DFM__READER__KEY`` >
+``[reader]`` > default). The
 process serves ``/metrics``, ``/healthz`` and ``/readyz`` (ready = Redis reachable and every
 camera open) and exits 0 on SIGTERM/SIGINT, with ``--duration``, or when every finite source
 (video file or folder without ``--loop``, or ``--max-frames``) is done -- unless a camera sent
@@ -21,14 +23,9 @@ import logging
 import threading
 from typing import Any
 
-from dfm_stream.commands.argtypes import (
-    non_negative_float,
-    non_negative_int,
-    parsed,
-    positive_float,
-    positive_int,
-)
-from dfm_stream.config import CameraConfig, Config, parse_roi, parse_size
+from dfm_stream.commands.argtypes import positive_float, positive_int
+from dfm_stream.commands.config_flags import add_section_flags, overlay
+from dfm_stream.config import CameraConfig, Config, settings_config
 from dfm_stream.errors import ConfigError, NoFramesError, SourceError
 from dfm_stream.metrics import add_metrics_args
 from dfm_stream.signals import stop_on_signals
@@ -37,21 +34,21 @@ log = logging.getLogger(__name__)
 
 DEFAULT_METRICS_PORT = 9400
 
-# CLI option -> CameraConfig field, for options that override per-camera settings
-_OVERRIDES = {
-    "fps": "fps",
-    "size": "size",
-    "roi": "roi",
-    "jpeg_quality": "jpeg_quality",
-    "encoding": "encoding",
-    "maxlen": "maxlen",
-    "loop": "loop",
-    "backoff_initial": "backoff_initial",
-    "backoff_max": "backoff_max",
-    "open_timeout": "open_timeout",
-    "read_timeout": "read_timeout",
-    "pace": "pace",
-}
+CAMERA_FLAGS = (
+    "fps",
+    "size",
+    "roi",
+    "jpeg_quality",
+    "encoding",
+    "maxlen",
+    "loop",
+    "backoff_initial",
+    "backoff_max",
+    "open_timeout",
+    "read_timeout",
+    "pace",
+)
+"""The per-camera settings (``[reader]`` defaults, ``[[cameras]]`` tables) that ``read`` takes as options."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -74,25 +71,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="0 (USB index), rtsp:// or http(s):// URL, video file, image folder, or "
         "synthetic:seed=N,defect_rate=R,fps=F,size=WxH",
     )
-    s = p.add_argument_group("per-camera settings (override the config)")
-    s.add_argument("--fps", type=non_negative_float, help="frame-rate cap; 0 = source rate")
-    s.add_argument("--size", type=parsed(parse_size, "--size"), help="resize frames to WxH, e.g. 256x256")
-    s.add_argument("--roi", type=parsed(parse_roi, "--roi"), help="crop x,y,w,h (source pixels) first")
-    s.add_argument("--jpeg-quality", type=parsed(int, "--jpeg-quality"), help="1-100 (default 90)")
-    s.add_argument("--encoding", choices=("jpeg", "raw"), help="frame encoding (default jpeg)")
-    s.add_argument("--maxlen", type=non_negative_int, help="stream MAXLEN ~ (default ~10 s)")
-    s.add_argument("--loop", action="store_true", default=None, help="loop video files and folders")
-    s.add_argument("--backoff-initial", type=positive_float, help="seconds")
-    s.add_argument("--backoff-max", type=positive_float, help="reconnect delay cap (s)")
-    s.add_argument("--open-timeout", type=positive_float, help="seconds (default 10)")
-    s.add_argument("--read-timeout", type=positive_float, help="seconds (default 5)")
-    s.add_argument(
-        "--no-pace",
-        dest="pace",
-        action="store_false",
-        default=None,
-        help="read files/folders/synthetic as fast as possible instead of in real time",
+    s = p.add_argument_group(
+        "per-camera settings (option > environment > the camera's table > [reader] > default)"
     )
+    add_section_flags(s, CameraConfig, CAMERA_FLAGS)
     r = p.add_argument_group("run")
     r.add_argument("--max-frames", type=positive_int, help="per camera, then stop")
     r.add_argument("--duration", type=positive_float, help="stop after this many seconds")
@@ -101,34 +83,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    return {field: getattr(args, opt) for opt, field in _OVERRIDES.items() if getattr(args, opt) is not None}
-
-
-def select_cameras(args: argparse.Namespace) -> tuple[list[CameraConfig], Config | None]:
+def select_cameras(args: argparse.Namespace) -> tuple[list[CameraConfig], Config]:
     """Return the cameras ``args`` ask for (one from --camera/--source, or from --config)."""
-    overrides = _overrides(args)
+    config = settings_config(args.config)
     if args.config:
-        from dfm_stream.config import load_config
-
         if args.source:
             raise ConfigError("give either --source (with --camera) or --config, not both")
-        config = load_config(args.config)
         cams = list(config.cameras)
         if args.camera:
             cams = [config.camera(c.strip()) for c in args.camera.split(",") if c.strip()]
         if not cams:
             raise ConfigError(f"config {args.config} has no [[cameras]]")
-        try:
-            return [dataclasses.replace(c, **overrides) for c in cams], config
-        except ConfigError as e:
-            raise ConfigError(f"command-line options: {e}") from e
-    if not args.camera or not args.source:
+    elif not args.camera or not args.source:
         raise ConfigError("dfm-stream read needs --camera ID and --source SRC, or --config FILE")
-    try:
-        return [CameraConfig(id=args.camera, source=args.source, **overrides)], None
-    except ConfigError as e:
-        raise ConfigError(f"command-line options: {e}") from e
+    else:
+        try:
+            cams = [CameraConfig(id=args.camera, source=args.source, **dataclasses.asdict(config.reader))]
+        except ConfigError as e:
+            raise ConfigError(f"--camera/--source: {e}") from e
+    return [overlay(c, args, CAMERA_FLAGS) for c in cams], config
 
 
 def check_sources(cameras: list[CameraConfig]) -> None:
@@ -187,7 +160,7 @@ def _run(args: argparse.Namespace, stop: threading.Event) -> int:
 
     cameras, config = select_cameras(args)
     check_sources(cameras)
-    settings = settings_with_config(args, config.redis if config else None)
+    settings = settings_with_config(args, config.redis)
     if stop.is_set():
         return 0
     client = connect(settings, socket_timeout=2.0, socket_connect_timeout=2.0)
