@@ -37,6 +37,14 @@ from dfm_stream.metrics import WorkerMetrics, new_registry
 from dfm_stream.synthetic_parts import render_part
 
 SIZE = 64
+WIRE_FORMAT = Path(__file__).resolve().parents[1] / "docs" / "wire-format.md"
+
+
+def documented_drift_fields() -> set[str]:
+    """Return the field names of the drift hash table in docs/wire-format.md."""
+    text = WIRE_FORMAT.read_text(encoding="utf-8")
+    section = text[text.index("## Drift hash") :].split("\n## ", 1)[0]
+    return {line.split("`")[1] for line in section.splitlines() if line.startswith("| `")}
 
 
 def stats_of(frames: list[np.ndarray]) -> np.ndarray:
@@ -188,7 +196,7 @@ def test_the_watch_exports_metrics_and_writes_the_documented_hash(redis_client) 
         registry.get_sample_value("dfm_drift_image_psi", {"camera": "camA", "stat": "brightness"})
     )
     data = read_drift(redis_client, "camA", keys.DEFAULT_PREFIX, "test")
-    assert set(data) == {"model", "worker", "updated_ms", "frames", "verdict", "reason", "figures"}
+    assert set(data) == documented_drift_fields()
     assert (data["model"], data["worker"], data["frames"], data["verdict"]) == ("m@1", "w1", "180", "drift")
     lines = render("camA", data, int(data["updated_ms"]))
     assert lines[-1].startswith("verdict: DRIFT") and "enrol" in lines[-1]
