@@ -13,7 +13,7 @@ import hashlib
 import json
 import math
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from dfm_stream.drift import DriftReference, check_reference_json, reference_of
 from dfm_stream.errors import ArtifactError, DfmStreamError
 from dfm_stream.files import write_atomic
 from dfm_stream.images import IMAGENET_MEAN, IMAGENET_STD
@@ -70,11 +71,21 @@ class ArtifactInfo:
     library_version: str = ""
     content_hash: str = ""
     format_version: int = FORMAT_VERSION
+    drift: dict[str, Any] | None = None
+    """What the good frames looked like (:class:`dfm_stream.drift.DriftReference` JSON); None in
+    artifacts made before drift watch, and then left out of the metadata, so their hash holds."""
 
     @classmethod
-    def for_model(cls, model: DFMModel, image_size: tuple[int, int], n_train: int) -> ArtifactInfo:
-        """Describe a freshly fitted ``model`` (no calibration yet)."""
+    def for_model(
+        cls,
+        model: DFMModel,
+        image_size: tuple[int, int],
+        n_train: int,
+        drift: dict[str, Any] | None = None,
+    ) -> ArtifactInfo:
+        """Describe a freshly fitted ``model`` (no calibration yet), with its drift reference if given."""
         return cls(
+            drift=drift,
             backbone=model.backbone,
             layer=model.layer,
             pooling_kernel_size=model.pooling_kernel_size,
@@ -93,6 +104,8 @@ class ArtifactInfo:
         data = dataclasses.asdict(self)
         for key in ("image_size", "mean", "std"):
             data[key] = list(data[key])
+        if data["drift"] is None:
+            del data["drift"]
         return data
 
     @classmethod
@@ -216,6 +229,7 @@ _VALIDATORS: dict[str, Callable[[Any], str | None]] = {
     "library_version": _string,
     "content_hash": _string,
     "format_version": _int_in(1),
+    "drift": check_reference_json,
 }
 
 
@@ -423,9 +437,16 @@ def load_artifact(path_or_bytes: str | Path | bytes, device: str | torch.device 
 
 
 def update_calibration(
-    path: str | Path, threshold: float, score_min: float | None, score_max: float | None
+    path: str | Path,
+    threshold: float,
+    score_min: float | None,
+    score_max: float | None,
+    good_scores: Sequence[float] | None = None,
 ) -> ArtifactInfo:
-    """Rewrite the artifact at ``path`` with a new threshold and score statistics; return the new info."""
+    """Rewrite the artifact at ``path`` with a new threshold and score statistics; return the new info.
+
+    ``good_scores`` (the held-out good images' scores) become the score part of its drift reference.
+    """
     for name, value in (("threshold", threshold), ("score_min", score_min), ("score_max", score_max)):
         if value is not None and not math.isfinite(float(value)):
             raise _bad_field(name, value, "must be a finite number", str(path))
@@ -437,6 +458,9 @@ def update_calibration(
         score_min=None if score_min is None else float(score_min),
         score_max=None if score_max is None else float(score_max),
     )
+    if good_scores is not None:
+        reference = reference_of(info.drift, source) or DriftReference()
+        new_info = dataclasses.replace(new_info, drift=reference.with_scores(good_scores).to_json_dict())
     encoded, content_hash = _encode(tensors, new_info)
     write_atomic(path, encoded)
     return dataclasses.replace(new_info, content_hash=content_hash)

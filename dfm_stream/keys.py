@@ -14,6 +14,7 @@ Layout (default prefix ``dfm``)::
     dfm:{cam1}:job             string   the job running on cam1 (busy lock, expires)
     dfm:{cam1}:seq             hash     last sequence number handed to the consumer group, per session
     dfm:{cam1}:candidates      stream   frames marked false alarm in the console (candidate good samples)
+    dfm:{cam1}:drift           hash     latest drift figures of cam1 against its model's reference (workers)
     dfm:alarms                 stream   alarm and health events of every camera (+ pub/sub channel)
     dfm:deadletter             stream   frames that could not be scored, with a reason
     dfm:reviews                hash     frame id of a raised alarm -> JSON review (console)
@@ -96,6 +97,11 @@ def event_outbox_key(camera: str, prefix: str = DEFAULT_PREFIX) -> str:
 def seq_key(camera: str, prefix: str = DEFAULT_PREFIX) -> str:
     """Return the hash that tracks the last sequence number delivered to the group for ``camera``."""
     return _camera_key(camera, "seq", prefix)
+
+
+def drift_key(camera: str, prefix: str = DEFAULT_PREFIX) -> str:
+    """Return the hash holding the latest drift figures of ``camera`` (written by workers)."""
+    return _camera_key(camera, "drift", prefix)
 
 
 def alarms_key(prefix: str = DEFAULT_PREFIX) -> str:

@@ -150,6 +150,54 @@ class ReaderMetrics:
 
 
 @dataclass(frozen=True, kw_only=True)
+class DriftMetrics:
+    """How far each camera's recent frames are from its model's reference (:mod:`dfm_stream.drift`).
+
+    NaN while a figure is not available (no reference in the artifact, too few frames yet), so an
+    alert rule comparing it with a line stays silent.
+    """
+
+    score_psi: Gauge
+    score_quantile_ratio: Gauge
+    image_psi: Gauge
+    window_frames: Gauge
+
+    @classmethod
+    def create(cls, registry: CollectorRegistry) -> "DriftMetrics":
+        """Register the drift metrics on ``registry``."""
+        r, cam = registry, ["camera"]
+        return cls(
+            score_psi=Gauge(
+                "dfm_drift_score_psi",
+                "Population stability index of the last frames' scores against the calibration's good "
+                "scores (alert line 0.25).",
+                cam,
+                registry=r,
+            ),
+            score_quantile_ratio=Gauge(
+                "dfm_drift_score_quantile_ratio",
+                "(p95 of the last frames' scores - reference p50) / (reference p95 - reference p50): "
+                "1 as at calibration (alert line 2).",
+                cam,
+                registry=r,
+            ),
+            image_psi=Gauge(
+                "dfm_drift_image_psi",
+                "Population stability index of an image statistic (brightness, contrast, sharpness) of "
+                "the last frames against the training frames (alert line 0.25).",
+                ["camera", "stat"],
+                registry=r,
+            ),
+            window_frames=Gauge(
+                "dfm_drift_window_frames",
+                "Frames in the camera's drift window (figures need 100).",
+                cam,
+                registry=r,
+            ),
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
 class WorkerMetrics:
     """What a worker process reports."""
 
@@ -175,6 +223,7 @@ class WorkerMetrics:
     duplicates: Counter
     events_recovered: Counter
     seq_anomalies: Counter
+    drift: "DriftMetrics"
 
     def init_camera(self, camera: str) -> None:
         """Create the camera's event series at 0, so ``rate()``/``increase()`` also see the first event."""
@@ -318,6 +367,7 @@ class WorkerMetrics:
                 ["camera"],
                 registry=r,
             ),
+            drift=DriftMetrics.create(r),
         )
 
 

@@ -37,6 +37,7 @@ from dfm_stream.config import AlarmsConfig, WorkerConfig
 from dfm_stream.connect import RedisClient
 from dfm_stream.consumer import StreamConsumer, StreamEntry
 from dfm_stream.deadletter import send_to_deadletter
+from dfm_stream.drift_watch import DriftWatch
 from dfm_stream.errors import WireError
 from dfm_stream.inference import DecodedFrame, DecodeFailure, Decoder, Engine, parse_entry
 from dfm_stream.metrics import WorkerMetrics
@@ -174,6 +175,7 @@ class Worker:
             durability=self.settings.durability,
         )
         self.decoder = Decoder(self.engine.device, self.settings.max_pixels)
+        self.drift = DriftWatch(client, prefix, self.name, metrics.drift if metrics else None)
         self.batcher: Batcher[tuple[StreamEntry, FrameMsg, LoadedModel]] = Batcher(
             self.settings.batch_size, self.settings.max_wait_ms, self.settings.max_batch_bytes
         )
@@ -261,6 +263,9 @@ class Worker:
             self._warned_uncalibrated.add(model.label)
             log.warning("model %s has no threshold (not calibrated): no frame will be anomalous", model.label)
         self.stats.batches += 1
+        self.drift.observe(
+            [f.entry.camera for f in batch.frames], model.label, info, batch.tensor, result.scores
+        )
         items = []
         for i, frame in enumerate(batch.frames):
             score = float(result.scores[i])
@@ -529,6 +534,7 @@ class Worker:
         self._every("outbox", s.outbox_interval_s, self._deliver_stale_events)
         self._timers.setdefault("reclaim", time.monotonic() + max(0.05, s.claim_idle_s / 2))
         self._every("reclaim", max(0.05, s.claim_idle_s / 2), self._reclaim)
+        self._every("drift", s.stats_interval_s, self.drift.flush)
         if self.metrics:
             self._every("stats", s.stats_interval_s, self._group_stats)
             self._every("device", s.stats_interval_s, self._report_device)

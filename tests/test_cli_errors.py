@@ -122,6 +122,9 @@ CASES = [
     # cameras
     Case("cameras-list-unreachable", ("cameras", "list", *NO_REDIS), ("cannot reach Redis",)),
     Case("cameras-remove-unknown", ("cameras", "remove", *R, "nosuch"), ("'nosuch'",)),
+    # drift
+    Case("drift-unknown-camera", ("drift", *R, "--camera", "nosuchcam"), ("'nosuchcam'", "c1")),
+    Case("drift-redis-unreachable", ("drift", *NO_REDIS, "--camera", "c1"), ("cannot reach Redis",)),
     # console
     Case("console-port-range", ("console", *R, "--port", "70000"), ("--port", "70000")),
     Case("console-port-taken", ("console", *R, "--port", "{port}"), ("127.0.0.1:{port}", "--port")),

@@ -14,6 +14,7 @@ import pytest
 
 from dfm_stream.artifact import load_artifact, read_info
 from dfm_stream.cli import main
+from dfm_stream.drift import reference_of
 from dfm_stream.synthetic_parts import DEFECT_TYPES, make_dataset, render_part
 
 FIT_ARGS = [
@@ -66,6 +67,9 @@ def test_fit_writes_an_artifact_and_reports_k(fitted: Path, capsys: pytest.Captu
     info = read_info(fitted)
     assert (info.backbone, info.layer, info.image_size, info.n_train) == ("resnet18", "layer2", (96, 96), 40)
     assert info.weights_id == "random" and info.n_components > 0
+    reference = reference_of(info.drift)  # the drift reference: the training images' statistics
+    assert reference is not None and set(reference.image) == {"brightness", "contrast", "sharpness"}
+    assert all(d.n == 40 for d in reference.image.values()) and reference.scores is None
 
 
 def test_eval_separates_defects_with_random_weights(fitted: Path, dataset: Path, tmp_path: Path) -> None:

@@ -334,6 +334,54 @@ def anomaly_scores() -> list[Panel]:
     return [row("Anomaly scores"), heatmap, score_quantiles]
 
 
+def _alert_line(panel: Panel, at: float) -> Panel:
+    """Draw ``panel``'s alert line at ``at`` (red above it)."""
+    with_thresholds(panel, at)
+    panel["fieldConfig"]["defaults"]["custom"]["thresholdsStyle"] = {"mode": "line"}
+    return panel
+
+
+def drift() -> list[Panel]:
+    """Return the drift figures per camera against their alert lines (docs/drift.md)."""
+    return [
+        row("Drift"),
+        _alert_line(
+            timeseries(
+                "Score PSI per camera",
+                "Population stability index of the last 300 frames' scores against the calibration's "
+                "good scores; 0.25 is the alert line (DfmScoreDrift). Empty: the model has no reference "
+                "or fewer than 100 frames were scored since it was loaded.",
+                [(f"max by (camera) (dfm_drift_score_psi{{{CAM}}})", "{{camera}}")],
+            ),
+            0.25,
+        ),
+        _alert_line(
+            timeseries(
+                "Score quantile ratio per camera",
+                "(p95 of the last 300 scores - reference p50) / (reference p95 - reference p50): 1 as "
+                "at calibration, 2 is the alert line (DfmScoreDrift).",
+                [(f"max by (camera) (dfm_drift_score_quantile_ratio{{{CAM}}})", "{{camera}}")],
+            ),
+            2,
+        ),
+        _alert_line(
+            timeseries(
+                "Image statistic PSI per camera",
+                "PSI of brightness, contrast and sharpness of the last 300 frames against the model's "
+                "training frames; 0.25 is the alert line (DfmImageDrift).",
+                [(f"max by (camera, stat) (dfm_drift_image_psi{{{CAM}}})", "{{camera}} {{stat}}")],
+            ),
+            0.25,
+        ),
+        timeseries(
+            "Drift window frames per camera",
+            "Frames in each camera's drift window (300 at most; figures from 100 on). It starts "
+            "again from 0 when the camera's model version changes.",
+            [(f"max by (camera) (dfm_drift_window_frames{{{CAM}}})", "{{camera}}")],
+        ),
+    ]
+
+
 def models_and_processes() -> list[Panel]:
     """Return model versions, worker devices, GPU memory, errors and process resources."""
     jobs = 'job=~"dfm-readers|dfm-workers"'
@@ -397,6 +445,7 @@ def dashboard() -> dict[str, Any]:
         *backlog_and_losses(),
         *cameras_and_alarms(),
         *anomaly_scores(),
+        *drift(),
         *models_and_processes(),
     ]
     return {

@@ -180,7 +180,8 @@ def _train_paths(train: Path) -> list[Path]:
 def cmd_fit(args: argparse.Namespace) -> int:
     """Fit a model on ``--train`` and write the artifact to ``--out``."""
     from dfm_stream.artifact import ArtifactInfo, save_artifact
-    from dfm_stream.images import iter_batches
+    from dfm_stream.drift import ImageStatsCollector
+    from dfm_stream.images import IMAGENET_MEAN, IMAGENET_STD, iter_batches
     from dfm_stream.model import Dfm
 
     check_writable_folder(args.out.parent, "--out")
@@ -198,13 +199,17 @@ def cmd_fit(args: argparse.Namespace) -> int:
     )
     skipped: list[tuple[Path, str]] = []
     started = time.perf_counter()
+    image_stats = ImageStatsCollector(IMAGENET_MEAN, IMAGENET_STD)
     with _progress() as progress:
         task = progress.add_task("features", total=len(paths))
         batches = iter_batches(paths, args.batch_size, args.image_size, args.on_error, skipped)
-        model = trainer.fit((b for _, b in batches), on_batch=lambda n: progress.advance(task, n))
+        model = trainer.fit(
+            image_stats.tap(b for _, b in batches), on_batch=lambda n: progress.advance(task, n)
+        )
     elapsed = time.perf_counter() - started
     _report_skipped(skipped)
-    info = ArtifactInfo.for_model(model, args.image_size, trainer.n_train)
+    drift = image_stats.reference()
+    info = ArtifactInfo.for_model(model, args.image_size, trainer.n_train, drift=drift.to_json_dict())
     content_hash = save_artifact(args.out, model, info)
     print(f"fitted on {trainer.n_train} images: k={model.pca_model.k} components, fit time {elapsed:.1f} s")
     print(f"artifact: {args.out}")
@@ -401,7 +406,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     choice = choose_threshold(scores, y, args.max_fpr, args.margin, args.force)
     if choice.warning:
         print(f"warning: {choice.warning}", file=sys.stderr)
-    info = update_calibration(args.model, choice.threshold, float(scores.min()), float(scores.max()))
+    good = scores[y == 0]
+    info = update_calibration(args.model, choice.threshold, float(scores.min()), float(scores.max()), good)
     spread = f"{info.score_min:.6g} .. {info.score_max:.6g}"
     print(f"threshold {choice.threshold:.6g} ({choice.how}); scores {spread}")
     print(f"expected false-alarm rate: {choice.false_alarms}")
