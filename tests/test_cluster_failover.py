@@ -70,7 +70,7 @@ def test_replicated_durability_loses_no_accepted_frame_when_a_cluster_primary_di
     work += ["--metrics-port", "0", "--model", str(artifact.path), "--device", "cpu", "--threads", "1"]
     work += ["--cameras", ",".join(CAMERAS), "--claim-idle", "1"]
     workers = [procs.dfm(*work, name=f"worker{i}") for i in range(2)]
-    wports = [wait_metrics_port(procs, w) for w in workers]
+    wports = [wait_metrics_port(procs, w, 120) for w in workers]  # start-up is slow on a busy machine
 
     def scored() -> float:
         return sum(scrape(port, "dfm_worker_frames_scored_total") for port in wports)

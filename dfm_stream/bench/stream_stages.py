@@ -10,6 +10,10 @@
 * ``latency``: frames paced in real time at a fraction of the measured capacity; percentiles of
   the ``latency_ms`` the worker writes into every score (capture -> published), and of part
   inspection jobs run meanwhile on the first camera (trigger -> result).
+
+With ``durability="replicated"`` (``dfm-stream bench --durability replicated``, against a Redis
+with a replica) the workers and the transport stage's publisher confirm every publish with
+``WAIT 1``, and the latency stage's sender confirms every frame as a reader does.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from redis.cluster import RedisCluster
 
 from dfm_stream import keys, replies
 from dfm_stream.bench.env import percentile
@@ -264,7 +270,9 @@ def transport_run(setup: StreamSetup, rep: int, n_frames: int) -> dict[str, Any]
     prefix = setup.prefix("transport", rep)
     push_backlog(setup, prefix, n_frames, session=f"transport{rep}")
     try:
-        wall = run_echo_consumer(setup.client, prefix, setup.cameras, setup.batch_size, n_frames)
+        wall = run_echo_consumer(
+            setup.client, prefix, setup.cameras, setup.batch_size, n_frames, durability=setup.durability
+        )
         scores = read_scores(setup.client, prefix, setup.cameras)
     finally:
         delete_prefix(setup.client, prefix)
@@ -276,7 +284,13 @@ def transport_run(setup: StreamSetup, rep: int, n_frames: int) -> dict[str, Any]
 
 
 def run_echo_consumer(
-    client: RedisClient, prefix: str, cameras: list[str], batch_size: int, total: int, timeout: float = 600
+    client: RedisClient,
+    prefix: str,
+    cameras: list[str],
+    batch_size: int,
+    total: int,
+    timeout: float = 600,
+    durability: str = "local",
 ) -> float:
     """Read, decode and publish (score 0, no model) ``total`` frames as the worker does; return seconds.
 
@@ -290,10 +304,12 @@ def run_echo_consumer(
     from dfm_stream.inference import DecodedFrame, Decoder, parse_entry
     from dfm_stream.publisher import Publisher, PublisherThread
 
-    consumer = StreamConsumer(client, prefix=prefix)
+    consumer = StreamConsumer(client, prefix=prefix, cluster=isinstance(client, RedisCluster))
     consumer.add_cameras(cameras)
     decoder = Decoder(torch.device("cpu"))
-    publisher = PublisherThread(Publisher(client, prefix=prefix), lambda _items, _result: None)
+    publisher = PublisherThread(
+        Publisher(client, prefix=prefix, durability=durability), lambda _items, _result: None
+    )
     done = 0
     start = time.perf_counter()
     try:
