@@ -146,7 +146,7 @@ def add_redis_args(parser: argparse.ArgumentParser) -> None:
         choices=DURABILITY_LEVELS,
         default=os.environ.get("DFM_DURABILITY", "local"),
         help="local: a write counts once the primary has it; replicated: once a replica confirmed it "
-        "(WAIT 1), so a Sentinel failover loses no accepted frame or score (env DFM_DURABILITY; "
+        "(WAIT 1), so a Sentinel or Cluster failover loses no accepted frame or score (env DFM_DURABILITY; "
         "default %(default)s)",
     )
     g.add_argument(
