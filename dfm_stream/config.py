@@ -128,7 +128,7 @@ class RedisConfig:
     durability: str = _f(
         "local",
         "local: a write counts once the primary has it; replicated: once a replica confirmed it (WAIT 1),"
-        " so a Sentinel failover loses no accepted frame or score (env DFM_DURABILITY)",
+        " so a Sentinel or Cluster failover loses no accepted frame or score (env DFM_DURABILITY)",
         choices=("local", "replicated"),
     )
 

@@ -65,8 +65,6 @@ class RedisSettings:
     def __post_init__(self) -> None:
         if self.durability not in DURABILITY_LEVELS:
             raise RedisConnectError(f"durability {self.durability!r} must be 'local' or 'replicated'")
-        if self.durability == "replicated" and self.cluster:
-            raise RedisConnectError("--durability replicated is not supported with --cluster yet")
 
     def __repr__(self) -> str:
         return f"RedisSettings(url={self.safe_url()!r}, cluster={self.cluster}, prefix={self.prefix!r})"

@@ -18,7 +18,8 @@ and steps the camera's alarm state machine (:mod:`dfm_stream.alarms`). Guarantee
   outbox, and any worker delivers it after :data:`OUTBOX_DELIVER_AFTER_S` (without the picture):
   alarm events are delivered at least once.
 
-With ``durability="replicated"`` the script and a ``WAIT 1`` go in one round trip, and the
+With ``durability="replicated"`` the script and a ``WAIT 1`` go in one round trip (to the node
+that holds the camera's slot on a cluster: :mod:`dfm_stream.replication`), and the
 worker acknowledges the frames (counts them scored, delivers their alarm events) only once a
 replica confirmed the script's effects. A batch no replica confirmed in time is reported as
 ``unconfirmed``: its score and XACK are on the primary (and reach the replica later, or are lost
@@ -54,6 +55,7 @@ from dfm_stream.errors import WireError
 from dfm_stream.inference import DecodedFrame
 from dfm_stream.keys import DEFAULT_SCORES_MAXLEN
 from dfm_stream.metrics import WorkerMetrics
+from dfm_stream.replication import write_confirmed
 from dfm_stream.replies import text as _s
 from dfm_stream.wire import EventMsg, EventType, FrameMsg, ScoreMsg, ScoreStatus, make_frame_id
 
@@ -270,11 +272,10 @@ class Publisher:
         """Run the publish script; with ``replicated``, WAIT for one replica in the same round trip."""
         if not self.replicated:
             return self._script(keys=keys_, args=args), True
-        pipe = self.client.pipeline(transaction=False)
-        self._script(keys=keys_, args=args, client=pipe)
-        pipe.wait(1, REPLICA_WAIT_MS)
-        reply, replicas = pipe.execute()
-        return reply, int(replicas) >= 1
+        (reply,), confirmed = write_confirmed(
+            self.client, keys_[0], lambda pipe: self._script(keys=keys_, args=args, client=pipe)
+        )
+        return reply, confirmed
 
     def _unconfirmed(
         self, camera: str, items: list[ScoredItem], published: set[str], result: PublishResult

@@ -7,7 +7,8 @@ with jitter; each step is logged once, not each frame. Events and registrations 
 written are kept (bounded) and written when Redis answers again.
 
 With ``durability="replicated"`` a frame counts as accepted only once ``WAIT 1`` confirmed that a
-replica has it (XADD and WAIT go in one round trip). A frame no replica confirmed within
+replica has it (XADD and WAIT go in one round trip, to the node that holds the stream:
+:mod:`dfm_stream.replication`). A frame no replica confirmed within
 :data:`~dfm_stream.connect.REPLICA_WAIT_MS` is reported as dropped with reason ``unreplicated``
 (it is on the primary and may well be scored, but a failover now could lose it), and the sink
 backs off as if Redis were down: until a replica confirms again, frames are dropped at once
@@ -28,6 +29,7 @@ from dfm_stream.backoff import READER_SINK, Backoff
 from dfm_stream.connect import REPLICA_WAIT_MS, RedisClient
 from dfm_stream.errors import NotReplicatedError
 from dfm_stream.keys import DEFAULT_PREFIX, alarms_channel, alarms_key, cameras_key
+from dfm_stream.replication import write_confirmed
 from dfm_stream.wire import FIELD, EventMsg
 
 log = logging.getLogger(__name__)
@@ -122,11 +124,12 @@ class RedisSink:
             return "redis_unavailable"
         try:
             if self.replicated:
-                pipe = self.client.pipeline(transaction=False)
-                pipe.xadd(key, {FIELD: data}, maxlen=maxlen, approximate=True)
-                pipe.wait(1, REPLICA_WAIT_MS)
-                replicas = int(pipe.execute()[1])
-                if replicas < 1:
+                _, confirmed = write_confirmed(
+                    self.client,
+                    key,
+                    lambda pipe: pipe.xadd(key, {FIELD: data}, maxlen=maxlen, approximate=True),
+                )
+                if not confirmed:
                     self._failed(
                         NotReplicatedError(f"no replica confirmed the frame within {REPLICA_WAIT_MS} ms")
                     )

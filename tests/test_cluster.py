@@ -9,19 +9,16 @@ pending, and the cameras' keys are spread over the masters, each camera's keys i
 The model is pushed with ``model push --cluster`` and read back through the registry.
 """
 
-import random
 import signal
-import socket
 import subprocess
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import redis
+from cluster_helpers import RedisClusterNodes, node_keys
 from redis.cluster import RedisCluster
 from support import Processes, wait_until
-from tools import require_tool
 from worker_helpers import Artifact
 
 from dfm_stream import keys
@@ -40,68 +37,14 @@ ROUND_FRAMES = 8
 ROUNDS = 3
 
 
-def _bindable(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
-
-
-def cluster_ports(n: int) -> list[int]:
-    """Return ``n`` ports that are free together with their cluster bus ports (port + 10000)."""
-    rng = random.Random()
-    ports: list[int] = []
-    while len(ports) < n:
-        port = rng.randint(20000, 45000)
-        if port not in ports and _bindable(port) and _bindable(port + 10000):
-            ports.append(port)
-    return ports
-
-
-def cluster_state(server: EmbeddedRedis) -> str:
-    client = redis.Redis(host="127.0.0.1", port=server.port)
-    try:
-        return str(client.cluster("info").get("cluster_state"))
-    except redis.RedisError:
-        return "unreachable"
-    finally:
-        client.close()
-
-
 @pytest.fixture
 def redis_cluster(tmp_path: Path) -> Iterator[list[EmbeddedRedis]]:
     """Three masters (no replicas) holding all 16384 slots, stopped after the test."""
-    redis_cli = require_tool("redis-cli")
-    servers: list[EmbeddedRedis] = []
+    nodes = RedisClusterNodes(tmp_path / "cluster")
     try:
-        for i, port in enumerate(cluster_ports(3)):
-            workdir = tmp_path / f"node{i}"
-            workdir.mkdir()
-            args = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
-            args += ["--cluster-node-timeout", "5000"]
-            servers.append(EmbeddedRedis(port=port, workdir=workdir, extra_args=args).start())
-        nodes = [f"127.0.0.1:{s.port}" for s in servers]
-        cmd = [redis_cli, "--cluster", "create", *nodes, "--cluster-replicas", "0", "--cluster-yes"]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
-        assert done.returncode == 0, f"redis-cli --cluster create failed: {done.stdout}{done.stderr}"
-        wait_until(
-            lambda: all(cluster_state(s) == "ok" for s in servers), 30, what="cluster_state:ok on every node"
-        )
-        yield servers
+        yield nodes.start().servers
     finally:
-        for server in servers:
-            server.close()
-
-
-def node_keys(server: EmbeddedRedis, pattern: str) -> set[str]:
-    """Return the keys matching ``pattern`` that live on this one node."""
-    client = redis.Redis(host="127.0.0.1", port=server.port)
-    try:
-        return {k.decode() for k in client.scan_iter(match=pattern, count=1000)}
-    finally:
-        client.close()
+        nodes.close()
 
 
 def heartbeats(servers: list[EmbeddedRedis]) -> int:

@@ -33,6 +33,7 @@ from typing import Any
 from dfm_stream.backends import BACKENDS
 from dfm_stream.bench.env import CpuWindow, LoadSampler, machine_info
 from dfm_stream.bench.result import Runs, build_document
+from dfm_stream.connect import DURABILITY_LEVELS
 from dfm_stream.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,8 @@ class BenchSettings:
     fit_images: int = 1000
     fit_image_size: int = 256
     redis_url: str | None = None
+    cluster: bool = False
+    durability: str = "local"
     quick: bool = False
     workdir: str | None = None
 
@@ -85,6 +88,12 @@ class BenchSettings:
         unknown = [b for b in self.backends if b not in BACKENDS]
         if unknown:
             raise ConfigError(f"--backends: unknown {unknown}; choose from {', '.join(BACKENDS)}")
+        if self.durability not in DURABILITY_LEVELS:
+            raise ConfigError(
+                f"--durability must be one of {', '.join(DURABILITY_LEVELS)}, got {self.durability!r}"
+            )
+        if self.cluster and not self.redis_url:
+            raise ConfigError("--cluster needs --redis (a seed node of the cluster to measure)")
         if any(not 0 < x < 1.5 for x in self.loads):
             raise ConfigError(f"--loads must be fractions of capacity in (0, 1.5), got {self.loads}")
 
@@ -253,16 +262,16 @@ def _stream_setup(settings: BenchSettings, bench: Any, engine: Any, workdir: Pat
     if not STREAM_STAGES & set(settings.stages):
         yield None
         return
-    import redis
-
     from dfm_stream.artifact import ArtifactInfo, save_artifact
     from dfm_stream.bench.model_stages import synthetic_frames
     from dfm_stream.bench.stream_stages import StreamSetup, make_templates
+    from dfm_stream.connect import RedisSettings, connect
     from dfm_stream.embedded_redis import EmbeddedRedis
 
     server = None if settings.redis_url else EmbeddedRedis().start()
     url = settings.redis_url or server.url  # type: ignore[union-attr]
-    client = redis.Redis.from_url(url)
+    redis_settings = RedisSettings(url=url, cluster=settings.cluster, durability=settings.durability)
+    client = connect(redis_settings)
     try:
         artifact = workdir / "bench-model.dfm"
         save_artifact(
@@ -281,13 +290,22 @@ def _stream_setup(settings: BenchSettings, bench: Any, engine: Any, workdir: Pat
             worker_args=worker_args(settings, engine.backend),
             workers=settings.workers,
             batch_size=settings.batch_size,
+            durability=settings.durability,
         )
         pids = [server.proc.pid] if server is not None and server.proc is not None else []
-        yield _Setup(stream, str(client.info("server").get("redis_version")), pids)
+        yield _Setup(stream, server_version(client), pids)
     finally:
         client.close()
         if server is not None:
             server.close()
+
+
+def server_version(client: Any) -> str | None:
+    """Return the ``redis_version`` of the server (of one node of a cluster)."""
+    info = client.info("server")
+    if info and "redis_version" not in info:  # a cluster client: one INFO per node
+        info = next(iter(info.values()))
+    return str(info.get("redis_version")) if info else None
 
 
 def worker_args(settings: BenchSettings, backend: str) -> list[str]:
@@ -295,5 +313,6 @@ def worker_args(settings: BenchSettings, backend: str) -> list[str]:
     return [
         *("--batch-size", str(settings.batch_size), "--max-wait-ms", f"{settings.max_wait_ms:g}"),
         *("--device", settings.device, "--backend", backend, "--precision", settings.precision),
-        *("--metrics-port", "0"),
+        *("--metrics-port", "0", "--durability", settings.durability),
+        *(("--cluster",) if settings.cluster else ()),
     ]

@@ -46,6 +46,7 @@ class SoakSettings:
     fps: float = 10.0
     size: int = 64
     redis_url: str | None = None
+    durability: str = "local"
     model: Path | None = None
     workdir: Path | None = None
     warmup_fraction: float = 1 / 3
@@ -222,8 +223,9 @@ def _stream_counts(url: str, cameras: list[str]) -> dict[str, Any]:
     import redis
 
     from dfm_stream import keys, replies
+    from dfm_stream.connect import RedisSettings, connect
 
-    client = redis.Redis.from_url(url, socket_timeout=5)
+    client = connect(RedisSettings(url=url), socket_timeout=5)
     out: dict[str, Any] = {"scores": 0, "pending": 0, "lag": 0, "deadletter": 0}
     try:
         for camera in cameras:
@@ -268,10 +270,11 @@ def _start_pipeline(
 ) -> None:
     config = workdir / "cameras.toml"
     config.write_text(_reader_config(settings), encoding="utf-8")
-    children.start("reader", ["read", "--redis", url, "--config", str(config), "--metrics-port", "0"])
+    common = ["--redis", url, "--durability", settings.durability, "--metrics-port", "0"]
+    children.start("reader", ["read", *common, "--config", str(config)])
     cameras = ",".join(f"soak{i}" for i in range(settings.cameras))
-    worker_args = ["work", "--redis", url, "--model", str(model), "--cameras", cameras, "--device", "cpu"]
-    worker_args += ["--claim-idle", str(settings.claim_idle_s), "--metrics-port", "0"]
+    worker_args = ["work", *common, "--model", str(model), "--cameras", cameras, "--device", "cpu"]
+    worker_args += ["--claim-idle", str(settings.claim_idle_s)]
     for i in range(settings.workers):
         children.start(f"worker{i}", worker_args)
 

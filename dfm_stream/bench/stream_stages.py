@@ -10,6 +10,10 @@
 * ``latency``: frames paced in real time at a fraction of the measured capacity; percentiles of
   the ``latency_ms`` the worker writes into every score (capture -> published), and of part
   inspection jobs run meanwhile on the first camera (trigger -> result).
+
+With ``durability="replicated"`` (``dfm-stream bench --durability replicated``, against a Redis
+with a replica) the workers and the transport stage's publisher confirm every publish with
+``WAIT 1``, and the latency stage's sender confirms every frame as a reader does.
 """
 
 from __future__ import annotations
@@ -28,12 +32,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import redis
+from redis.cluster import RedisCluster
 
 from dfm_stream import keys, replies
 from dfm_stream.bench.env import percentile
+from dfm_stream.connect import RedisClient
 from dfm_stream.errors import DfmStreamError
 from dfm_stream.frame_codec import encode_frame
+from dfm_stream.replication import write_confirmed
 from dfm_stream.wire import FIELD, FrameMsg, ScoreMsg, ScoreStatus
 
 log = logging.getLogger(__name__)
@@ -46,7 +52,7 @@ PUSH_CHUNK = 200
 class StreamSetup:
     """What every Redis stage shares: the server, the frames to send and how workers are started."""
 
-    client: redis.Redis
+    client: RedisClient
     url: str
     base_prefix: str
     cameras: list[str]
@@ -56,6 +62,8 @@ class StreamSetup:
     worker_args: list[str] = field(default_factory=list)
     workers: int = 1
     batch_size: int = 8
+    durability: str = "local"
+    """``replicated``: the paced sender confirms each frame with ``WAIT 1``, as a reader does."""
 
     def prefix(self, stage: str, rep: int) -> str:
         """Return the key prefix of one stage run (every run writes its own keys)."""
@@ -91,7 +99,7 @@ def push_backlog(setup: StreamSetup, prefix: str, n: int, session: str) -> None:
     pipe.execute()
 
 
-def count_scores(client: redis.Redis, prefix: str, cameras: list[str]) -> int:
+def count_scores(client: RedisClient, prefix: str, cameras: list[str]) -> int:
     """Return how many score entries the cameras' score streams hold."""
     pipe = client.pipeline(transaction=False)
     for camera in cameras:
@@ -99,7 +107,7 @@ def count_scores(client: redis.Redis, prefix: str, cameras: list[str]) -> int:
     return int(sum(pipe.execute()))
 
 
-def read_scores(client: redis.Redis, prefix: str, cameras: list[str]) -> list[ScoreMsg]:
+def read_scores(client: RedisClient, prefix: str, cameras: list[str]) -> list[ScoreMsg]:
     """Read every score message of the cameras (oldest first per camera)."""
     out: list[ScoreMsg] = []
     for camera in cameras:
@@ -116,7 +124,7 @@ def read_scores(client: redis.Redis, prefix: str, cameras: list[str]) -> list[Sc
     return out
 
 
-def delete_prefix(client: redis.Redis, prefix: str) -> None:
+def delete_prefix(client: RedisClient, prefix: str) -> None:
     """Remove every key under ``prefix`` (the keys of one stage run)."""
     batch = []
     for key in client.scan_iter(match=f"{prefix}:*", count=1000):
@@ -262,7 +270,9 @@ def transport_run(setup: StreamSetup, rep: int, n_frames: int) -> dict[str, Any]
     prefix = setup.prefix("transport", rep)
     push_backlog(setup, prefix, n_frames, session=f"transport{rep}")
     try:
-        wall = run_echo_consumer(setup.client, prefix, setup.cameras, setup.batch_size, n_frames)
+        wall = run_echo_consumer(
+            setup.client, prefix, setup.cameras, setup.batch_size, n_frames, durability=setup.durability
+        )
         scores = read_scores(setup.client, prefix, setup.cameras)
     finally:
         delete_prefix(setup.client, prefix)
@@ -274,7 +284,13 @@ def transport_run(setup: StreamSetup, rep: int, n_frames: int) -> dict[str, Any]
 
 
 def run_echo_consumer(
-    client: redis.Redis, prefix: str, cameras: list[str], batch_size: int, total: int, timeout: float = 600
+    client: RedisClient,
+    prefix: str,
+    cameras: list[str],
+    batch_size: int,
+    total: int,
+    timeout: float = 600,
+    durability: str = "local",
 ) -> float:
     """Read, decode and publish (score 0, no model) ``total`` frames as the worker does; return seconds.
 
@@ -288,10 +304,12 @@ def run_echo_consumer(
     from dfm_stream.inference import DecodedFrame, Decoder, parse_entry
     from dfm_stream.publisher import Publisher, PublisherThread
 
-    consumer = StreamConsumer(client, prefix=prefix)
+    consumer = StreamConsumer(client, prefix=prefix, cluster=isinstance(client, RedisCluster))
     consumer.add_cameras(cameras)
     decoder = Decoder(torch.device("cpu"))
-    publisher = PublisherThread(Publisher(client, prefix=prefix), lambda _items, _result: None)
+    publisher = PublisherThread(
+        Publisher(client, prefix=prefix, durability=durability), lambda _items, _result: None
+    )
     done = 0
     start = time.perf_counter()
     try:
@@ -331,7 +349,11 @@ def _paced_send(setup: StreamSetup, prefix: str, rate: float, duration: float, s
         templates = setup.templates[camera]
         data = _frame_bytes(templates[i % len(templates)], seqs[camera], session)
         seqs[camera] += 1
-        setup.client.xadd(keys.frames_key(camera, prefix), {FIELD: data})
+        key = keys.frames_key(camera, prefix)
+        if setup.durability == "replicated":
+            write_confirmed(setup.client, key, lambda pipe: pipe.xadd(key, {FIELD: data}))  # noqa: B023
+        else:
+            setup.client.xadd(key, {FIELD: data})
     return n
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from dfm_stream.config import WORKER_BACKENDS, WORKER_PRECISIONS
+from dfm_stream.connect import DURABILITY_LEVELS
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--loads", type=_floats, default=None, help="latency loads (default: 0.5,0.8)")
     p.add_argument("--transport-frames", type=int, default=None, help="frames of the transport stage")
     p.add_argument("--fit-images", type=int, default=None, help="training images of the fit stage (1000)")
-    p.add_argument("--redis", default=None, help="use this Redis URL (default: an embedded server)")
+    p.add_argument(
+        "--redis",
+        default=None,
+        help="use this Redis URL, redis+sentinel:// included (default: an embedded server)",
+    )
+    p.add_argument("--cluster", action="store_true", default=None, help="--redis is a seed node of a cluster")
+    p.add_argument(
+        "--durability",
+        default=None,
+        choices=DURABILITY_LEVELS,
+        help="the workers' and the paced sender's durability (default: local; replicated needs a replica)",
+    )
     p.add_argument("--workdir", type=Path, default=None, help="keep artifacts and worker logs here")
     p.add_argument("--out", type=Path, default=None, help="write the JSON result here")
     p.add_argument("--markdown", type=Path, default=None, help="also write the tables as markdown")
@@ -99,6 +111,8 @@ _FIELDS = {
     "transport_frames": "transport_frames",
     "fit_images": "fit_images",
     "redis": "redis_url",
+    "cluster": "cluster",
+    "durability": "durability",
 }
 
 

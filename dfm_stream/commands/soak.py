@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 from dfm_stream.commands.argtypes import float_at_least, int_at_least, non_negative_float, positive_int
+from dfm_stream.connect import DURABILITY_LEVELS
 from dfm_stream.errors import ConfigError
 
 
@@ -25,7 +26,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--size", type=int_at_least(32), default=64, help="frame side in px (64)")
     p.add_argument("--model", type=Path, help="artifact to score with (default: fit a tiny one at start)")
     p.add_argument(
-        "--redis", help="use this Redis (redis:// or unix://, no TLS options) instead of an embedded server"
+        "--redis",
+        help="use this Redis (redis://, unix:// or redis+sentinel://, no TLS options) instead of an embedded "
+        "server",
+    )
+    p.add_argument(
+        "--durability",
+        choices=DURABILITY_LEVELS,
+        default="local",
+        help="the reader's and the workers' --durability (replicated needs a replica; default %(default)s)",
     )
     p.add_argument("--workdir", type=Path, help="keep logs, config and model here (default: a temp dir)")
     p.add_argument("--out", type=Path, help="write the report (with every RSS sample) as JSON here")
@@ -53,6 +62,7 @@ def cmd_soak(args: argparse.Namespace) -> int:
         fps=args.fps,
         size=args.size,
         redis_url=args.redis,
+        durability=args.durability,
         model=args.model,
         workdir=args.workdir,
         max_growth_mib=args.max_growth_mib,
