@@ -16,7 +16,8 @@ from chaos_helpers import group_pending, score_counts, stream_ids, undelivered
 from redis.cluster import RedisCluster
 
 from dfm_stream import keys
-from dfm_stream.alarms import AlarmSettings, alarm_state
+from dfm_stream.alarms import alarm_state
+from dfm_stream.config import AlarmsConfig
 from dfm_stream.reader import Reader
 from dfm_stream.wire import FIELD, FrameMsg, ScoreMsg, ScoreStatus
 
@@ -62,9 +63,9 @@ class AlarmReplay:
     """Whether the alarm was active at the last score published before the ``until_ns`` given."""
 
 
-def replay_alarm(scores: list[ScoreMsg], until_ns: int, rules: AlarmSettings | None = None) -> AlarmReplay:
+def replay_alarm(scores: list[ScoreMsg], until_ns: int, rules: AlarmsConfig | None = None) -> AlarmReplay:
     """Step the alarm rules (cooldown 0) over ``scores`` in order, as the publish script did."""
-    rules = rules or AlarmSettings()
+    rules = rules or AlarmsConfig()
     state = AlarmReplay()
     for score in scores:
         if score.status != ScoreStatus.SCORED:
