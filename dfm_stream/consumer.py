@@ -15,16 +15,20 @@ frame of the same reader session that was trimmed by ``MAXLEN`` before the group
 counted (never over-counted): frames trimmed at the very end of a reader session (the next session
 starts a new count), and frames of a second reader writing the same camera at the same time (each
 session switch restarts the count). Entries whose ``msg`` cannot be unpacked are ignored by the
-accounting and handed over as they are (the worker dead-letters them). The script reads
+accounting and handed over as they are (the worker dead-letters them); entries the worker could
+only refuse as ``oversized`` or for a missing ``msg`` are handed over cut to the prefix a dead
+letter keeps, with the reason (:class:`Refusal`), so their bulk never leaves Redis. The script reads
 ``seq``/``session`` with a small msgpack scanner of its own (Redis' ``cmsgpack`` refuses the
-``bin`` type that carries the image), which stops as soon as it has both fields.
+``bin`` type that carries the image), which reads the top-level keys of the map (to see an
+oversized array or map wherever it is) and stops at the first value it cannot read.
 
 Bounded work per entry, whatever it holds (constants in :mod:`dfm_stream.read_script`): the
 scanner looks at no more than ``SCAN_MAX_ITEMS`` msgpack items (strings and binaries are jumped
 over, at most ``SCAN_MAX_STR`` bytes of a string are copied), an entry above ``max_frame_bytes``
-is not scanned at all, and the gap count is bounded per camera: a ``seq`` that goes back, is at
-least ``SEQ_MAX``, or jumps further than ``GAP_PER_MS`` frames per millisecond of entry-id time
-(plus ``GAP_SLACK``) is returned as a seq anomaly, never as a gap, and the count restarts.
+is not scanned at all (it is handed over cut), and the gap count is bounded per camera: a
+``seq`` that goes back, is at least ``SEQ_MAX``, or jumps further than ``GAP_PER_MS`` frames per
+millisecond of entry-id time (plus ``GAP_SLACK``) is returned as a seq anomaly, never as a gap,
+and the count restarts.
 
 Waiting for frames costs no polling: when a scripted read returns nothing, the script also
 returns the group's last-delivered id (from ``XINFO GROUPS``: no entry is copied into Lua), which
@@ -48,7 +52,7 @@ from dfm_stream.connect import RedisClient
 from dfm_stream.liveness import DEFAULT_MAX_CAMERAS
 from dfm_stream.read_script import READ_SCRIPT
 from dfm_stream.replies import text as _s
-from dfm_stream.wire import FIELD, frame_bytes_cap
+from dfm_stream.wire import FIELD, MAX_FRAME_ITEMS, frame_bytes_cap
 
 log = logging.getLogger(__name__)
 
@@ -98,20 +102,41 @@ def consumer_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{random.getrandbits(16):04x}"
 
 
+@dataclass(frozen=True)
+class Refusal:
+    """Why the read script handed an entry on cut: the dead-letter reason and text, its real size."""
+
+    reason: str
+    error: str
+    size: int
+
+
 @dataclass
 class StreamEntry:
-    """One entry of a frame stream as handed to the worker (``payload`` None: no ``msg`` field)."""
+    """One entry of a frame stream as handed to the worker (``payload`` None: no ``msg`` field).
+
+    An entry the read script refused (``refused`` set) has no ``payload``; ``raw`` holds the first
+    :data:`~dfm_stream.wire.DEADLETTER_PAYLOAD_BYTES` of it, all the dead letter keeps.
+    """
 
     camera: str
     entry_id: str
     payload: bytes | None
     raw: bytes = b""
     deliveries: int = 1
+    refused: Refusal | None = None
 
     @property
     def entry_ms(self) -> int:
         """Milliseconds part of the entry id (when Redis accepted the frame)."""
         return int(self.entry_id.split("-", 1)[0])
+
+    @property
+    def size(self) -> int:
+        """Length of the entry's ``msg`` (without one: of ``raw``), also when it was handed on cut."""
+        if self.refused is not None:
+            return self.refused.size
+        return len(self.payload if self.payload is not None else self.raw)
 
 
 @dataclass
@@ -141,6 +166,22 @@ def _entry(camera: str, entry_id: bytes | str, fields: object) -> StreamEntry:
     payload = values.get(FIELD)
     raw = payload if payload is not None else b"".join(_s(k).encode() + b"=" + v for k, v in values.items())
     return StreamEntry(camera, _s(entry_id), payload, raw)
+
+
+def _refusal(entry_id: str, kind: str, n: int, size: int, max_bytes: int) -> Refusal:
+    """Say why the read script cut an entry: dead-letter reason and text (see :mod:`read_script`)."""
+    what = f"frame message of entry {entry_id}"
+    if kind == "bytes":
+        return Refusal("oversized", f"{what}: {n} bytes, more than the {max_bytes}-byte cap", size)
+    if kind == "items":
+        error = f"{what}: a msgpack array or map of {n} elements, more than {MAX_FRAME_ITEMS}"
+        return Refusal("oversized", error, size)
+    return Refusal("bad_message", f"entry {entry_id} has no 'msg' field", size)
+
+
+def _cut_entry(camera: str, raw_entry: object, refusal: Refusal) -> StreamEntry:
+    entry_id, fields = raw_entry[0], raw_entry[1]  # type: ignore[index]
+    return StreamEntry(camera, _s(entry_id), None, bytes(fields[1]), refused=refusal)
 
 
 class StreamConsumer:
@@ -263,7 +304,15 @@ class StreamConsumer:
         reply = self._read(keys=[frames, seq], args=args)
         raw_entries, gaps, top, odd = reply[0], max(0, int(reply[1])), _s(reply[2]), max(0, int(reply[3]))
         self._top[camera] = top
-        return [_entry(camera, e[0], e[1]) for e in raw_entries], gaps, odd
+        cut = {
+            _s(r[0]): _refusal(_s(r[0]), _s(r[1]), int(r[2]), int(r[3]), self.max_frame_bytes)
+            for r in reply[4]
+        }
+        entries = [
+            _cut_entry(camera, e, cut[_s(e[0])]) if _s(e[0]) in cut else _entry(camera, e[0], e[1])
+            for e in raw_entries
+        ]
+        return entries, gaps, odd
 
     def read(self, count: int, cameras: list[str] | None = None) -> ReadResult:
         """Read up to ``count`` new entries in total, round-robin over ``cameras`` (default all)."""

@@ -1,4 +1,10 @@
-"""The dead-letter stream: frames that cannot be scored, kept with their original bytes and a reason.
+"""The dead-letter stream: frames that cannot be scored, kept with a reason and their first bytes.
+
+A dead letter keeps at most :data:`~dfm_stream.wire.DEADLETTER_PAYLOAD_BYTES` of the original
+``msg`` (a prefix, unchanged: a frame up to that size whole) and its full length as ``size``, so a
+camera that writes huge entries costs the dead-letter stream a bounded amount per entry, and
+``MAXLEN`` bounds its memory. An entry the read script refused (too large, see
+:mod:`dfm_stream.read_script`) reaches the worker with that prefix only.
 
 Reasons: the :class:`~dfm_stream.errors.WireError` reasons of the frame codec (``bad_msgpack``,
 ``bad_message`` — also a missing ``msg`` field —, ``unsupported_version``, ``too_large``,
@@ -18,7 +24,7 @@ import time
 from dfm_stream import keys
 from dfm_stream.connect import RedisClient
 from dfm_stream.consumer import StreamEntry
-from dfm_stream.wire import FIELD, DeadLetterMsg, make_frame_id
+from dfm_stream.wire import DEADLETTER_PAYLOAD_BYTES, FIELD, DeadLetterMsg, make_frame_id
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +41,7 @@ def send_to_deadletter(
     worker: str = "",
     maxlen: int = DEADLETTER_MAXLEN,
 ) -> DeadLetterMsg:
-    """XADD ``entry`` (``msg``: why; ``payload``: original bytes) to the dead-letter stream, then XACK."""
+    """XADD ``entry`` (``msg``: why; ``payload``: its first bytes) to the dead-letter stream, then XACK."""
     msg = DeadLetterMsg(
         camera=entry.camera,
         frame_id=make_frame_id(entry.camera, entry.entry_id),
@@ -44,11 +50,12 @@ def send_to_deadletter(
         ts=time.time_ns(),
         deliveries=entry.deliveries,
         worker=worker,
+        size=entry.size,
     )
-    payload = entry.payload if entry.payload is not None else entry.raw
+    original = entry.payload if entry.payload is not None else entry.raw
     client.xadd(
         keys.deadletter_key(prefix),
-        {FIELD: msg.to_bytes(), "payload": payload},
+        {FIELD: msg.to_bytes(), "payload": original[:DEADLETTER_PAYLOAD_BYTES]},
         maxlen=maxlen,
         approximate=True,
     )

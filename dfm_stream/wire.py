@@ -68,6 +68,8 @@ FRAME_OVERHEAD_BYTES = 1 << 20
 """Room for the keys of a frame message besides its pixels (producers may add keys of their own)."""
 MAX_FRAME_ITEMS = 65_536
 """Most elements one msgpack array or map of a frame message may hold (a frame needs a dozen)."""
+DEADLETTER_PAYLOAD_BYTES = 65_536
+"""Most bytes of a refused frame a dead letter keeps (its ``payload``: a prefix; ``size``: the whole)."""
 
 
 def frame_bytes_cap(max_pixels: int = DEFAULT_MAX_PIXELS) -> int:
@@ -380,8 +382,11 @@ class EventMsg:
 class DeadLetterMsg:
     """Why a frame could not be scored; stored beside the original payload in ``{prefix}:deadletter``.
 
-    The dead-letter entry has two fields: ``msg`` (this message) and ``payload`` (the original
-    ``msg`` bytes of the frame entry, unchanged, so it can be inspected or replayed).
+    The dead-letter entry has two fields: ``msg`` (this message) and ``payload`` (the first
+    :data:`DEADLETTER_PAYLOAD_BYTES` of the original ``msg`` bytes of the frame entry, unchanged:
+    the whole of a frame up to that size, so it can be inspected or replayed). ``size`` is the
+    length of the original bytes (more than the ``payload``'s: it was cut); None in dead letters
+    written before it existed.
     """
 
     camera: str
@@ -391,6 +396,7 @@ class DeadLetterMsg:
     ts: int
     deliveries: int = 1
     worker: str = ""
+    size: int | None = None
 
     WHAT: ClassVar[str] = "dead-letter message"
 
@@ -411,6 +417,7 @@ class DeadLetterMsg:
             ts=_get(obj, "ts", int, what),
             deliveries=_get(obj, "deliveries", int, what, 1),
             worker=_get(obj, "worker", str, what, ""),
+            size=_get(obj, "size", int, what, None),
         )
 
 

@@ -421,6 +421,9 @@ class Worker:
             if claimed and entry.deliveries > self.settings.max_deliveries:
                 self._dead_letter(entry, "max_deliveries", f"delivered {entry.deliveries} times")
                 continue
+            if entry.refused is not None:  # cut by the read script: its payload never came over
+                self._dead_letter(entry, entry.refused.reason, entry.refused.error)
+                continue
             try:
                 msg = parse_entry(entry, self.settings.max_pixels, self.max_frame_bytes)
             except WireError as e:

@@ -20,19 +20,22 @@ from worker_helpers import pending, push_frame, push_frames
 
 from dfm_stream import keys
 from dfm_stream.consumer import StreamConsumer
-from dfm_stream.wire import FIELD, DeadLetterMsg, FrameMsg
+from dfm_stream.deadletter import send_to_deadletter
+from dfm_stream.wire import DEADLETTER_PAYLOAD_BYTES, FIELD, DeadLetterMsg, FrameMsg
 
 IMG = np.full((16, 16, 3), 128, np.uint8)
 PAD_ITEMS = 14_000_000
 
 
-def padded_frame(camera: str, seq: int = 0) -> bytes:
-    """A valid raw 16x16 frame message whose first key holds an array of 14 million zeros."""
+def padded_frame(camera: str, seq: int = 0, pad_last: bool = False) -> bytes:
+    """A valid raw 16x16 frame message whose first (or last) key holds an array of 14 million zeros."""
     body = {"v": 1, "camera": camera, "seq": seq, "session": "s", "ts": time.time_ns(), "enc": "raw"}
     body.update({"w": 16, "h": 16, "c": 3, "data": IMG.tobytes()})
     rest = msgpack.packb(body, use_bin_type=True)
     assert rest[0] == 0x80 + len(body)  # fixmap header; one more key goes in front
     pad = b"\xdd" + struct.pack(">I", PAD_ITEMS) + b"\x00" * PAD_ITEMS
+    if pad_last:  # after seq and session: the scan must go on to find it
+        return bytes([0x80 + len(body) + 1]) + rest[1:] + msgpack.packb("pad") + pad
     return bytes([0x80 + len(body) + 1]) + msgpack.packb("pad") + pad + rest[1:]
 
 
@@ -70,6 +73,9 @@ def test_a_padded_entry_never_makes_redis_answer_busy_and_is_dead_lettered(
     assert answered > 0
     letters = deadletters(redis_client)
     assert [(d.frame_id, d.reason) for d in letters] == [(f"bad:{bad_id}", "oversized")]
+    padded = padded_frame("bad")
+    assert letters[0].size == len(padded)  # the dead letter keeps a bounded prefix and the real size
+    assert redis_client.xrange(keys.deadletter_key())[0][1][b"payload"] == padded[:DEADLETTER_PAYLOAD_BYTES]
     assert score_counts(redis_client, "good") == {f"good:{i}": 1 for i in good_ids}
     assert score_counts(redis_client, "bad") == {}
     assert pending(redis_client, "bad") == pending(redis_client, "good") == 0
@@ -84,6 +90,48 @@ def test_an_entry_above_max_frame_bytes_is_dead_lettered_unscanned(redis_client)
     result = consumer.read(10)
     assert len(result.entries) == 3
     assert result.trimmed == {"c1": 5}  # the oversized entry plays no part in the accounting
+
+
+def test_oversized_entries_reach_the_consumer_cut_to_a_prefix_with_their_reason_and_size(redis_client):
+    consumer = StreamConsumer(redis_client, name="a", max_frame_bytes=2_000_000)
+    consumer.add_cameras(["c1"])
+    key = keys.frames_key("c1")
+    honest = FrameMsg("c1", 0, 1, "raw", 16, 16, 3, IMG.tobytes(), session="s").to_bytes()
+    big = FrameMsg("c1", 4, 1, "raw", 1000, 1000, 3, bytes(3_000_000), session="s").to_bytes()
+    pad_first, pad_last = padded_frame("c1", 1), padded_frame("c1", 2, pad_last=True)
+    sent = {
+        redis_client.xadd(key, {FIELD: data}).decode(): (data, reason)
+        for data, reason in (
+            (honest, None),
+            (pad_first, "oversized"),
+            (pad_last, "oversized"),
+            (big, "oversized"),
+        )
+    }
+    sent[redis_client.xadd(key, {"image": bytes(3_000_000)}).decode()] = (
+        b"image=" + bytes(3_000_000),
+        "bad_message",
+    )
+    result = consumer.read(10)
+    assert [e.entry_id for e in result.entries] == list(sent)
+    for entry in result.entries:
+        original, reason = sent[entry.entry_id]
+        if reason is None:
+            assert entry.refused is None and entry.payload == original
+            continue
+        assert entry.refused is not None and entry.refused.reason == reason, entry.refused
+        assert entry.payload is None, "an oversized entry's payload never reaches the worker"
+        assert entry.raw == original[:DEADLETTER_PAYLOAD_BYTES]
+        assert entry.size == len(original)
+    assert result.trimmed == {}  # refused entries play no part in the accounting
+
+    letter = send_to_deadletter(
+        redis_client, result.entries[1], "oversized", "padded", prefix=keys.DEFAULT_PREFIX
+    )
+    stored = redis_client.xrange(keys.deadletter_key())[-1][1]
+    assert DeadLetterMsg.from_bytes(stored[FIELD.encode()]) == letter
+    assert letter.size == len(pad_first)
+    assert stored[b"payload"] == pad_first[:DEADLETTER_PAYLOAD_BYTES]
 
 
 def test_idle_polls_read_no_entry_into_the_script(redis_client):

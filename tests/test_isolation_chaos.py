@@ -6,7 +6,8 @@ bytes that are not msgpack, entries without the ``msg`` field, ``seq`` values th
 it once and keeps the model it had, as for a version that fails to load). Meanwhile a second
 client probes Redis every few milliseconds. Checked: Redis never answers ``BUSY`` (or any error)
 to the prober, every honest frame gets exactly one score and none is dead-lettered, nothing honest
-stays pending, the hostile entries end as dead letters with their reasons, and the worker keeps
+stays pending, the hostile entries end as dead letters with their reasons (each keeping at most a
+64 KiB prefix of what the camera sent, the padded ones their 14 MB as ``size``), and the worker keeps
 running without a traceback. Throughput and latency of the honest cameras beside a hostile one
 are measured by the benchmark (``dfm-stream bench --stages isolation``), not here.
 """
@@ -29,7 +30,7 @@ from worker_helpers import pending
 from dfm_stream import keys
 from dfm_stream.frame_codec import encode_frame
 from dfm_stream.registry import ModelRef, ModelRegistry
-from dfm_stream.wire import FIELD, DeadLetterMsg
+from dfm_stream.wire import DEADLETTER_PAYLOAD_BYTES, FIELD, DeadLetterMsg
 
 HONEST = ("cam1", "cam2", "cam3")
 EVIL = "evil"
@@ -161,6 +162,8 @@ def test_one_hostile_camera_never_stalls_errors_or_double_scores_the_honest_ones
     letters = _dead_letters(redis_client)
     assert {d.camera for d in letters} == {EVIL}, "an honest frame was dead-lettered"
     assert sorted(d.reason for d in letters) == sorted(expected_reasons)
+    stored = [f[b"payload"] for _, f in redis_client.xrange(keys.deadletter_key())]
+    assert max(len(p) for p in stored) <= DEADLETTER_PAYLOAD_BYTES < max(d.size or 0 for d in letters)
     assert worker.poll() is None
     log = procs.log(worker)
     assert "Traceback" not in log, log[-3000:]
