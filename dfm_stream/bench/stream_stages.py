@@ -274,13 +274,20 @@ def transport_run(setup: StreamSetup, rep: int, n_frames: int) -> dict[str, Any]
 
 
 def run_echo_consumer(
-    client: redis.Redis, prefix: str, cameras: list[str], batch_size: int, total: int, timeout: float = 600
+    client: redis.Redis,
+    prefix: str,
+    cameras: list[str],
+    batch_size: int,
+    total: int,
+    timeout: float = 600,
+    min_size: tuple[int, int] | None = None,
 ) -> float:
     """Read, decode and publish (score 0, no model) ``total`` frames as the worker does; return seconds.
 
     The worker's own parts and threads: this thread reads (:class:`StreamConsumer`) and decodes
     (:class:`Decoder`, its thread pool) like the worker's fetch thread, and a
-    :class:`PublisherThread` publishes and acks, so only the model is missing.
+    :class:`PublisherThread` publishes and acks, so only the model is missing. ``min_size``
+    decodes at model size (``work --decode-at-model-size``) for a model of that input.
     """
     import torch
 
@@ -302,7 +309,7 @@ def run_echo_consumer(
             if not result.entries:
                 consumer.wait(100)
                 continue
-            decoded = decoder.decode([(e, parse_entry(e)) for e in result.entries])
+            decoded = decoder.decode([(e, parse_entry(e)) for e in result.entries], min_size)
             publisher.submit([_echo_item(d, consumer.name) for d in decoded if isinstance(d, DecodedFrame)])
             done += len(result.entries)
     finally:

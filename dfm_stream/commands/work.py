@@ -91,6 +91,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--max-pixels", type=positive_int, default=None, help="largest w*h accepted (default 8192*8192)"
     )
     w.add_argument(
+        "--decode-at-model-size",
+        action="store_true",
+        help="decode a JPEG frame larger than the model's input at 1/2, 1/4 or 1/8 scale (libjpeg's "
+        "DCT scaling; faster, but scores move by up to a few %%: see README, off by default)",
+    )
+    w.add_argument(
         "--max-frame-bytes",
         type=positive_int,
         default=None,
@@ -167,6 +173,7 @@ def _settings(args: argparse.Namespace, config: Any) -> Any:
         scores_maxlen=args.scores_maxlen,
         max_pixels=_pick(args.max_pixels, DEFAULT_MAX_PIXELS),
         max_frame_bytes=args.max_frame_bytes,
+        decode_at_model_size=args.decode_at_model_size,
         alarm=alarm,
         burst=args.burst,
         max_frames=args.max_frames,
