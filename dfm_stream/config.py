@@ -186,7 +186,7 @@ class CameraConfig(ReaderConfig):
         return max(50, math.ceil(10 * (rate if rate > 0 else 30.0)))
 
 
-WORKER_PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+WORKER_PRECISIONS = ("auto", "fp32", "fp16", "bf16", "int8")
 """Backbone precisions (:data:`dfm_stream.inference.PRECISIONS`, spelled out: no torch import here)."""
 WORKER_BACKENDS = ("auto", "eager", "channels_last", "fused", "mkldnn", "compile", "onnxruntime", "openvino")
 """``auto`` and every :data:`dfm_stream.backends.BACKENDS` name (spelled out for the same reason)."""
@@ -200,7 +200,11 @@ class WorkerConfig:
     batch_size: int = _f(8, "largest model batch")
     max_wait_ms: float = _f(20.0, "longest wait after a batch's first frame before running it")
     device: str = _f("auto", "auto (CUDA if available), cpu, cuda, cuda:N")
-    precision: str = _f("auto", "backbone precision: auto (fp32 on CPU, bf16/fp16 on CUDA), fp32, fp16, bf16")
+    precision: str = _f(
+        "auto",
+        "backbone precision: auto (CPU: int8 where `dfm-stream quantize` validated it, else fp32; CUDA: "
+        "bf16/fp16), fp32, fp16, bf16 (CPU: needs AVX512-BF16/AMX), int8 (CPU, ONNX Runtime)",
+    )
     backend: str = _f("auto", "backbone runtime: auto (the fastest installed) or a name, see work --help")
     threads: int = _f(0, "CPU threads of the model; 0 = automatic, at most the cgroup CPU quota")
     claim_idle_s: float = _f(30.0, "reclaim frames pending this long at a dead or stuck consumer (XCLAIM)")

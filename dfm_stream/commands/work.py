@@ -54,7 +54,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--precision",
         default=None,
         choices=WORKER_PRECISIONS,
-        help="backbone precision: auto (default: fp32 on the CPU, bf16/fp16 on CUDA), fp32, fp16, bf16",
+        help="backbone precision: auto (default: on the CPU int8 where `dfm-stream quantize` validated "
+        "it, else fp32; bf16/fp16 on CUDA), fp32, fp16 (CUDA), bf16 (CUDA, or a CPU with AVX512-BF16/AMX), "
+        "int8 (CPU, ONNX Runtime, needs a `dfm-stream quantize` build)",
     )
     w.add_argument(
         "--backend",
