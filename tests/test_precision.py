@@ -8,19 +8,26 @@ ranking these defects; the Spearman bound holds whatever the weights.
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
 import torch
 
 from dfm_stream import backends, inference, quantize
+from dfm_stream.artifact import load_artifact
+from dfm_stream.cli import main
 from dfm_stream.errors import BackendError, ConfigError
 from dfm_stream.images import iter_batches, list_images
 from dfm_stream.inference import Engine, resolve_precision
 from dfm_stream.model import DFMModel
 from dfm_stream.precision_check import IMAGE_AUROC_TOL, MIN_SPEARMAN, PIXEL_AUROC_TOL, check_set, spearman
 from dfm_stream.synthetic_parts import OTHER_DEFECT_TYPES, make_dataset
+
+if TYPE_CHECKING:
+    from worker_helpers import Artifact
 
 SIZE = (96, 96)
 
@@ -139,3 +146,21 @@ def test_spearman_ranks_ties_by_their_average() -> None:
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     assert spearman([1, 1, 2, 3], [5, 5, 6, 7]) == pytest.approx(1.0)
     assert spearman(np.arange(5), [0, 2, 1, 3, 4]) == pytest.approx(0.9)
+
+
+def test_quantize_command_records_the_checks_and_auto_follows_the_verdict(
+    artifact: Artifact, tmp_path: Path, cache: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = make_dataset(tmp_path / "data", n_train=8, n_test_good=4, n_test_defect=4, size=64, seed=3)
+    out = tmp_path / "record.json"
+    status = main(["quantize", str(artifact.path), str(data), "--eval", str(data), "--json", str(out)])
+    record = json.loads(out.read_text())
+    assert status == (0 if record["validated"] else 3)
+    assert [c["name"] for c in record["checks"]] == ["data", "data"]
+    assert {"image_auroc_delta", "pixel_auroc_delta", "spearman", "passed"} <= set(record["checks"][0])
+    assert record["validated"] == all(c["passed"] for c in record["checks"])
+    assert "Spearman" in capsys.readouterr().out
+    model = load_artifact(artifact.path).model.eval()
+    engine = Engine("cpu", "auto", "auto")
+    engine.runner(model.feature_extractor, (64, 64))
+    assert engine.precision == ("int8" if record["validated"] else "fp32")
