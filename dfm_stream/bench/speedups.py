@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import tempfile
@@ -34,6 +35,7 @@ import torch
 
 from dfm_stream.bench.env import load_average, machine_info
 from dfm_stream.cpus import has_bf16, has_int8_dot
+from dfm_stream.quantize import CACHE_ENV
 
 SECONDS = 8.0
 
@@ -244,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": vars(args),
     }
     with tempfile.TemporaryDirectory(prefix="dfm-speedups-") as tmp:
+        os.environ[CACHE_ENV] = str(Path(tmp) / "cache")  # a fresh build (timed), not the user's cache
         n = args.test
         size = args.image_size
         first = make_dataset(
