@@ -12,6 +12,13 @@ Every backend computes in fp32 (OpenVINO's default lowers the precision on some 
 pinned to ``f32``) and must keep DFM scores within :data:`SCORE_RTOL` relative of fp32 eager:
 :func:`max_relative_difference` is how ``dfm-stream bench --stages backends`` checks it.
 
+Precision (``precision`` of :func:`build_backbone_runner`): ``fp32`` everywhere; ``int8`` on
+``onnxruntime`` only: the statically quantized model of :mod:`dfm_stream.quantize` (from its cache,
+or built from ``calibration`` batches); ``auto`` is int8 where the cache holds an int8 build of
+this backbone that :mod:`dfm_stream.precision_check` validated against fp32, fp32 otherwise.
+bf16 is not a backend matter: :class:`dfm_stream.inference.Engine` runs a torch backend under
+CPU autocast. The runner says which precision it computes in (:attr:`BackboneRunner.precision`).
+
 ONNX Runtime is a dependency of dfm-stream; OpenVINO is optional (``pip install
 dfm-stream[openvino]``). :func:`available_backends` lists what this install can run; asking for
 one that is missing is a :class:`~dfm_stream.errors.BackendError` naming the package to install.
@@ -24,7 +31,7 @@ import importlib.util
 import io
 import logging
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -77,6 +84,8 @@ class BackboneRunner:
     backend: str
     device: torch.device
     fn: Callable[[torch.Tensor], torch.Tensor]
+    precision: str = "fp32"
+    """``fp32`` or ``int8`` (the arithmetic of the backbone; outputs are fp32 either way)."""
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         """Return the feature map of a normalised ``(N, 3, H, W)`` batch."""
@@ -124,12 +133,18 @@ def resolve_backend(name: str, device: torch.device | str = "cpu") -> str:
     return backend
 
 
+RUNNER_PRECISIONS = ("fp32", "int8", "auto")
+"""What :func:`build_backbone_runner` computes in (``auto``: int8 where validated, else fp32)."""
+
+
 def build_backbone_runner(
     extractor: nn.Module,
     backend: str,
     example_batch: torch.Tensor,
     threads: int | None = None,
     inplace: bool = False,
+    precision: str = "fp32",
+    calibration: Iterable[torch.Tensor] | None = None,
 ) -> BackboneRunner:
     """Wrap ``extractor`` in a runner of ``backend`` (``auto`` allowed).
 
@@ -141,10 +156,21 @@ def build_backbone_runner(
     ``inplace`` for ``channels_last``/``compile``: then its own weights are converted to
     channels_last instead of a copy (what a worker wants; saving an artifact still works, as
     :mod:`dfm_stream.artifact` writes contiguous copies).
+
+    ``precision`` is one of :data:`RUNNER_PRECISIONS`. ``int8`` needs the ``onnxruntime`` backend
+    (``auto`` means it then) and either a cached int8 build of this backbone at this input size or
+    ``calibration`` (normalised batches) to build one; without both it is a :class:`BackendError`
+    naming the command that builds it.
     """
     device = next(extractor.parameters()).device
+    if precision not in RUNNER_PRECISIONS:
+        raise BackendError(f"unknown backbone precision {precision!r}: choose {', '.join(RUNNER_PRECISIONS)}")
+    if precision == "int8":
+        if backend not in ("auto", "onnxruntime"):
+            raise BackendError(f"--precision int8 runs on the onnxruntime backend, not {backend}")
+        backend = "onnxruntime"
     if backend == "auto":
-        return _build_auto(extractor, example_batch, threads, inplace)
+        return _build_auto(extractor, example_batch, threads, inplace, precision)
     backend = resolve_backend(backend, device)
     threads = threads or torch.get_num_threads()
     builders: dict[str, Callable[[], Callable[[torch.Tensor], torch.Tensor]]] = {
@@ -153,12 +179,13 @@ def build_backbone_runner(
         "fused": lambda: _fused(extractor),
         "mkldnn": lambda: _mkldnn(extractor),
         "compile": lambda: _compiled(extractor, max(1, int(example_batch.shape[0])), inplace),
-        "onnxruntime": lambda: _onnxruntime(extractor, example_batch, threads),
+        "onnxruntime": lambda: _onnxruntime(extractor, example_batch, threads, precision, calibration),
         "openvino": lambda: _openvino(extractor, example_batch, threads),
     }
     try:
         fn = builders[backend]()
-        runner = BackboneRunner(backend, device, fn)
+        used = getattr(fn, "precision", "fp32")
+        runner = BackboneRunner(backend, device, fn, used)
         runner(example_batch.to(device))  # warm-up: compile, allocate, choose kernels
     except BackendError:
         raise
@@ -168,12 +195,19 @@ def build_backbone_runner(
 
 
 def _build_auto(
-    extractor: nn.Module, example_batch: torch.Tensor, threads: int | None, inplace: bool
+    extractor: nn.Module, example_batch: torch.Tensor, threads: int | None, inplace: bool, precision: str
 ) -> BackboneRunner:
     candidates = auto_candidates(next(extractor.parameters()).device)
     for i, name in enumerate(candidates):
         try:
-            return build_backbone_runner(extractor, name, example_batch, threads, inplace)
+            return build_backbone_runner(
+                extractor,
+                name,
+                example_batch,
+                threads,
+                inplace,
+                precision if name == "onnxruntime" else "fp32",
+            )
         except BackendError as e:
             if i == len(candidates) - 1:
                 raise
@@ -276,24 +310,54 @@ def export_onnx(extractor: nn.Module, example_batch: torch.Tensor) -> bytes:
     return buffer.getvalue()
 
 
-def _onnxruntime(
-    extractor: nn.Module, example_batch: torch.Tensor, threads: int
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    import onnxruntime as ort
+class _OrtRun:
+    """An ONNX Runtime session as a runner function; ``precision`` says what the model computes in."""
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    session = ort.InferenceSession(
-        export_onnx(extractor, example_batch), options, providers=["CPUExecutionProvider"]
-    )
+    def __init__(self, model: bytes, threads: int, precision: str) -> None:
+        import onnxruntime as ort
 
-    def run(batch: torch.Tensor) -> torch.Tensor:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        self.precision = precision
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         array = batch.detach().cpu().float().contiguous().numpy()
-        return torch.from_numpy(session.run(None, {"images": array})[0])
+        return torch.from_numpy(self.session.run(None, {"images": array})[0])
 
-    return run
+
+def _onnxruntime(
+    extractor: nn.Module,
+    example_batch: torch.Tensor,
+    threads: int,
+    precision: str = "fp32",
+    calibration: Iterable[torch.Tensor] | None = None,
+) -> _OrtRun:
+    from dfm_stream import quantize
+
+    fp32 = export_onnx(extractor, example_batch[:1])  # the batch axis is dynamic: one key per input size
+    if precision == "fp32":
+        return _OrtRun(fp32, threads, "fp32")
+    key = quantize.backbone_key(fp32)
+    found = quantize.cached(key)
+    if precision == "auto":
+        if found is not None and found[1].validated:
+            return _OrtRun(found[0], threads, "int8")
+        return _OrtRun(fp32, threads, "fp32")
+    if found is not None:
+        return _OrtRun(found[0], threads, "int8")
+    if calibration is None:
+        size = tuple(example_batch.shape[-2:])
+        raise BackendError(
+            f"no int8 build of this backbone at {size[0]}x{size[1]} in {quantize.cache_dir()}: "
+            "build and validate it with `dfm-stream quantize MODEL DATA` on this machine (or point "
+            f"{quantize.CACHE_ENV} at a cache that has it), or use --precision fp32"
+        )
+    size = (int(example_batch.shape[-2]), int(example_batch.shape[-1]))
+    batches = (b.detach().cpu().float().numpy() for b in calibration)
+    return _OrtRun(quantize.build_int8(fp32, batches, size), threads, "int8")
 
 
 def _openvino(

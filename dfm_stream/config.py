@@ -203,7 +203,7 @@ class CameraConfig(ReaderConfig):
         return max(50, math.ceil(10 * (rate if rate > 0 else 30.0)))
 
 
-WORKER_PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+WORKER_PRECISIONS = ("auto", "fp32", "fp16", "bf16", "int8")
 """Backbone precisions (:data:`dfm_stream.inference.PRECISIONS`, spelled out: no torch import here)."""
 WORKER_BACKENDS = ("auto", "eager", "channels_last", "fused", "mkldnn", "compile", "onnxruntime", "openvino")
 """``auto`` and every :data:`dfm_stream.backends.BACKENDS` name (spelled out for the same reason)."""
@@ -219,7 +219,8 @@ class WorkerConfig:
     device: str = _f("auto", "auto (CUDA if available), cpu, cuda, cuda:N")
     precision: str = _f(
         "auto",
-        "backbone precision: auto (fp32 on the CPU, bf16/fp16 on CUDA), fp32, fp16, bf16",
+        "backbone precision: auto (CPU: int8 where `dfm-stream quantize` validated it, else fp32; CUDA:"
+        " bf16/fp16), fp32, fp16, bf16 (CPU: needs AVX512-BF16/AMX), int8 (CPU, ONNX Runtime)",
         choices=WORKER_PRECISIONS,
     )
     backend: str = _f(
@@ -244,6 +245,12 @@ class WorkerConfig:
     max_pixels: int = _f(DEFAULT_MAX_PIXELS, "largest frame accepted, in pixels (w*h)")
     max_frame_bytes: int = _f(
         0, "larger frame messages are dead-lettered as oversized; 0 = 3 * max_pixels + 1 MiB"
+    )
+
+    decode_at_model_size: bool = _f(
+        False,
+        "decode a JPEG frame larger than the model's input at 1/2, 1/4 or 1/8 scale (libjpeg's DCT"
+        " scaling; faster, but scores move by up to a few % against a full decode: see the README)",
     )
 
     def __post_init__(self) -> None:

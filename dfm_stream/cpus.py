@@ -49,3 +49,40 @@ def usable_cpus(root: Path = CGROUP_ROOT) -> int:
     if limit is not None:
         visible = min(visible, math.ceil(limit))
     return max(1, visible)
+
+
+CPU_FLAGS_OF_INTEREST = (
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512_vnni",
+    "avx_vnni",
+    "avx512_bf16",
+    "amx_bf16",
+    "amx_int8",
+)
+"""The ``/proc/cpuinfo`` flags that decide what reduced precision can gain (VNNI: int8 dot products)."""
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
+    """Return the CPU feature flags of the first processor in ``cpuinfo`` (empty where unreadable)."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags") and ":" in line:
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def has_bf16(flags: frozenset[str] | None = None) -> bool:
+    """Return True when the CPU computes bfloat16 natively (AVX512-BF16 or AMX-BF16)."""
+    flags = cpu_flags() if flags is None else flags
+    return bool({"avx512_bf16", "amx_bf16"} & flags)
+
+
+def has_int8_dot(flags: frozenset[str] | None = None) -> bool:
+    """Return True when the CPU has int8 dot-product instructions (VNNI, AVX-VNNI or AMX-INT8)."""
+    flags = cpu_flags() if flags is None else flags
+    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & flags)

@@ -73,8 +73,42 @@ def jpeg_size(data: bytes) -> tuple[int, int, int]:
     raise WireError("corrupt JPEG: no frame header found (truncated?)", "decode_error")
 
 
-def decode_frame(msg: FrameMsg, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Decode a frame message into an RGB uint8 HxWx3 array (grayscale is expanded to 3 channels)."""
+_REDUCED_FLAGS = {
+    (2, False): cv2.IMREAD_REDUCED_COLOR_2,
+    (4, False): cv2.IMREAD_REDUCED_COLOR_4,
+    (8, False): cv2.IMREAD_REDUCED_COLOR_8,
+    (2, True): cv2.IMREAD_REDUCED_GRAYSCALE_2,
+    (4, True): cv2.IMREAD_REDUCED_GRAYSCALE_4,
+    (8, True): cv2.IMREAD_REDUCED_GRAYSCALE_8,
+}
+"""OpenCV's reduced-size JPEG reads: libjpeg scales the DCT, so 1/2, 1/4, 1/8 cost far less."""
+
+
+def jpeg_reduction(width: int, height: int, min_size: tuple[int, int] | None) -> int:
+    """Return the largest JPEG reduction (1, 2, 4 or 8) keeping both sides >= ``min_size`` (h, w).
+
+    libjpeg rounds a reduced side up, so ``ceil(side / factor)`` must still cover the model's
+    side: the final resize then only ever shrinks, as it does from the full frame.
+    """
+    if min_size is None:
+        return 1
+    min_h, min_w = int(min_size[0]), int(min_size[1])
+    for factor in (8, 4, 2):
+        if -(-width // factor) >= min_w and -(-height // factor) >= min_h:
+            return factor
+    return 1
+
+
+def decode_frame(
+    msg: FrameMsg, max_pixels: int = DEFAULT_MAX_PIXELS, min_size: tuple[int, int] | None = None
+) -> np.ndarray:
+    """Decode a frame message into an RGB uint8 HxWx3 array (grayscale is expanded to 3 channels).
+
+    With ``min_size`` (the model's input, height and width), a JPEG frame larger than that is
+    decoded at 1/2, 1/4 or 1/8 scale (:func:`jpeg_reduction`): the result is smaller than the
+    frame but keeps its aspect ratio and is still at least ``min_size``, so the model's resize
+    sees the same picture at less cost. Raw frames are returned at full size.
+    """
     if msg.w * msg.h > max_pixels:
         raise WireError(f"camera {msg.camera}: {msg.w}x{msg.h} frame exceeds the pixel cap", "too_large")
     image: np.ndarray | None
@@ -90,7 +124,12 @@ def decode_frame(msg: FrameMsg, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndar
             raise WireError(
                 f"camera {msg.camera}: JPEG is {w}x{h} but the message says {msg.w}x{msg.h}", "shape_mismatch"
             )
-        flag = cv2.IMREAD_GRAYSCALE if msg.c == 1 else cv2.IMREAD_COLOR
+        gray = msg.c == 1
+        factor = jpeg_reduction(w, h, min_size)
+        if factor > 1:
+            flag = _REDUCED_FLAGS[(factor, gray)]
+        else:
+            flag = cv2.IMREAD_GRAYSCALE if gray else cv2.IMREAD_COLOR
         image = cv2.imdecode(np.frombuffer(msg.data, dtype=np.uint8), flag)
         if image is None:
             raise WireError(f"camera {msg.camera}: JPEG data could not be decoded (corrupt)", "decode_error")

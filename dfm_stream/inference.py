@@ -7,13 +7,21 @@
   ``channels_last`` eager on CUDA); each keeps scores within 1e-3 relative of fp32 eager. The
   runner is built once per backbone and image size when a model is prepared (export, compile,
   warm-up), so the first frame does not pay for it.
-* Precision (``--precision``): ``auto`` is fp32 on the CPU and bf16 (fp16 where bf16 is not
-  supported) on CUDA. Reduced precision is used for the **backbone only**, through autocast; the
-  pooled features are cast back to fp32 and the PCA / Gaussian score math runs in fp32. Expected
-  tolerance against fp32: fp16 within about 0.5 % relative of the fp32 score, bf16 within about
-  2 % (bf16 keeps 8 mantissa bits); a threshold calibrated in fp32 applies unchanged except for
-  frames within that margin of it. Choose ``--precision fp32`` for bit-for-bit the offline scores.
-* Decoding: JPEG frames are decoded with OpenCV in a small thread pool (OpenCV releases the GIL)
+* Precision (``--precision``): on CUDA ``auto`` is bf16 (fp16 where bf16 is not supported); on
+  the CPU ``auto`` is int8 where :mod:`dfm_stream.quantize`'s cache holds an int8 build of the
+  backbone that ``dfm-stream quantize`` validated against fp32 (ONNX Runtime backend), fp32
+  otherwise. ``int8`` runs the backbone statically quantized in ONNX Runtime (CPU only); ``bf16``
+  on the CPU is torch autocast on a torch backend and needs AVX512-BF16 or AMX (refused
+  elsewhere: emulated bf16 is slower than fp32). Reduced precision is used for the **backbone
+  only**; the pooled features are cast back to fp32 and the PCA / Gaussian score math runs in
+  fp32. Expected tolerance against fp32: fp16 within about 0.5 % relative of the fp32 score, bf16
+  within about 2 % (bf16 keeps 8 mantissa bits); int8 is held to image AUROC within 0.005, pixel
+  AUROC within 0.01 and score Spearman >= 0.99 on an evaluation set (:mod:`dfm_stream.precision_check`).
+  Choose ``--precision fp32`` for bit-for-bit the offline scores.
+* Decoding: JPEG frames are decoded with OpenCV in a small thread pool (OpenCV releases the GIL),
+  at 1/2, 1/4 or 1/8 scale when the frame is that much larger than the model's input (libjpeg's
+  DCT scaling; scores stay within 1e-3 relative of a full-size decode, alarm images keep the
+  frame's aspect ratio at the reduced size),
   or, on CUDA, with ``torchvision.io.decode_jpeg(device="cuda")`` (falling back to OpenCV for a
   batch the GPU decoder refuses). Pre-processing is :func:`dfm_stream.images.preprocess_tensor`
   (the same rule as offline scoring), run on the model's device.
@@ -32,6 +40,7 @@ from torch.nn import functional as F  # noqa: N812
 
 from dfm_stream import backends
 from dfm_stream.consumer import StreamEntry
+from dfm_stream.cpus import has_bf16
 from dfm_stream.errors import ConfigError, WireError
 from dfm_stream.frame_codec import decode_frame, jpeg_size
 from dfm_stream.images import preprocess_tensor
@@ -40,7 +49,7 @@ from dfm_stream.wire import DEFAULT_MAX_PIXELS, FrameMsg
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16", "int8")
 _RUNNERS = "_dfm_stream_runners"
 """The attribute of a feature extractor that holds its runners (they live and die with it)."""
 
@@ -66,14 +75,21 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """Return the autocast dtype of the backbone (None: plain fp32)."""
+def resolve_precision(
+    precision: str, device: torch.device, flags: frozenset[str] | None = None
+) -> torch.dtype | None:
+    """Return the autocast dtype of the backbone (None: no autocast: fp32, or int8 in the runtime).
+
+    ``flags`` are the CPU's feature flags (default: this machine's ``/proc/cpuinfo``).
+    """
     if precision not in PRECISIONS:
         raise ConfigError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
     if device.type != "cuda":
-        if precision not in ("auto", "fp32"):
-            raise ConfigError(f"--precision {precision} needs a CUDA device; on the CPU use fp32 (or auto)")
-        return None
+        return _cpu_autocast(precision, flags)
+    if precision == "int8":
+        raise ConfigError(
+            "--precision int8 runs on the CPU (ONNX Runtime); on CUDA use bf16 or fp16 (docs/scaling.md)"
+        )
     if precision == "fp32":
         return None
     if precision == "fp16":
@@ -81,6 +97,20 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     if precision == "bf16" or torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float16
+
+
+def _cpu_autocast(precision: str, flags: frozenset[str] | None) -> torch.dtype | None:
+    if precision == "bf16":
+        if not has_bf16(flags):
+            raise ConfigError(
+                "--precision bf16 on the CPU needs AVX512-BF16 or AMX (cpuinfo flags avx512_bf16 / "
+                "amx_bf16), which this CPU lacks: bf16 would be emulated, slower than fp32; "
+                "use fp32 or int8"
+            )
+        return torch.bfloat16
+    if precision not in ("auto", "fp32", "int8"):
+        raise ConfigError(f"--precision {precision} needs a CUDA device; on the CPU use fp32, int8 or bf16")
+    return None
 
 
 @dataclass
@@ -117,11 +147,14 @@ def parse_entry(
 
 
 def decode_parsed(
-    entry: StreamEntry, msg: FrameMsg, max_pixels: int = DEFAULT_MAX_PIXELS
+    entry: StreamEntry,
+    msg: FrameMsg,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    min_size: tuple[int, int] | None = None,
 ) -> DecodedFrame | DecodeFailure:
-    """Decode a parsed frame on the CPU; never raises for bad input."""
+    """Decode a parsed frame on the CPU (a JPEG at reduced scale down to ``min_size``); never raises."""
     try:
-        return DecodedFrame(entry, msg, decode_frame(msg, max_pixels))
+        return DecodedFrame(entry, msg, decode_frame(msg, max_pixels, min_size))
     except WireError as e:
         return DecodeFailure(entry, e.reason, str(e))
 
@@ -138,16 +171,23 @@ class Decoder:
         self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="decode")
         self._gpu_jpeg = device.type == "cuda"
 
-    def decode(self, frames: list[ParsedFrame]) -> list[DecodedFrame | DecodeFailure]:
-        """Decode ``frames`` (order kept)."""
+    def decode(
+        self, frames: list[ParsedFrame], min_size: tuple[int, int] | None = None
+    ) -> list[DecodedFrame | DecodeFailure]:
+        """Decode ``frames`` (order kept).
+
+        ``min_size`` is the model's input (height, width): on the CPU a larger JPEG is decoded at
+        1/2, 1/4 or 1/8 scale as long as both sides stay at least that
+        (:func:`dfm_stream.frame_codec.jpeg_reduction`); ``None`` decodes at full size.
+        """
         if self._gpu_jpeg:
             try:
                 return self._decode_gpu(frames)
             except Exception as e:  # the GPU decoder refused something: find the culprit on the CPU
                 log.debug("GPU JPEG decode failed for a batch (%s); decoding it with OpenCV", e)
         if len(frames) <= 1:
-            return [decode_parsed(e, m, self.max_pixels) for e, m in frames]
-        return list(self._pool.map(lambda f: decode_parsed(f[0], f[1], self.max_pixels), frames))
+            return [decode_parsed(e, m, self.max_pixels, min_size) for e, m in frames]
+        return list(self._pool.map(lambda f: decode_parsed(f[0], f[1], self.max_pixels, min_size), frames))
 
     def _decode_gpu(self, frames: list[ParsedFrame]) -> list[DecodedFrame | DecodeFailure]:
         from torchvision.io import ImageReadMode, decode_jpeg
@@ -208,8 +248,23 @@ class Engine:
         self.autocast = resolve_precision(precision, self.device)
         self.precision = "fp32" if self.autocast is None else str(self.autocast).replace("torch.", "")
         self.precision = {"float16": "fp16", "bfloat16": "bf16"}.get(self.precision, self.precision)
+        self.runner_precision = "fp32"
+        """What the backend computes in: ``int8``, ``auto`` (int8 where validated) or ``fp32``."""
+        if self.autocast is None and self.device.type == "cpu" and precision in ("int8", "auto"):
+            self.runner_precision = precision
+            self.precision = "int8" if precision == "int8" else "fp32"
+        if self.runner_precision == "int8" and backend not in ("auto", "onnxruntime"):
+            raise ConfigError(f"--precision int8 runs on --backend onnxruntime (or auto), not {backend}")
+        if self.autocast is not None and self.device.type == "cpu":
+            if backend in backends.CPU_ONLY_BACKENDS:
+                raise ConfigError(
+                    f"--precision {self.precision} on the CPU runs on a torch backend, not {backend}"
+                )
+            backend = "channels_last" if backend == "auto" else backend
         self.requested_backend = backend
-        self.backend = backends.resolve_backend(backend, self.device)
+        self.backend = backends.resolve_backend(
+            "onnxruntime" if self.runner_precision == "int8" else backend, self.device
+        )
         """The backend the runners use (for ``auto``: its first choice; a build failure falls back)."""
         self.batch_size = max(1, batch_size)
         self.threads = threads or torch.get_num_threads()
@@ -231,9 +286,16 @@ class Engine:
             example = torch.zeros((self.batch_size, 3, height, width), device=self.device)
             with self.autocast_scope():
                 runners[key] = backends.build_backbone_runner(
-                    extractor, self.requested_backend, example, threads=self.threads, inplace=True
+                    extractor,
+                    self.requested_backend,
+                    example,
+                    threads=self.threads,
+                    inplace=True,
+                    precision=self.runner_precision,
                 )
             self.backend = runners[key].backend
+            if self.autocast is None:
+                self.precision = runners[key].precision
             log.info("backbone at %dx%d runs on %s (%s)", height, width, self.backend, self.precision)
         return runners[key]
 

@@ -16,6 +16,9 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 DEFECT_TYPES: tuple[str, ...] = ("scratch", "spot")
+OTHER_DEFECT_TYPES: tuple[str, ...] = ("crack", "stain")
+"""Defects of a second evaluation set (``make_dataset(defects=OTHER_DEFECT_TYPES)``): a thin jagged
+dark line and a mid-grey blob, shapes and contrasts the default set does not have."""
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -81,22 +84,55 @@ def _draw_spot(
     return 35.0
 
 
+def _draw_crack(
+    rng: np.random.Generator, size: int, centre: tuple[float, float], radius: float, mask: np.ndarray
+) -> float:
+    offset = rng.uniform(0.3, 0.6) * radius
+    theta = rng.uniform(0, 2 * np.pi)
+    point = np.array([centre[0] + offset * np.cos(theta), centre[1] + offset * np.sin(theta)])
+    heading = rng.uniform(0, 2 * np.pi)
+    points = [point.copy()]
+    for _ in range(int(rng.integers(4, 7))):
+        heading += rng.uniform(-0.8, 0.8)
+        point = point + radius * rng.uniform(0.08, 0.14) * np.array([np.cos(heading), np.sin(heading)])
+        points.append(point.copy())
+    poly = np.round(np.array(points)).astype(np.int32)[:, None, :]
+    cv2.polylines(mask, [poly], False, 255, thickness=max(1, size // 128), lineType=cv2.LINE_AA)
+    return 60.0
+
+
+def _draw_stain(
+    rng: np.random.Generator, size: int, centre: tuple[float, float], radius: float, mask: np.ndarray
+) -> float:
+    offset = rng.uniform(0.35, 0.6) * radius
+    theta = rng.uniform(0, 2 * np.pi)
+    where = np.array([centre[0] + offset * np.cos(theta), centre[1] + offset * np.sin(theta)])
+    for _ in range(3):
+        blob = where + rng.uniform(-0.04, 0.04, 2) * size
+        r = max(2, round(size * rng.uniform(0.025, 0.045)))
+        cv2.circle(mask, (round(blob[0]), round(blob[1])), r, 255, thickness=-1, lineType=cv2.LINE_AA)
+    return 105.0
+
+
+_DRAW = {"scratch": _draw_scratch, "spot": _draw_spot, "crack": _draw_crack, "stain": _draw_stain}
+
+
 def render_part(
     rng: np.random.Generator, size: int = 256, defect: str | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Render one part: ``(BGR uint8 HxWx3 image, uint8 HxW mask with 0/255)``.
 
-    ``defect`` is None (a good part) or one of :data:`DEFECT_TYPES`; the mask marks the defect.
+    ``defect`` is None (a good part) or one of :data:`DEFECT_TYPES` / :data:`OTHER_DEFECT_TYPES`;
+    the mask marks the defect.
     """
-    if defect is not None and defect not in DEFECT_TYPES:
-        msg = f"unknown defect type {defect!r}: choose one of {', '.join(DEFECT_TYPES)} or None"
+    if defect is not None and defect not in _DRAW:
+        msg = f"unknown defect type {defect!r}: choose one of {', '.join(_DRAW)} or None"
         raise ValueError(msg)
     centre, radius = _part_geometry(rng, size)
     gray = _draw_part(rng, size, centre, radius)
     mask = np.zeros((size, size), np.uint8)
     if defect is not None:
-        draw = _draw_scratch if defect == "scratch" else _draw_spot
-        level = draw(rng, size, centre, radius, mask)
+        level = _DRAW[defect](rng, size, centre, radius, mask)
         alpha = mask.astype(np.float32) / 255.0
         gray = gray * (1 - alpha) + level * alpha
         mask = np.where(mask > 127, 255, 0).astype(np.uint8)
@@ -121,13 +157,18 @@ def make_dataset(
     n_test_defect: int = 20,
     size: int = 128,
     seed: int = 0,
+    defects: tuple[str, ...] = DEFECT_TYPES,
 ) -> Path:
     """Write a synthetic set in the MVTec AD layout under ``root`` and return ``root``.
 
     ``train/good`` (``n_train``), ``test/good`` (``n_test_good``), ``test/<defect>`` (``n_test_defect``
-    in total, shared round-robin between :data:`DEFECT_TYPES`) and
+    in total, shared round-robin between ``defects``, by default :data:`DEFECT_TYPES`) and
     ``ground_truth/<defect>/<name>_mask.png``.
     """
+    unknown = sorted(set(defects) - set(_DRAW))
+    if not defects or unknown:
+        msg = f"defects {list(defects)}: choose from {', '.join(_DRAW)}"
+        raise ValueError(msg)
     root = Path(root)
     rng = np.random.default_rng(seed)
     for split, count in (("train", n_train), ("test", n_test_good)):
@@ -135,9 +176,9 @@ def make_dataset(
         folder.mkdir(parents=True, exist_ok=True)
         for i in range(count):
             _write_png(folder / f"{i:03d}.png", render_part(rng, size)[0])
-    counters = dict.fromkeys(DEFECT_TYPES, 0)
+    counters = dict.fromkeys(defects, 0)
     for i in range(n_test_defect):
-        defect = DEFECT_TYPES[i % len(DEFECT_TYPES)]
+        defect = defects[i % len(defects)]
         image, mask = render_part(rng, size, defect)
         name = f"{counters[defect]:03d}"
         counters[defect] += 1

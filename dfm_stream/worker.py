@@ -84,6 +84,8 @@ class WorkerSettings:
     max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES
     """Decoded bytes (3 per pixel) one batch may hold: huge frames make smaller batches."""
     max_frame_bytes: int | None = None  # None: frame_bytes_cap(max_pixels)
+    decode_at_model_size: bool = _CONFIG.decode_at_model_size
+    """Decode JPEG frames at 1/2, 1/4 or 1/8 scale when still >= the model's input (off: full size)."""
     alarm: AlarmsConfig = field(default_factory=AlarmsConfig)
     burst: bool = False
     max_frames: int | None = None
@@ -109,6 +111,7 @@ class WorkerSettings:
             max_pixels=worker.max_pixels,
             max_frame_bytes=worker.max_frame_bytes or None,
             max_cameras=worker.max_cameras,
+            decode_at_model_size=worker.decode_at_model_size,
             alarm=alarms,
             **run,
         )
@@ -471,7 +474,8 @@ class Worker:
     def _prepare(self, batch: Batch) -> None:
         model = batch.items[0][2]  # the version resolved when the batch's frames were read
         t0 = time.perf_counter()
-        decoded = self.decoder.decode([(e, m) for e, m, _ in batch.items])
+        min_size = model.fitted.info.image_size if self.settings.decode_at_model_size else None
+        decoded = self.decoder.decode([(e, m) for e, m, _ in batch.items], min_size)
         good = [d for d in decoded if isinstance(d, DecodedFrame)]
         for bad in (d for d in decoded if isinstance(d, DecodeFailure)):
             self._dead_letter(bad.entry, bad.reason, bad.error)

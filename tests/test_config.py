@@ -82,7 +82,7 @@ def test_unknown_keys_name_the_key_and_the_file(tmp_path: Path, text: str, needl
         ("[alarms]\nk = 3\nn = 2\n", "1 <= k <= n"),
         ("[worker]\ndevice = 'gpu'\n", "device='gpu'"),
         ("[worker]\nbackend = 'tensorrt'\n", "backend='tensorrt' must be one of auto, eager"),
-        ("[worker]\nprecision = 'int8'\n", "precision='int8'"),
+        ("[worker]\nprecision = 'int4'\n", "precision='int4'"),
         ("[worker]\nthreads = -2\n", "threads=-2 must be >= 0"),
         ("[reader\n", "not valid TOML"),
     ],

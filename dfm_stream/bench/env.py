@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dfm_stream.cpus import cgroup_cpu_limit, usable_cpus
+from dfm_stream.cpus import CPU_FLAGS_OF_INTEREST, cgroup_cpu_limit, cpu_flags, usable_cpus
 
 _PACKAGES = (
     "dfm-stream",
@@ -110,6 +110,7 @@ def machine_info() -> dict[str, Any]:
         "os": f"{platform.system()} {platform.release()}",
         "torch_threads": torch.get_num_threads(),
         "load_average_start": load_average(),
+        "cpu_flags": sorted(set(CPU_FLAGS_OF_INTEREST) & cpu_flags()),
     }
 
 

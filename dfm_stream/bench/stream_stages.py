@@ -291,12 +291,14 @@ def run_echo_consumer(
     total: int,
     timeout: float = 600,
     durability: str = "local",
+    min_size: tuple[int, int] | None = None,
 ) -> float:
     """Read, decode and publish (score 0, no model) ``total`` frames as the worker does; return seconds.
 
     The worker's own parts and threads: this thread reads (:class:`StreamConsumer`) and decodes
     (:class:`Decoder`, its thread pool) like the worker's fetch thread, and a
-    :class:`PublisherThread` publishes and acks, so only the model is missing.
+    :class:`PublisherThread` publishes and acks, so only the model is missing. ``min_size``
+    decodes at model size (``work --decode-at-model-size``) for a model of that input.
     """
     import torch
 
@@ -320,7 +322,7 @@ def run_echo_consumer(
             if not result.entries:
                 consumer.wait(100)
                 continue
-            decoded = decoder.decode([(e, parse_entry(e)) for e in result.entries])
+            decoded = decoder.decode([(e, parse_entry(e)) for e in result.entries], min_size)
             publisher.submit([_echo_item(d, consumer.name) for d in decoded if isinstance(d, DecodedFrame)])
             done += len(result.entries)
     finally:

@@ -34,6 +34,7 @@ WORKER_FLAGS = (
     "max_pixels",
     "max_frame_bytes",
     "max_cameras",
+    "decode_at_model_size",
 )
 """The ``[worker]`` settings that ``work`` takes as options (``model`` is the config's default model)."""
 ALARM_FLAGS = ("k", "n", "clear_after", "cooldown_s")
