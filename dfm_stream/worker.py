@@ -58,6 +58,7 @@ from dfm_stream.publisher import (
     frame_score,
 )
 from dfm_stream.routing import LoadedModel, ModelRouter
+from dfm_stream.shadow import ShadowMetrics, ShadowPublisher, ShadowScorer
 from dfm_stream.wire import DEFAULT_MAX_PIXELS, FrameMsg, ScoreStatus, frame_bytes_cap, make_frame_id
 
 log = logging.getLogger(__name__)
@@ -132,6 +133,7 @@ class Worker:
         metrics: WorkerMetrics | None = None,
         cluster: bool = False,
         name: str | None = None,
+        shadow_metrics: ShadowMetrics | None = None,
     ) -> None:
         self.client = client
         self.router = router
@@ -155,6 +157,9 @@ class Worker:
             durability=self.settings.durability,
         )
         self.decoder = Decoder(self.engine.device, self.settings.max_pixels)
+        self.shadow = ShadowScorer(
+            router, self.engine, ShadowPublisher(client, prefix, shadow_metrics), self.name, shadow_metrics
+        )
         self.batcher: Batcher[tuple[StreamEntry, FrameMsg, LoadedModel]] = Batcher(
             self.settings.batch_size, self.settings.max_wait_ms, self.settings.max_batch_bytes
         )
@@ -188,6 +193,7 @@ class Worker:
             self._stop.set()
             fetch.join(30)
             pub.close()
+            self.shadow.publisher.close()
             self.router.close()
             self.decoder.close()
         log.info(
@@ -224,8 +230,9 @@ class Worker:
         info = model.fitted.info
         t0 = time.perf_counter()
         try:
-            result = self.engine.score(
-                model.fitted.model, batch.tensor, want_maps=info.score_type == ScoreType.FRE
+            features = self.engine.features(model.fitted.model, batch.tensor)
+            result = self.engine.score_features(
+                model.fitted.model, features, want_maps=info.score_type == ScoreType.FRE
             )
         except Exception:
             log.exception(
@@ -242,6 +249,7 @@ class Worker:
             self._warned_uncalibrated.add(model.label)
             log.warning("model %s has no threshold (not calibrated): no frame will be anomalous", model.label)
         self.stats.batches += 1
+        self.shadow.score(model, batch.frames, batch.tensor, features, result.scores)  # never raises
         items = []
         for i, frame in enumerate(batch.frames):
             score = float(result.scores[i])
