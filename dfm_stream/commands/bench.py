@@ -44,7 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--stages",
         type=_csv,
         default=None,
-        help="comma list from backbone,dfm,backends,pipeline,transport,latency,isolation,fit "
+        help="comma list from backbone,dfm,backends,pipeline,transport,latency,isolation,swap,fit "
         "(default: backbone,dfm,pipeline,transport,latency)",
     )
     p.add_argument(
@@ -72,6 +72,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--loads", type=_floats, default=None, help="latency loads (default: 0.5,0.8)")
     p.add_argument("--transport-frames", type=int, default=None, help="frames of the transport stage")
     p.add_argument("--fit-images", type=int, default=None, help="training images of the fit stage (1000)")
+    p.add_argument("--swaps", type=int, default=None, help="model switches per repeat of --stages swap (24)")
     p.add_argument("--redis", default=None, help="use this Redis URL (default: an embedded server)")
     p.add_argument("--workdir", type=Path, default=None, help="keep artifacts and worker logs here")
     p.add_argument("--out", type=Path, default=None, help="write the JSON result here")
@@ -98,6 +99,7 @@ _FIELDS = {
     "loads": "loads",
     "transport_frames": "transport_frames",
     "fit_images": "fit_images",
+    "swaps": "swaps",
     "redis": "redis_url",
 }
 
