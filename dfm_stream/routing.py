@@ -220,6 +220,22 @@ class ModelRouter:
         _, name, version = target
         return self.cache.stored(self.registry(), name, int(version))
 
+    def rebind(self, model: LoadedModel, cameras: set[str]) -> LoadedModel:
+        """Return the model a batch read for ``model`` should be scored by now (called by the model thread).
+
+        When every camera of the batch switched to one other version since its frames were read
+        (and it takes the same input size, so the prepared tensor fits), the batch is scored by
+        the new version: a switch then waits for no batch already prepared. Still one version per
+        batch, and each frame is scored once, by the version its score names.
+        """
+        now = {self._assigned.get(camera) for camera in cameras}
+        if len(now) != 1:
+            return model
+        new = now.pop()
+        if new is None or new is model or new.fitted.info.image_size != model.fitted.info.image_size:
+            return model
+        return new
+
     # -- shadow candidates ---------------------------------------------------------------------------
 
     def shadow_for(self, camera: str) -> LoadedModel | None:

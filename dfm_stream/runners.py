@@ -32,6 +32,11 @@ from dfm_stream.model.backbone import weights_fingerprint
 
 log = logging.getLogger(__name__)
 
+SPARE_VERSIONS = 4
+"""Versions kept after their cameras moved on, when they share a backbone with one in use.
+
+They cost only their PCA / Gaussian buffers, and make a rollback or a re-assign need no load."""
+
 ModelKey = tuple[str, ...]
 """``("file", sha256)`` for an artifact file, ``("registry", name, version)`` for a stored version."""
 
@@ -108,13 +113,25 @@ class RunnerCache:
                 data = registry.get_bytes(name, int(version))
                 fitted = self._build(lambda: load_artifact(data))
                 self._models[key] = LoadedModel(f"{name}@{version}", name, str(version), fitted)
+            self._models[key] = self._models.pop(key)  # the most recently used last
             return self._models[key]
 
     def keep(self, used: Iterable[LoadedModel]) -> None:
-        """Forget the models not in ``used`` (their backbones stay for the next version that shares them)."""
+        """Forget the models not in ``used``, but for the latest spares sharing a backbone with one in use.
+
+        The backbones themselves stay, for the next version that shares them.
+        """
+        used = list(used)
         ids = {id(m) for m in used}
+        extractors = {id(m.fitted.model.feature_extractor) for m in used}
         with self._lock:
-            self._models = {k: m for k, m in self._models.items() if id(m) in ids}
+            spares = [
+                k
+                for k, m in reversed(self._models.items())
+                if id(m) not in ids and id(m.fitted.model.feature_extractor) in extractors
+            ][:SPARE_VERSIONS]
+            kept = ids | {id(self._models[k]) for k in spares}
+            self._models = {k: m for k, m in self._models.items() if id(m) in kept}
 
     def _build(self, load: Any) -> FittedModel:
         t0 = time.perf_counter()

@@ -226,7 +226,7 @@ class Worker:
     # -- model thread ------------------------------------------------------------------------------
 
     def _score_batch(self, batch: PreparedBatch) -> list[ScoredItem]:
-        model = batch.model
+        model = self.router.rebind(batch.model, {f.entry.camera for f in batch.frames})
         info = model.fitted.info
         t0 = time.perf_counter()
         try:
