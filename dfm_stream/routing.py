@@ -134,6 +134,18 @@ class ModelRouter:
         """Return camera -> model for the cameras resolved so far."""
         return dict(self._assigned)
 
+    def readiness(self) -> tuple[bool, str]:
+        """Answer the model half of ``/readyz``: a model built (at start, or for a camera)."""
+        models = self.loaded()
+        if not models:
+            built = sorted({m.label for m in self.preloaded()})
+            if built:
+                return True, "model(s) built, no camera with frames yet: " + ", ".join(built)
+            return False, "no model loaded yet (no camera with a model)"
+        return True, f"{len(models)} camera(s) with a model: " + ", ".join(
+            sorted({m.label for m in models.values()})
+        )
+
     def preload(self) -> list[LoadedModel]:
         """Build the models named by a file now (``--model FILE``, config paths), before any frame.
 

@@ -247,6 +247,13 @@ class ShadowScorer:
         self.metrics = metrics
         self._sums: dict[tuple[str, str], _Sums] = {}
 
+    @classmethod
+    def create(
+        cls, client: RedisClient, router: ModelRouter, prefix: str, worker: str, metrics: ShadowMetrics | None
+    ) -> ShadowScorer:
+        """Return a scorer for ``router``'s cameras, with its publisher on ``client``."""
+        return cls(router, router.engine, ShadowPublisher(client, prefix, metrics), worker, metrics)
+
     def score(
         self,
         live: LoadedModel,

@@ -58,7 +58,7 @@ from dfm_stream.publisher import (
     frame_score,
 )
 from dfm_stream.routing import LoadedModel, ModelRouter
-from dfm_stream.shadow import ShadowMetrics, ShadowPublisher, ShadowScorer
+from dfm_stream.shadow import ShadowMetrics, ShadowScorer
 from dfm_stream.wire import DEFAULT_MAX_PIXELS, FrameMsg, ScoreStatus, frame_bytes_cap, make_frame_id
 
 log = logging.getLogger(__name__)
@@ -157,9 +157,7 @@ class Worker:
             durability=self.settings.durability,
         )
         self.decoder = Decoder(self.engine.device, self.settings.max_pixels)
-        self.shadow = ShadowScorer(
-            router, self.engine, ShadowPublisher(client, prefix, shadow_metrics), self.name, shadow_metrics
-        )
+        self.shadow = ShadowScorer.create(client, router, prefix, self.name, shadow_metrics)
         self.batcher: Batcher[tuple[StreamEntry, FrameMsg, LoadedModel]] = Batcher(
             self.settings.batch_size, self.settings.max_wait_ms, self.settings.max_batch_bytes
         )
@@ -213,15 +211,7 @@ class Worker:
             self.client.ping()
         except Exception as e:
             return False, f"Redis unreachable: {e}"
-        models = self.router.loaded()
-        if not models:
-            built = sorted({m.label for m in self.router.preloaded()})
-            if built:
-                return True, "model(s) built, no camera with frames yet: " + ", ".join(built)
-            return False, "no model loaded yet (no camera with a model)"
-        return True, f"{len(models)} camera(s) with a model: " + ", ".join(
-            sorted({m.label for m in models.values()})
-        )
+        return self.router.readiness()
 
     # -- model thread ------------------------------------------------------------------------------
 
@@ -466,7 +456,12 @@ class Worker:
                 self.metrics.queue_wait_seconds.labels(g.entry.camera).observe(
                     max(0.0, now_ms - g.entry.entry_ms) / 1000
                 )
-        self._ready.put(PreparedBatch(model=model, frames=good, tensor=tensor, started=time.monotonic()))
+        prepared = PreparedBatch(model=model, frames=good, tensor=tensor, started=time.monotonic())
+        while True:  # a busy model: take registry switches while waiting for room in the queue
+            try:
+                return self._ready.put(prepared, timeout=0.05)
+            except queue.Full:
+                self.router.refresh(self.consumer.cameras)
 
     def _flush_batches(self) -> None:
         try:
