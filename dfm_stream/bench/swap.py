@@ -29,8 +29,9 @@ from dfm_stream.registry import ModelRef, ModelRegistry
 from dfm_stream.wire import FIELD, ScoreMsg
 
 MODEL = "bench"
-START_TIMEOUT_S = 300.0
-SWITCH_TIMEOUT_S = 120.0
+START_TIMEOUT_S = 600.0
+"""Worker start-up: torch import and the first backbone build (minutes on a busy 2-core machine)."""
+SWITCH_TIMEOUT_S = 300.0
 
 
 class RegistryWorkers(WorkerGroup):
@@ -72,17 +73,19 @@ class _Feed(threading.Thread):
             self.stop.wait(max(0.0, start + self.sent / self.rate - time.monotonic()))
 
 
-def _first_scored_by(setup: StreamSetup, prefix: str, camera: str, label: str, after_ns: int) -> int:
+def _first_scored_by(
+    setup: StreamSetup, prefix: str, camera: str, label: str, after_ns: int, timeout: float = SWITCH_TIMEOUT_S
+) -> int:
     """Wait for the first score naming ``label`` scored after ``after_ns``; return its ``scored_ts``."""
     key = keys.scores_key(camera, prefix)
-    deadline = time.monotonic() + SWITCH_TIMEOUT_S
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for _, fields in reversed(replies.xrevrange(setup.client, key, count=200)):
             msg = ScoreMsg.from_bytes(fields[FIELD.encode()])
             if msg.model == label and msg.scored_ts > after_ns:
                 return msg.scored_ts
         time.sleep(0.02)
-    raise DfmStreamError(f"bench swap: no score by {label} {SWITCH_TIMEOUT_S:.0f} s after the switch")
+    raise DfmStreamError(f"bench swap: no score by {label} {timeout:.0f} s after the switch")
 
 
 def swap_run(
@@ -107,7 +110,7 @@ def swap_run(
     try:
         group.start()
         feed.start()
-        _first_scored_by(setup, prefix, camera, f"{MODEL}@1", 0)  # the worker is up and scoring
+        _first_scored_by(setup, prefix, camera, f"{MODEL}@1", 0, START_TIMEOUT_S)  # up and scoring
         for i in range(switches):
             action, label, switch = _next_switch(registry, camera, base, i)
             switch()
