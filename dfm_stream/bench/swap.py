@@ -62,14 +62,17 @@ class _Feed(threading.Thread):
         self.stop = threading.Event()
         self.sent = 0
 
-    def run(self) -> None:
+    def write_one(self) -> None:
+        """XADD the next frame."""
         templates = self.setup.templates[self.camera]
-        key = keys.frames_key(self.camera, self.prefix)
+        data = _frame_bytes(templates[self.sent % len(templates)], self.sent, "swap")
+        self.setup.client.xadd(keys.frames_key(self.camera, self.prefix), {FIELD: data})
+        self.sent += 1
+
+    def run(self) -> None:
         start = time.monotonic()
         while not self.stop.is_set():
-            data = _frame_bytes(templates[self.sent % len(templates)], self.sent, "swap")
-            self.setup.client.xadd(key, {FIELD: data})
-            self.sent += 1
+            self.write_one()
             self.stop.wait(max(0.0, start + self.sent / self.rate - time.monotonic()))
 
 
@@ -109,8 +112,9 @@ def swap_run(
     samples: list[dict[str, Any]] = []
     try:
         group.start()
+        _Feed(setup, prefix, camera, 1.0).write_one()  # the paced feed starts once the worker scores:
+        _first_scored_by(setup, prefix, camera, f"{MODEL}@1", 0, START_TIMEOUT_S)  # no start-up backlog
         feed.start()
-        _first_scored_by(setup, prefix, camera, f"{MODEL}@1", 0, START_TIMEOUT_S)  # up and scoring
         for i in range(switches):
             action, label, switch = _next_switch(registry, camera, base, i)
             switch()
