@@ -420,15 +420,16 @@ def load_artifact(path_or_bytes: str | Path | bytes, device: str | torch.device 
     data, source = _read_bytes(path_or_bytes)
     tensors, info = _decode(data, source)
     try:
-        model = DFMModel(
-            backbone=info.backbone,
-            layer=info.layer,
-            pre_trained=False,
-            pooling_kernel_size=info.pooling_kernel_size,
-            n_comps=info.n_comps if info.n_comps <= 1 else int(info.n_comps),
-            score_type=info.score_type,
-        )
-        model.load_state_dict(tensors, strict=True)
+        with torch.device("meta"):  # no random init of weights the artifact replaces (seconds for resnet50)
+            model = DFMModel(
+                backbone=info.backbone,
+                layer=info.layer,
+                pre_trained=False,
+                pooling_kernel_size=info.pooling_kernel_size,
+                n_comps=info.n_comps if info.n_comps <= 1 else int(info.n_comps),
+                score_type=info.score_type,
+            )
+        model.load_state_dict(tensors, strict=True, assign=True)
     except (DfmStreamError, RuntimeError) as e:
         msg = f"artifact {source} does not match its own settings ({info.backbone}/{info.layer}): {e}"
         raise ArtifactError(msg) from e

@@ -61,6 +61,11 @@ class _Runners(dict[tuple[str, str, int, int], backends.BackboneRunner]):
         return _Runners()  # a copied module (fused, exported) must not drag sessions along
 
 
+def runner_count(extractor: torch.nn.Module) -> int:
+    """Return how many runners (one per backend, precision and input size) ``extractor`` holds."""
+    return len(extractor.__dict__.get(_RUNNERS, ()))
+
+
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -323,12 +328,20 @@ class Engine:
 
     def score(self, model: DFMModel, batch: torch.Tensor, want_maps: bool = True) -> BatchScores:
         """Score a normalised batch: the backbone runner (autocast if set), then fp32 pooling and PCA."""
+        return self.score_features(model, self.features(model, batch), want_maps)
+
+    def features(self, model: DFMModel, batch: torch.Tensor) -> torch.Tensor:
+        """Return the backbone's fp32 features of a normalised batch (shared by models with one backbone)."""
         with torch.inference_mode():
             x = batch.to(self.device)
             runner = self.runner(model.feature_extractor, (int(x.shape[-2]), int(x.shape[-1])))
             with self.autocast_scope():
                 features = runner(x)
-            features = features.float().to(self.device)
+            return features.float().to(self.device)
+
+    def score_features(self, model: DFMModel, features: torch.Tensor, want_maps: bool = True) -> BatchScores:
+        """Score backbone features (:meth:`features`): fp32 pooling, then the PCA / Gaussian step."""
+        with torch.inference_mode():
             if model.pooling_kernel_size > 1:
                 features = F.avg_pool2d(features, kernel_size=model.pooling_kernel_size)
             shapes = features.shape

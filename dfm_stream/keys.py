@@ -15,6 +15,9 @@ Layout (default prefix ``dfm``)::
     dfm:{cam1}:seq             hash     last sequence number handed to the consumer group, per session
     dfm:{cam1}:candidates      stream   frames marked false alarm in the console (candidate good samples)
     dfm:{cam1}:drift           hash     latest drift figures of cam1 against its model's reference (workers)
+    dfm:{cam1}:shadow          stream   scores of cam1's frames by its shadow candidate (never alarms)
+    dfm:{cam1}:shadow:stats    hash     running comparison of candidate and live model on cam1
+    dfm:{cam1}:shadow:disagree list     the latest frames only one of the two flagged (JSON, newest first)
     dfm:alarms                 stream   alarm and health events of every camera (+ pub/sub channel)
     dfm:deadletter             stream   frames that could not be scored, with a reason
     dfm:reviews                hash     frame id of a raised alarm -> JSON review (console)
@@ -27,6 +30,8 @@ Layout (default prefix ``dfm``)::
     dfm:{model:NAME}:v7:chunks list     the artifact bytes of version 7, in chunks
     dfm:{model:NAME}:current   string   the version that ``model rollback`` / default routing uses
     dfm:assign                 hash     camera id -> "NAME" or "NAME@VERSION"
+    dfm:assign:previous        hash     camera id -> the assignment before the last assign/promote ("" = none)
+    dfm:shadow                 hash     camera id -> "NAME@VERSION" scored in the shadow of its model
     dfm:models:changed         channel  published on every registry change
     dfm:models:generation      string   counter bumped on every registry change (polling fallback)
 """
@@ -186,3 +191,28 @@ def models_changed_channel(prefix: str = DEFAULT_PREFIX) -> str:
 def registry_generation_key(prefix: str = DEFAULT_PREFIX) -> str:
     """Return the counter bumped (INCR) on every registry change, for workers that poll."""
     return f"{prefix}:models:generation"
+
+
+def shadow_key(camera: str, prefix: str = DEFAULT_PREFIX) -> str:
+    """Return the stream of ``camera``'s frames scored by its shadow candidate."""
+    return _camera_key(camera, "shadow", prefix)
+
+
+def shadow_stats_key(camera: str, prefix: str = DEFAULT_PREFIX) -> str:
+    """Return the hash of running sums comparing ``camera``'s shadow candidate with its live model."""
+    return _camera_key(camera, "shadow:stats", prefix)
+
+
+def shadow_disagreements_key(camera: str, prefix: str = DEFAULT_PREFIX) -> str:
+    """Return the list of ``camera``'s latest frames that only one of live and candidate flagged."""
+    return _camera_key(camera, "shadow:disagree", prefix)
+
+
+def shadows_key(prefix: str = DEFAULT_PREFIX) -> str:
+    """Return the hash camera id -> pinned model reference scored in the shadow of the live one."""
+    return f"{prefix}:shadow"
+
+
+def previous_assignments_key(prefix: str = DEFAULT_PREFIX) -> str:
+    """Return the hash camera id -> its assignment before the last assign or promote ("" = none)."""
+    return f"{prefix}:assign:previous"

@@ -7,6 +7,7 @@ Storage (all keys from :mod:`dfm_stream.keys`)::
     {prefix}:{model:NAME}:vN:chunks     list    the artifact bytes of version N, in chunks
     {prefix}:{model:NAME}:current       string  the version that unpinned routing uses
     {prefix}:assign                     hash    camera -> "NAME" or "NAME@VERSION"
+    {prefix}:assign:previous            hash    camera -> its assignment before the last assign ("": none)
     {prefix}:models:generation          counter INCR on every change (for polling workers)
     {prefix}:models:changed             channel one JSON message per change
 
@@ -391,9 +392,25 @@ class ModelRegistry:
             self.current(ref.name)  # raises for an unknown model
         else:
             self.version_info(ref.name, ref.version)
+        previous = self.client.hget(keys.assignments_key(self.prefix), camera)
+        # what `model rollback --camera` restores; written first, so a crash in between leaves the old one
+        self.client.hset(keys.previous_assignments_key(self.prefix), camera, _text(previous or b""))
         self.client.hset(keys.assignments_key(self.prefix), camera, str(ref))
-        self._announce("assign", camera=camera, model=str(ref))
+        self.announce("assign", camera=camera, model=str(ref))
         log.info("camera %s assigned to model %s", camera, ref)
+
+    def previous_assignment(self, camera: str) -> ModelRef | None:
+        """Return what ``camera`` was assigned before its last assign (None: it had no assignment).
+
+        RegistryError when nothing was recorded (never assigned since assignments were recorded).
+        """
+        raw = self.client.hget(keys.previous_assignments_key(self.prefix), camera)
+        if raw is None:
+            raise RegistryError(
+                f"camera {camera!r} has no recorded earlier assignment under prefix {self.prefix!r}:"
+                " nothing to roll back (assign it with `dfm-stream model assign`)"
+            )
+        return ModelRef.parse(_text(raw)) if raw else None
 
     def unassign(self, camera: str) -> None:
         """Remove the assignment of ``camera``; RegistryError when it has none."""
@@ -420,6 +437,10 @@ class ModelRegistry:
         raise RegistryError(
             f"model {name}: {PUSH_RETRIES} concurrent changes collided with this one; try again"
         )
+
+    def announce(self, event: str, **fields: Any) -> None:
+        """Bump the generation counter and publish ``event`` on the change channel (workers re-resolve)."""
+        self._announce(event, **fields)
 
     def _announce(self, event: str, **fields: Any) -> None:
         generation = int(self.client.incr(keys.registry_generation_key(self.prefix)))

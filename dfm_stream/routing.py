@@ -6,26 +6,28 @@ config file, the config's worker default ``model``, then the registry's assignme
 file or ends in ``.safetensors``; otherwise it is a registry reference ``NAME[@VERSION]``.
 
 Models are cached by (name, version) or by file content hash, and models whose backbones have the
-same weights fingerprint share one backbone module. Changes are picked up at batch boundaries only:
-a background thread listens on the registry's change channel and sets a flag, with a polling
-fallback on the registry's generation counter. A version that fails to load is reported (log,
-``model_load_failures`` metric, a ``model_load_failed`` event on the alarm stream) and the camera
-keeps the model it had; it is retried after the next registry change. A camera whose model cannot
-be resolved at all (an unparseable assignment, a model or version not in the registry) is reported
-the same way, once per camera and cause (event reason ``unresolved``), keeps its model if it had
-one, else its frames wait in the stream; it is retried on every registry change and every
-``poll_s``. The other cameras are not affected. A camera whose assignment is removed (``model
-unassign``) is no longer scored: its frames wait in the stream.
+same weights fingerprint share one backbone module (:mod:`dfm_stream.runners`). Changes are picked
+up at batch boundaries only: a background thread listens on the registry's change channel, builds
+the versions the change routes cameras to beside the ones in use (the fetch thread keeps reading
+frames for the old versions meanwhile), then sets a flag; the next batch boundary switches. While
+that subscription is down, the fetch thread polls the registry's generation counter instead. A
+camera may also have a shadow candidate (``model shadow``): a second version that scores its frames
+beside the live one (:mod:`dfm_stream.shadow`), loaded the same way. A version that fails to load
+is reported (log, ``model_load_failures`` metric, a ``model_load_failed`` event on the alarm
+stream) and the camera keeps the model it had; it is retried after the next registry change. A
+camera whose model cannot be resolved at all (an unparseable assignment, a model or version not in
+the registry) is reported the same way, once per camera and cause (event reason ``unresolved``),
+keeps its model if it had one, else its frames wait in the stream; it is retried on every registry
+change and every ``poll_s``. The other cameras are not affected. A camera whose assignment is
+removed (``model unassign``) is no longer scored: its frames wait in the stream.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +35,12 @@ import redis
 
 from dfm_stream import keys
 from dfm_stream.alarms import publish_event
-from dfm_stream.artifact import FittedModel, load_artifact
 from dfm_stream.backoff import MODEL_WATCH
 from dfm_stream.connect import RedisClient
 from dfm_stream.errors import DfmStreamError
 from dfm_stream.inference import Engine
 from dfm_stream.metrics import WorkerMetrics
-from dfm_stream.model.backbone import weights_fingerprint
+from dfm_stream.runners import CacheMetrics, LoadedModel, RunnerCache
 from dfm_stream.wire import EventMsg, EventType
 
 log = logging.getLogger(__name__)
@@ -48,14 +49,7 @@ REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, OSError)
 """Errors that concern every camera (Redis unreachable), not one camera's model."""
 
 
-@dataclass(frozen=True)
-class LoadedModel:
-    """A model ready to score: ``label`` is what score entries name (``name@version``)."""
-
-    label: str
-    name: str
-    version: str
-    fitted: FittedModel
+__all__ = ["REDIS_DOWN", "LoadedModel", "ModelRouter", "is_path_spec"]
 
 
 def is_path_spec(spec: str) -> bool:
@@ -76,6 +70,7 @@ class ModelRouter:
         default_model: str = "",
         metrics: WorkerMetrics | None = None,
         poll_s: float = 5.0,
+        cache_metrics: CacheMetrics | None = None,
     ) -> None:
         self.engine = engine
         self.client = client
@@ -85,20 +80,21 @@ class ModelRouter:
         self.default_model = default_model
         self.metrics = metrics
         self.poll_s = poll_s
-        self._cache: dict[tuple[str, ...], LoadedModel] = {}
+        self.cache = RunnerCache(engine, cache_metrics)
         self._assigned: dict[str, LoadedModel] = {}
+        self._shadows: dict[str, LoadedModel] = {}
         self._failed: set[tuple[str, ...]] = set()
         self._corrupt: set[tuple[str, ...]] = set()
         self._none: set[str] = set()
         self._unresolved: dict[str, str] = {}  # camera -> why its model cannot be resolved (said once)
         self._retry_at = float("inf")
-        self._backbones: dict[tuple[str, str, str], Any] = {}
         self._changed = threading.Event()
         self._stop = threading.Event()
         self._registry: Any = None
         self._generation: int | None = None
         self._next_poll = 0.0
         self._watcher: threading.Thread | None = None
+        self._subscribed = False
         self._preloaded: dict[str, LoadedModel] = {}
 
     # -- resolution --------------------------------------------------------------------------------
@@ -129,6 +125,7 @@ class ModelRouter:
         """Return the model scoring ``camera`` (loading it on first use); None when it has none."""
         if camera not in self._assigned and camera not in self._none:
             self._update(camera)
+            self._refresh_shadows([camera])
             if camera not in self._assigned:
                 self._none.add(camera)  # asked again after the next registry change
         return self._assigned.get(camera)
@@ -136,6 +133,18 @@ class ModelRouter:
     def loaded(self) -> dict[str, LoadedModel]:
         """Return camera -> model for the cameras resolved so far."""
         return dict(self._assigned)
+
+    def readiness(self) -> tuple[bool, str]:
+        """Answer the model half of ``/readyz``: a model built (at start, or for a camera)."""
+        models = self.loaded()
+        if not models:
+            built = sorted({m.label for m in self.preloaded()})
+            if built:
+                return True, "model(s) built, no camera with frames yet: " + ", ".join(built)
+            return False, "no model loaded yet (no camera with a model)"
+        return True, f"{len(models)} camera(s) with a model: " + ", ".join(
+            sorted({m.label for m in models.values()})
+        )
 
     def preload(self) -> list[LoadedModel]:
         """Build the models named by a file now (``--model FILE``, config paths), before any frame.
@@ -219,32 +228,86 @@ class ModelRouter:
 
     def _load(self, target: tuple[str, ...]) -> LoadedModel:
         if target[0] == "file":
-            data = Path(target[1]).read_bytes()
-            key = ("file", hashlib.sha256(data).hexdigest())
-            if key not in self._cache:
-                fitted = self._prepare(load_artifact(data, device="cpu"))
-                version = fitted.info.content_hash[:8]
-                name = Path(target[1]).stem or "model"
-                self._cache[key] = LoadedModel(f"{name}@{version}", name, version, fitted)
-            return self._cache[key]
-        if target not in self._cache:
-            _, name, version = target
-            data = self.registry().get_bytes(name, int(version))
-            self._cache[target] = LoadedModel(
-                f"{name}@{version}", name, version, self._prepare(load_artifact(data))
-            )
-        return self._cache[target]
+            return self.cache.file(target[1])
+        _, name, version = target
+        return self.cache.stored(self.registry(), name, int(version))
 
-    def _prepare(self, fitted: FittedModel) -> FittedModel:
-        model = fitted.model
-        fp = weights_fingerprint(model.feature_extractor.state_dict())
-        key = (model.backbone, model.layer, fp)
-        shared = self._backbones.get(key)
-        if shared is not None:
-            model.feature_extractor = shared  # one backbone for models with the same weights
-        model = self.engine.prepare(model, fitted.info.image_size)
-        self._backbones.setdefault(key, model.feature_extractor)
-        return FittedModel(model, fitted.info)
+    def rebind(self, model: LoadedModel, cameras: set[str]) -> LoadedModel:
+        """Return the model a batch read for ``model`` should be scored by now (called by the model thread).
+
+        When every camera of the batch switched to one other version since its frames were read
+        (and it takes the same input size, so the prepared tensor fits), the batch is scored by
+        the new version: a switch then waits for no batch already prepared. Still one version per
+        batch, and each frame is scored once, by the version its score names.
+        """
+        now = {self._assigned.get(camera) for camera in cameras}
+        if len(now) != 1:
+            return model
+        new = now.pop()
+        if new is None or new is model or new.fitted.info.image_size != model.fitted.info.image_size:
+            return model
+        return new
+
+    # -- shadow candidates ---------------------------------------------------------------------------
+
+    def shadow_for(self, camera: str) -> LoadedModel | None:
+        """Return the candidate scoring ``camera``'s frames beside its live model (None: no shadow)."""
+        return self._shadows.get(camera)
+
+    def _shadow_wanted(self, cameras: list[str]) -> dict[str, Any]:
+        """Return camera -> shadow reference for ``cameras`` (one read of the registry's shadow hash)."""
+        if self.client is None or not self.uses_registry:
+            return {}
+        from dfm_stream.promotion import Promotions
+
+        wanted = Promotions(self.registry()).shadows()
+        return {c: ref for c, ref in wanted.items() if c in cameras}
+
+    def _refresh_shadows(self, cameras: list[str]) -> None:
+        """Load the shadow candidate of each camera (or drop it); a failure leaves that camera unshadowed."""
+        wanted = self._shadow_wanted(cameras)
+        for camera in cameras:
+            ref = wanted.get(camera)
+            old = self._shadows.get(camera)
+            if ref is None:
+                if old is not None:
+                    del self._shadows[camera]
+                    log.info("camera %s: shadow scoring by %s stopped", camera, old.label)
+                continue
+            if old is not None and old.label == str(ref):
+                continue
+            try:
+                model = self.cache.stored(self.registry(), ref.name, int(ref.version))
+            except REDIS_DOWN:
+                raise
+            except Exception as e:  # the live model is not affected
+                self._shadows.pop(camera, None)
+                log.error("camera %s: cannot load shadow candidate %s (%s): not shadowed", camera, ref, e)
+                continue
+            self._shadows[camera] = model
+            log.info("camera %s is shadowed by %s", camera, model.label)
+
+    def prebuild(self) -> None:
+        """Build now the versions the current registry routes known cameras to (live and shadow).
+
+        Runs in the watch thread on a change announcement, while the fetch thread keeps reading
+        frames for the old versions; the switch at the next batch boundary then finds them built.
+        """
+        cameras = sorted({*self._assigned, *self._none, *self._unresolved, *self._shadows})
+        targets: set[tuple[str, ...]] = set()
+        for camera in cameras:
+            with contextlib.suppress(Exception):  # the fetch thread reports what cannot be resolved
+                target = self._target(camera)
+                if target is not None and target[0] == "registry":
+                    targets.add(target)
+        with contextlib.suppress(Exception):
+            for ref in self._shadow_wanted(cameras).values():
+                targets.add(("registry", ref.name, str(ref.version)))
+        for target in sorted(targets - self._failed):
+            try:
+                self._load(target)
+            except Exception as e:  # reported by the fetch thread when it switches
+                log.debug("pre-building %s failed (%s)", "@".join(target[1:]), e)
 
     def _unassigned(self, camera: str) -> bool:
         """``camera`` has no model (any more): stop scoring it; return True when it had one."""
@@ -333,12 +396,19 @@ class ModelRouter:
                 pubsub = self.client.pubsub()  # type: ignore[union-attr]
                 pubsub.subscribe(self.registry().changes_channel)
                 backoff.reset()
+                self._subscribed = True
+                self.prebuild()  # a change missed while not subscribed
+                self._changed.set()
                 while not self._stop.is_set():
                     message = pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5)
                     if message is not None:
+                        while pubsub.get_message(ignore_subscribe_messages=True, timeout=0) is not None:
+                            pass  # a burst of changes: one pre-build covers them all
+                        self.prebuild()
                         self._changed.set()
                 pubsub.close()
             except Exception as e:  # the polling fallback covers the gap
+                self._subscribed = False
                 delay = backoff.next()
                 log.debug("model change subscription lost (%s); retrying in %.1f s", e, delay)
                 backoff.wait(self._stop, delay)
@@ -349,8 +419,8 @@ class ModelRouter:
         if not force and not self._changed.is_set():
             if self._unresolved and now >= self._retry_at:
                 return self._retry_unresolved(cameras)
-            if not self.uses_registry or now < self._next_poll:
-                return []
+            if not self.uses_registry or self._subscribed or now < self._next_poll:
+                return []  # subscribed: the watch thread pre-builds, then raises the flag
             self._next_poll = now + self.poll_s
             generation = self.registry().generation()
             if generation == self._generation:
@@ -362,8 +432,8 @@ class ModelRouter:
         self._failed = {t for t in self._failed if t[0] == "registry" and t in self._corrupt}
         self._none.clear()
         switched = [c for c in cameras if self._update(c)]
-        used = {id(m) for m in self._assigned.values()}
-        self._cache = {k: m for k, m in self._cache.items() if id(m) in used}
+        self._refresh_shadows(cameras)
+        self.cache.keep([*self._assigned.values(), *self._shadows.values()])
         return switched
 
     def _retry_unresolved(self, cameras: list[str]) -> list[str]:

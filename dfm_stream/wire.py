@@ -315,6 +315,59 @@ class ScoreMsg:
 
 
 @dataclass(frozen=True)
+class ShadowMsg:
+    """One frame scored by a camera's shadow candidate, beside its live score (``{prefix}:{camera}:shadow``).
+
+    ``model``/``score``/``threshold``/``anomalous`` are the candidate's; ``live_*`` are what the
+    live model wrote to the score stream for the same frame. A shadow score never raises an alarm.
+    """
+
+    camera: str
+    frame_id: str
+    seq: int
+    ts: int
+    scored_ts: int
+    model: str
+    score: float
+    threshold: float | None
+    anomalous: bool
+    live_model: str
+    live_score: float
+    live_threshold: float | None
+    live_anomalous: bool
+    worker: str = ""
+
+    WHAT: ClassVar[str] = "shadow score message"
+
+    def to_bytes(self) -> bytes:
+        """Encode as the msgpack map stored in the ``msg`` field."""
+        return msgpack.packb({"v": SCHEMA_VERSION, **self.__dict__}, use_bin_type=True)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "ShadowMsg":
+        """Decode and validate a shadow score message."""
+        what = cls.WHAT
+        obj = _unpack_map(data, what)
+        num = (int, float)
+        return cls(
+            camera=_get(obj, "camera", str, what),
+            frame_id=_get(obj, "frame_id", str, what),
+            seq=_get(obj, "seq", int, what),
+            ts=_get(obj, "ts", int, what),
+            scored_ts=_get(obj, "scored_ts", int, what),
+            model=_get(obj, "model", str, what),
+            score=_finite(_get(obj, "score", num, what), "score", what),
+            threshold=_finite(_get(obj, "threshold", num, what, None), "threshold", what),
+            anomalous=_get(obj, "anomalous", bool, what),
+            live_model=_get(obj, "live_model", str, what),
+            live_score=_finite(_get(obj, "live_score", num, what), "live_score", what),
+            live_threshold=_finite(_get(obj, "live_threshold", num, what, None), "live_threshold", what),
+            live_anomalous=_get(obj, "live_anomalous", bool, what),
+            worker=_get(obj, "worker", str, what, ""),
+        )
+
+
+@dataclass(frozen=True)
 class EventMsg:
     """An alarm or health event on ``{prefix}:alarms`` (also PUBLISHed on the channel of that name).
 

@@ -53,6 +53,7 @@ from dfm_stream.publisher import (
     frame_score,
 )
 from dfm_stream.routing import LoadedModel, ModelRouter
+from dfm_stream.shadow import ShadowMetrics, ShadowScorer
 from dfm_stream.wire import FrameMsg, ScoreStatus, frame_bytes_cap, make_frame_id
 
 log = logging.getLogger(__name__)
@@ -155,6 +156,7 @@ class Worker:
         metrics: WorkerMetrics | None = None,
         cluster: bool = False,
         name: str | None = None,
+        shadow_metrics: ShadowMetrics | None = None,
     ) -> None:
         self.client = client
         self.router = router
@@ -179,6 +181,7 @@ class Worker:
         )
         self.decoder = Decoder(self.engine.device, self.settings.max_pixels)
         self.drift = DriftWatch(client, prefix, self.name, metrics.drift if metrics else None)
+        self.shadow = ShadowScorer.create(client, router, prefix, self.name, shadow_metrics)
         self.batcher: Batcher[tuple[StreamEntry, FrameMsg, LoadedModel]] = Batcher(
             self.settings.batch_size, self.settings.max_wait_ms, self.settings.max_batch_bytes
         )
@@ -212,6 +215,7 @@ class Worker:
             self._stop.set()
             fetch.join(30)
             pub.close()
+            self.shadow.publisher.close()
             self.router.close()
             self.decoder.close()
         log.info(
@@ -231,25 +235,18 @@ class Worker:
             self.client.ping()
         except Exception as e:
             return False, f"Redis unreachable: {e}"
-        models = self.router.loaded()
-        if not models:
-            built = sorted({m.label for m in self.router.preloaded()})
-            if built:
-                return True, "model(s) built, no camera with frames yet: " + ", ".join(built)
-            return False, "no model loaded yet (no camera with a model)"
-        return True, f"{len(models)} camera(s) with a model: " + ", ".join(
-            sorted({m.label for m in models.values()})
-        )
+        return self.router.readiness()
 
     # -- model thread ------------------------------------------------------------------------------
 
     def _score_batch(self, batch: PreparedBatch) -> list[ScoredItem]:
-        model = batch.model
+        model = self.router.rebind(batch.model, {f.entry.camera for f in batch.frames})
         info = model.fitted.info
         t0 = time.perf_counter()
         try:
-            result = self.engine.score(
-                model.fitted.model, batch.tensor, want_maps=info.score_type == ScoreType.FRE
+            features = self.engine.features(model.fitted.model, batch.tensor)
+            result = self.engine.score_features(
+                model.fitted.model, features, want_maps=info.score_type == ScoreType.FRE
             )
         except Exception:
             log.exception(
@@ -269,6 +266,7 @@ class Worker:
         self.drift.observe(
             [f.entry.camera for f in batch.frames], model.label, info, batch.tensor, result.scores
         )
+        self.shadow.score(model, batch.frames, batch.tensor, features, result.scores)  # never raises
         items = []
         for i, frame in enumerate(batch.frames):
             score = float(result.scores[i])
@@ -489,7 +487,12 @@ class Worker:
                 self.metrics.queue_wait_seconds.labels(g.entry.camera).observe(
                     max(0.0, now_ms - g.entry.entry_ms) / 1000
                 )
-        self._ready.put(PreparedBatch(model=model, frames=good, tensor=tensor, started=time.monotonic()))
+        prepared = PreparedBatch(model=model, frames=good, tensor=tensor, started=time.monotonic())
+        while True:  # a busy model: take registry switches while waiting for room in the queue
+            try:
+                return self._ready.put(prepared, timeout=0.05)
+            except queue.Full:
+                self.router.refresh(self.consumer.cameras)
 
     def _flush_batches(self) -> None:
         try:

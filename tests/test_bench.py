@@ -52,6 +52,10 @@ def test_quick_bench_runs_every_stage_and_writes_json_with_ratios(tmp_path: Path
     assert results["backbone"]["details"][0]["best_rate"] >= results["backbone"]["details"][0]["median_rate"]
     ratio = doc["ratios"]["pipeline_over_backbone"]["median"]
     assert ratio == pytest.approx(results["pipeline"]["median"] / results["backbone"]["median"])
+    swap = results["swap_p99_s"]["details"][0]
+    assert [s["action"] for s in swap["samples"]] == ["push", "rollback", "assign", "assign"]
+    assert all(s["seconds"] > 0 for s in swap["samples"]) and swap["other_backbone_s"] > 0
+    assert doc["targets"]["model_switch_p99_s"]["target"] == 1.0
     fit = results["fit_seconds"]["details"][0]
     assert fit["images"] == 16 and fit["peak_rss_bytes"] >= fit["rss_after_model_bytes"] > 0
     assert doc["targets"]["fit_memory_beyond_model"]["met"] in (True, False)

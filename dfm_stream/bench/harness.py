@@ -39,12 +39,14 @@ from dfm_stream.errors import ConfigError
 log = logging.getLogger(__name__)
 
 STAGES: tuple[str, ...] = (
-    "backbone", "dfm", "backends", "pipeline", "transport", "latency", "isolation", "fit",
+    "backbone", "dfm", "backends", "pipeline", "transport", "latency", "isolation", "swap", "fit",
 )  # fmt: skip
 DEFAULT_STAGES: tuple[str, ...] = ("backbone", "dfm", "pipeline", "transport", "latency")
-STREAM_STAGES = frozenset({"pipeline", "transport", "latency", "isolation"})
+STREAM_STAGES = frozenset({"pipeline", "transport", "latency", "isolation", "swap"})
 ISOLATION_LOAD = 0.5
 """Load (fraction of capacity) of the honest cameras in the isolation stage."""
+SWAP_LOAD = 0.5
+"""Load (fraction of capacity) of the camera whose model the swap stage switches."""
 
 
 @dataclass
@@ -68,6 +70,8 @@ class BenchSettings:
     loads: tuple[float, ...] = (0.5, 0.8)
     transport_frames: int = 10_000
     fit_images: int = 1000
+    swaps: int = 24
+    """Model switches per repeat of the swap stage (push, rollback, assign, assign, ...)."""
     fit_image_size: int = 256
     redis_url: str | None = None
     cluster: bool = False
@@ -110,6 +114,7 @@ class BenchSettings:
             "backends": ("eager", "channels_last", "fused", "mkldnn", "onnxruntime", "openvino"),
             "transport_frames": 200,
             "fit_images": 16,
+            "swaps": 4,
             "fit_image_size": 64,
             "quick": True,
         }
@@ -210,6 +215,28 @@ def _run_repeat(
             say(f"{tag} latency at {key}%: p50 {level['p50_ms']:.0f} ms, p99 {level['p99_ms']:.0f} ms")
     if "isolation" in chosen:
         _isolation(settings, stages, setup, runs, rep, say)
+    if "swap" in chosen:
+        _swap(settings, stages, setup, runs, rep, say)
+
+
+def _swap(
+    settings: BenchSettings, stages: Any, setup: Any, runs: Runs, rep: int, say: Callable[[str], None]
+) -> None:
+    from dfm_stream.bench.swap import swap_run
+
+    capacity = runs.last("pipeline", "dfm", "backbone") or stages.dfm(min(settings.duration, 3.0)).rate
+    window = CpuWindow(setup.pids)
+    other = setup.other_backbone if rep == 0 else None  # its build is long: once is enough
+    result = swap_run(setup.stream, rep, capacity, SWAP_LOAD, settings.swaps, other)
+    foreign = window.foreign_cores()
+    runs.add("swap_p99_s", result["p99_s"], result, foreign=foreign)
+    if result["other_backbone_s"] is not None:
+        runs.add("swap_other_backbone_s", result["other_backbone_s"], result, foreign=foreign)
+    say(
+        f"[{rep + 1}/{settings.repeats}] swap: registry command -> first frame of the new version"
+        f" p50 {result['p50_s']:.2f} s, p99 {result['p99_s']:.2f} s over {result['switches']} switches"
+        + (f"; other backbone {result['other_backbone_s']:.1f} s" if result["other_backbone_s"] else "")
+    )
 
 
 def _isolation(
@@ -255,6 +282,7 @@ class _Setup:
     stream: Any
     server_version: str | None
     pids: list[int]
+    other_backbone: bytes | None = None
 
 
 @contextlib.contextmanager
@@ -293,7 +321,8 @@ def _stream_setup(settings: BenchSettings, bench: Any, engine: Any, workdir: Pat
             durability=settings.durability,
         )
         pids = [server.proc.pid] if server is not None and server.proc is not None else []
-        yield _Setup(stream, server_version(client), pids)
+        other = _other_backbone(bench) if "swap" in settings.stages else None
+        yield _Setup(stream, server_version(client), pids, other)
     finally:
         client.close()
         if server is not None:
@@ -306,6 +335,20 @@ def server_version(client: Any) -> str | None:
     if info and "redis_version" not in info:  # a cluster client: one INFO per node
         info = next(iter(info.values()))
     return str(info.get("redis_version")) if info else None
+
+
+def _other_backbone(bench: Any) -> bytes:
+    """Return the bench model with other backbone weights (one nudged tensor): it needs a build."""
+    import copy
+
+    import torch
+
+    from dfm_stream.artifact import ArtifactInfo, artifact_to_bytes
+
+    model = copy.deepcopy(bench.model).cpu()
+    with torch.no_grad():
+        next(model.feature_extractor.parameters()).mul_(1.0001)
+    return artifact_to_bytes(model, ArtifactInfo.for_model(model, bench.image_size, bench.n_train))
 
 
 def worker_args(settings: BenchSettings, backend: str) -> list[str]:

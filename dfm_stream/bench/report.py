@@ -19,6 +19,8 @@ _ROWS: tuple[tuple[str, str, str], ...] = (
     ("isolation_throughput_ratio", "honest throughput beside a hostile camera / alone", "x"),
     ("isolation_p99_ratio", "honest p99 latency beside a hostile camera / alone", "x"),
     ("isolation_probe_errors", "Redis errors (BUSY ...) seen by a probe beside a hostile camera", ""),
+    ("swap_p99_s", "p99 model switch: push/rollback/assign -> first frame of the new version", "s"),
+    ("swap_other_backbone_s", "model switch to a version with other backbone weights (a build)", "s"),
     ("fit_seconds", "fit time", "s"),
 )
 

@@ -25,6 +25,8 @@ SCHEMA = "dfm-stream-bench/1"
 TARGET_PIPELINE_EFFICIENCY = 0.95
 TARGET_TRANSPORT_FPS = 3000.0
 TARGET_FIT_BYTES = 2 * 1024**3
+TARGET_SWAP_P99_S = 1.0
+"""#21: a registry command returning -> the first frame scored by the new version, p99."""
 
 
 @dataclass
@@ -139,6 +141,9 @@ def _targets(settings: Any, results: dict[str, Any], ratios: dict[str, Any]) -> 
     if p99 is not None and forward_rate:
         limit = settings.max_wait_ms + 2 * 1000.0 * settings.batch_size / forward_rate
         out["latency_p99_at_80"] = {"value": p99, "target": limit, "lower_is_better": True}
+    swap = _median(results, "swap_p99_s")
+    if swap is not None:
+        out["model_switch_p99_s"] = {"value": swap, "target": TARGET_SWAP_P99_S, "lower_is_better": True}
     fit = results.get("fit_seconds")
     if fit is not None:
         beyond = statistics.median(d["peak_beyond_model_bytes"] for d in fit["details"])

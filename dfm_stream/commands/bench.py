@@ -45,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--stages",
         type=_csv,
         default=None,
-        help="comma list from backbone,dfm,backends,pipeline,transport,latency,isolation,fit "
+        help="comma list from backbone,dfm,backends,pipeline,transport,latency,isolation,swap,fit "
         "(default: backbone,dfm,pipeline,transport,latency)",
     )
     p.add_argument(
@@ -85,6 +85,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=DURABILITY_LEVELS,
         help="the workers' and the paced sender's durability (default: local; replicated needs a replica)",
     )
+    p.add_argument("--swaps", type=int, default=None, help="model switches per repeat of --stages swap (24)")
     p.add_argument("--workdir", type=Path, default=None, help="keep artifacts and worker logs here")
     p.add_argument("--out", type=Path, default=None, help="write the JSON result here")
     p.add_argument("--markdown", type=Path, default=None, help="also write the tables as markdown")
@@ -110,6 +111,7 @@ _FIELDS = {
     "loads": "loads",
     "transport_frames": "transport_frames",
     "fit_images": "fit_images",
+    "swaps": "swaps",
     "redis": "redis_url",
     "cluster": "cluster",
     "durability": "durability",

@@ -1,5 +1,8 @@
 """``dfm-stream model ...``: push, list, show, roll back, assign and pull models in the Redis registry.
 
+``shadow``, ``compare`` and ``promote`` try a candidate on a camera before it goes live
+(:mod:`dfm_stream.promotion`, :mod:`dfm_stream.shadow`); ``rollback --camera`` undoes a promote.
+
 Every subcommand takes the common Redis options (``--redis``, ``--cluster``, TLS, ``--prefix``) and
 ``--json`` for machine-readable output. Importing torch is left to ``push``, which validates the
 artifact before storing it.
@@ -19,6 +22,7 @@ from dfm_stream.commands.argtypes import positive_int
 from dfm_stream.connect import RedisSettings, add_redis_args, connect
 from dfm_stream.errors import RedisConnectError, RegistryError
 from dfm_stream.files import write_atomic
+from dfm_stream.promotion import Promotions, Switch
 from dfm_stream.registry import ModelRef, ModelRegistry
 
 
@@ -38,8 +42,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = _sub(sub, "show", "show every version of a model and the cameras assigned to it (JSON)", cmd_show)
     p.add_argument("name", help="model name")
 
-    p = _sub(sub, "rollback", "make an older version current (default: the one before current)", cmd_rollback)
-    p.add_argument("name", help="model name")
+    p = _sub(
+        sub,
+        "rollback",
+        "make an older version of a model current (default: the one before current), or with --camera"
+        " give a camera back its assignment from before its last assign or promote",
+        cmd_rollback,
+    )
+    p.add_argument("name", nargs="?", help="model name (not with --camera)")
+    p.add_argument("--camera", default=None, help="roll back this camera's last assign or promote")
     p.add_argument(
         "--to", type=positive_int, default=None, metavar="VERSION", help="the version to make current"
     )
@@ -51,6 +62,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="NAME or NAME@VERSION")
 
     p = _sub(sub, "unassign", "remove a camera's model assignment", cmd_unassign)
+    p.add_argument("--camera", required=True, help="camera id")
+
+    p = _sub(
+        sub,
+        "shadow",
+        "score a camera's frames with a candidate too, beside its live model (never alarms)",
+        cmd_shadow,
+    )
+    p.add_argument("--camera", required=True, help="camera id")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--model", help="candidate NAME@VERSION (NAME: its current version, pinned now)")
+    group.add_argument("--off", action="store_true", help="stop shadow scoring of the camera")
+
+    p = _sub(sub, "compare", "compare a camera's shadow candidate with its live model", cmd_compare)
+    p.add_argument("--camera", required=True, help="camera id")
+    p.add_argument(
+        "--show", type=positive_int, default=20, metavar="N", help="frame ids of disagreements to list"
+    )
+
+    p = _sub(
+        sub,
+        "promote",
+        "make a camera's shadow candidate its live model (undo: model rollback --camera)",
+        cmd_promote,
+    )
     p.add_argument("--camera", required=True, help="camera id")
 
     p = _sub(sub, "pull", "write a stored version back to a file (checksum verified)", cmd_pull)
@@ -136,7 +172,17 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    """Make an older (or any stored) version of a model current."""
+    """Make an older (or any stored) version of a model current, or undo a camera's last assign."""
+    if (args.name is None) == (args.camera is None):
+        raise RegistryError("model rollback: name a model (NAME) or a camera (--camera CAM), not both")
+    if args.camera is not None:
+        if args.to is not None:
+            raise RegistryError(
+                "model rollback --camera restores the previous assignment: --to does not apply"
+            )
+        switch = Promotions(_registry(args)).rollback(args.camera)
+        text = f"camera {args.camera} -> {switch.after or 'unassigned'} (was {switch.before or 'unassigned'})"
+        return _emit(args, _switch_json(switch), text)
     reg = _registry(args)
     previous = reg.current(args.name)
     current = reg.rollback(args.name, args.to)
@@ -159,6 +205,74 @@ def cmd_unassign(args: argparse.Namespace) -> int:
     """Remove a camera's assignment."""
     _registry(args).unassign(args.camera)
     return _emit(args, {"camera": args.camera, "model": None}, f"camera {args.camera} unassigned")
+
+
+def _switch_json(switch: Switch) -> dict[str, Any]:
+    return {
+        "camera": switch.camera,
+        "before": None if switch.before is None else str(switch.before),
+        "model": None if switch.after is None else str(switch.after),
+    }
+
+
+def cmd_shadow(args: argparse.Namespace) -> int:
+    """Start (``--model``) or stop (``--off``) shadow scoring of a camera."""
+    promotions = Promotions(_registry(args))
+    if args.off:
+        ref = promotions.unshadow(args.camera)
+        return _emit(
+            args, {"camera": args.camera, "shadow": None}, f"camera {args.camera}: shadow {ref} stopped"
+        )
+    pinned = promotions.shadow(args.camera, ModelRef.parse(args.model))
+    text = (
+        f"camera {args.camera} is shadowed by {pinned}: see `dfm-stream model compare --camera"
+        f" {args.camera}`, then `model promote --camera {args.camera}`"
+    )
+    return _emit(args, {"camera": args.camera, "shadow": str(pinned)}, text)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Print how a camera's shadow candidate compares with its live model."""
+    from dfm_stream.shadow import read_comparison
+
+    reg = _registry(args)
+    shadow = Promotions(reg).shadow_of(args.camera)
+    result = read_comparison(reg.client, args.camera, reg.prefix)
+    data = {**result.to_dict(), "shadowing": None if shadow is None else str(shadow)}
+    return _emit(args, data, format_comparison(result, shadow, args.show))
+
+
+def format_comparison(result: Any, shadow: ModelRef | None, show: int) -> str:
+    """Return the text ``model compare`` prints for a :class:`~dfm_stream.shadow.Comparison`."""
+    now = f"now shadowed by {shadow}" if shadow else "not shadowed now"
+    if not result.frames:
+        return f"camera {result.camera}: no frame compared yet ({now})"
+
+    def fmt(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.4f}"
+
+    lines = [
+        f"camera {result.camera}: candidate {result.model} vs live {result.live_model} ({now})",
+        f"frames compared            {result.frames}",
+        f"anomalous flag agreement   {result.agreement:.2%} ({result.agree} frames)",
+        f"score correlation Pearson  {fmt(result.pearson)} (all frames compared)",
+        f"score correlation Spearman {fmt(result.spearman)} (latest {result.spearman_frames} frames)",
+        f"flagged by live only       {result.only_live}",
+        f"flagged by candidate only  {result.only_shadow}",
+    ]
+    for item in result.disagreements[:show]:
+        lines.append(f"  {item['frame_id']}  flagged by {item['flagged_by']} only")
+    return "\n".join(lines)
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    """Make a camera's shadow candidate its live model."""
+    switch = Promotions(_registry(args)).promote(args.camera)
+    text = (
+        f"camera {args.camera} -> {switch.after} (was {switch.before or 'unassigned'}); shadow stopped;"
+        f" undo with `dfm-stream model rollback --camera {args.camera}`"
+    )
+    return _emit(args, _switch_json(switch), text)
 
 
 def cmd_pull(args: argparse.Namespace) -> int:

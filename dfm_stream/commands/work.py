@@ -118,6 +118,8 @@ def _run(args: argparse.Namespace, stop: threading.Event) -> int:
     from dfm_stream.inference import Engine
     from dfm_stream.metrics import WorkerMetrics, new_registry, serve_for
     from dfm_stream.routing import ModelRouter
+    from dfm_stream.runners import CacheMetrics
+    from dfm_stream.shadow import ShadowMetrics
     from dfm_stream.worker import Worker
 
     if args.model:
@@ -147,8 +149,17 @@ def _run(args: argparse.Namespace, stop: threading.Event) -> int:
         camera_models=camera_models,
         default_model=worker_config.model,
         metrics=metrics,
+        cache_metrics=CacheMetrics.create(registry),
     )
-    worker = Worker(client, router, settings, redis_settings.prefix, metrics, cluster=redis_settings.cluster)
+    worker = Worker(
+        client,
+        router,
+        settings,
+        redis_settings.prefix,
+        metrics,
+        cluster=redis_settings.cluster,
+        shadow_metrics=ShadowMetrics.create(registry),
+    )
     server = None
     if args.metrics_port >= 0 and not stop.is_set():
         server = serve_for("worker", registry, args.metrics_host, args.metrics_port, ready=worker.ready)
