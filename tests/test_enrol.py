@@ -60,8 +60,21 @@ def test_enrol_pushes_an_unassigned_candidate_fitted_on_frames_not_in_alarm(
 ) -> None:
     anomalous = {s.frame_id for s in scores(redis_client, CAM) if s.anomalous}
     assert anomalous, "the defective frames should have been flagged"
-    assert _enrol(redis_url, tmp_path / "set", "--frames", "30", "--holdout", "0.4", "--max-fpr", "0.1") == 0
+    code = _enrol(
+        redis_url,
+        tmp_path / "set",
+        "--frames",
+        "30",
+        "--holdout",
+        "0.4",
+        "--max-fpr",
+        "0.1",
+        "--fit",
+        "moments",
+    )
+    assert code == 0
     out = capsys.readouterr().out
+    assert "(moments, k=" in out
     assert "candidate parts@2 pushed" in out and "model shadow --camera cam1 --model parts@2" in out
     assert "asked 30, found 30" in out and "peak memory" in out
     assert line.current("parts") == 1

@@ -94,6 +94,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--image-size", type=positive_int, help="override the model input side, px (same backbone weights)"
     )
     fit.add_argument(
+        "--fit",
+        choices=("auto", "moments", "one-shot"),
+        default="auto",
+        help="moments: keep only float64 feature moments (8*D^2 bytes, any number of frames); one-shot: "
+        "keep the features (4*N*D bytes) for one SVD; auto: moments when frames >= features per frame",
+    )
+    fit.add_argument(
         "--batch-size", type=positive_int, default=16, help="frames per backbone batch (default %(default)s)"
     )
     fit.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: auto")
@@ -168,6 +175,7 @@ def cmd_enrol(args: argparse.Namespace) -> int:
         pca_level=args.pca_level,
         score_type=args.score_type,
         image_size=None if args.image_size is None else (args.image_size, args.image_size),
+        fit=args.fit,
     )
     say = (lambda _: None) if args.json else print
     try:
@@ -218,7 +226,7 @@ def _print(result: EnrolResult, camera: str) -> None:
             "run enrol again later or raise the camera's maxlen"
         )
     print(f"kept in {result.folder} (manifest.json: provenance of every frame)")
-    print(f"fitted on {result.n_train} frames (incremental, k={result.components})")
+    print(f"fitted on {result.n_train} frames ({result.fit}, k={result.components})")
     print(f"calibrated on the {result.n_holdout} held-out frames: {result.calibration}")
     if result.warning:
         print(f"warning: {result.warning}")

@@ -107,6 +107,8 @@ class FitSettings:
     pca_level: float | None = None
     score_type: str | None = None
     image_size: tuple[int, int] | None = None
+    fit: str = "auto"
+    """``auto``, ``moments`` or ``one-shot``: see :func:`fit_incrementally`."""
 
 
 @dataclass
@@ -153,6 +155,7 @@ class EnrolResult:
     seconds: float
     peak_rss_bytes: int
     components: int
+    fit: str
 
     @property
     def found(self) -> int:
@@ -216,15 +219,34 @@ def new_model(current: FittedModel, settings: FitSettings) -> DFMModel:
 
 
 def fit_incrementally(
-    model: DFMModel, files: list[Path], image_size: tuple[int, int], batch_size: int
-) -> DFMModel:
-    """Fit ``model`` on the images at ``files``, one batch of features at a time."""
+    model: DFMModel, files: list[Path], image_size: tuple[int, int], batch_size: int, how: str = "auto"
+) -> tuple[DFMModel, str]:
+    """Fit ``model`` on the images at ``files``, one batch of images at a time; return it and the method.
+
+    ``moments``: only the float64 feature moments are kept (``8 D^2`` bytes, whatever the number of
+    images). ``one-shot``: the features are kept (``4 N D`` bytes) for :meth:`DFMModel.fit`'s SVD.
+    ``auto`` takes moments when there are at least as many images as features per image, else
+    the one-shot fit, whose memory is then the smaller. Both give the same model.
+    """
     moments = FeatureMoments()
+    held: list[torch.Tensor] = []
     for batch in image_batches(files, batch_size, image_size):
         features, _ = model.get_features(batch)
-        moments.add(features)
+        if how == "auto":
+            how = "moments" if len(files) >= features.shape[1] else "one-shot"
+        if how == "moments":
+            moments.add(features)
+        else:
+            held.append(features)
         del features
-    return fit_from_moments(model, moments)
+    if how == "moments":
+        return fit_from_moments(model, moments), how
+    features = torch.cat(held)
+    held.clear()
+    if len(features) < MIN_TRAIN:
+        raise ConfigError(f"DFM needs at least {MIN_TRAIN} training images, got {len(features)}")
+    model.fit(features)
+    return model.eval(), how
 
 
 def score_files(
@@ -288,9 +310,10 @@ def enrol(
     kept.write_manifest(provenance)
     progress(f"collected {len(kept.frames)} frames into {folder}: fitting on {n_train}, holding out {n_hold}")
     image_size = settings.image_size or current.info.image_size
-    model = fit_incrementally(
-        new_model(current, settings), kept.files("train"), image_size, settings.batch_size
+    model, how = fit_incrementally(
+        new_model(current, settings), kept.files("train"), image_size, settings.batch_size, settings.fit
     )
+    provenance["fit"] = how
     holdout = kept.files("holdout")
     new_scores = score_files(model, holdout, image_size, settings.batch_size)
     old_scores = score_files(current.model, holdout, current.info.image_size, settings.batch_size)
@@ -327,6 +350,7 @@ def enrol(
         seconds=time.perf_counter() - started,
         peak_rss_bytes=peak_rss_bytes(),
         components=model.pca_model.k,
+        fit=how,
     )
 
 
