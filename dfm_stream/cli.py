@@ -28,7 +28,7 @@ from dfm_stream.redact import safe_url
 
 COMMAND_MODULES = (
     "offline", "read", "work", "inspect", "jobs", "bridge", "model", "cameras", "demo", "bench", "soak",
-    "console", "drift", "quantize",
+    "console", "drift", "quantize", "enrol",
 )  # fmt: skip
 
 log = logging.getLogger("dfm_stream")

@@ -14,7 +14,10 @@ Storage (all keys from :mod:`dfm_stream.keys`)::
 A push writes the chunks, the version's metadata and the new current version in one transaction
 on the model's own keys (one ``{model:NAME}`` hash tag, so one Redis Cluster slot): a version is
 visible only once complete, and a failed push leaves nothing behind. Versions are never reused
-or rewritten. Pushing bytes identical (sha256) to a stored version stores nothing: that version
+or rewritten. A **candidate** (:meth:`ModelRegistry.push_candidate`, what ``dfm-stream enrol``
+pushes) is stored the same way but does not become current: its metadata says ``status:
+candidate`` and carries how it was made (``enrolment``), and no camera uses it until one is
+assigned or shadowed to it. Pushing bytes identical (sha256) to a stored version stores nothing: that version
 is made current again, and the push result says so (``created`` is False). The models set, the
 assignments hash and the generation counter are single keys, each touched by its own command, so
 nothing spans two cluster slots.
@@ -95,6 +98,10 @@ class VersionInfo:
     threshold: float | None
     image_size: tuple[int, int]
     chunks: int
+    status: str = "released"
+    """``released`` (pushed to be used: it became current) or ``candidate`` (stored, not current)."""
+    enrolment: dict[str, Any] | None = None
+    """For a candidate made by ``dfm-stream enrol``: its provenance and evaluation (JSON-ready)."""
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-ready dict."""
@@ -291,6 +298,23 @@ class ModelRegistry:
         current (announced like a rollback when it was not) and the result says ``created=False``.
         ``source`` (e.g. the file name) only serves error messages.
         """
+        return self._store(name, data, source, candidate=None)
+
+    def push_candidate(
+        self, name: str, data: bytes, enrolment: dict[str, Any], source: str | None = None
+    ) -> PushResult:
+        """Store ``data`` as the next version of the existing model ``name`` without making it current.
+
+        The version's metadata says ``status: candidate`` and holds ``enrolment`` (JSON-ready: how
+        the version was made and how it compared). The current version and every assignment stay
+        as they were. Bytes identical to a stored version store nothing (``created=False``).
+        """
+        self.current(name)  # a candidate replaces something: the model must exist
+        return self._store(name, data, source, candidate=enrolment)
+
+    def _store(
+        self, name: str, data: bytes, source: str | None, candidate: dict[str, Any] | None
+    ) -> PushResult:
         _check_model_name(name)
         artifact = validate_artifact(name, data, source)
         chunks = [data[i : i + self.chunk_size] for i in range(0, len(data), self.chunk_size)]
@@ -315,6 +339,8 @@ class ModelRegistry:
             raw_current = pipe.get(current_key)
             previous = None if raw_current is None else int(raw_current)
             same = _identical_versions(stored, base["sha256"], versions_key)
+            if same and candidate is not None:
+                return PushResult(same[-1], created=False, previous_current=previous)
             if same:
                 info = next((v for v in same if v.version == previous), same[-1])
                 if info.version != previous:
@@ -322,23 +348,33 @@ class ModelRegistry:
                     pipe.set(current_key, info.version)
                 return PushResult(info, created=False, previous_current=previous)
             version = max((int(v) for v in stored), default=0) + 1
-            info = VersionInfo(version=version, pushed_at=_now(), **base)
+            extra: dict[str, Any] = (
+                {} if candidate is None else {"status": "candidate", "enrolment": candidate}
+            )
+            info = VersionInfo(version=version, pushed_at=_now(), **base, **extra)
             chunks_key = keys.model_chunks_key(name, info.version, self.prefix)
             pipe.multi()
             pipe.delete(chunks_key)  # a leftover of an interrupted non-transactional writer, if any
             for chunk in chunks:
                 pipe.rpush(chunks_key, chunk)
             pipe.hset(versions_key, str(info.version), json.dumps(info.to_dict()))
-            pipe.set(current_key, info.version)
+            if candidate is None:
+                pipe.set(current_key, info.version)
             return PushResult(info, created=True, previous_current=previous)
 
         result = self._transaction(name, write, versions_key, current_key)
-        self._announce_push(result)
+        if candidate is not None and not result.created:
+            log.info("model %s: candidate identical to version %d, nothing stored", name, result.info.version)
+        else:
+            self._announce_push(result)
         return result
 
     def _announce_push(self, result: PushResult) -> None:
         info = result.info
-        if result.created:
+        if result.created and info.status == "candidate":
+            self._announce("candidate", model=info.name, version=info.version)
+            log.info("stored candidate %s version %d (not current)", info.name, info.version)
+        elif result.created:
             self.client.sadd(keys.models_key(self.prefix), info.name)
             self._announce("push", model=info.name, version=info.version)
             log.info(

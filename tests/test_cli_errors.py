@@ -111,6 +111,13 @@ CASES = [
     Case("model-unassign-unreachable", ("model", "unassign", *NO_REDIS, "--camera", "c1"),
          ("cannot reach Redis",)),
     Case("model-pull-unknown", ("model", "pull", *R, "nosuch", "--out", "{tmp}/p.st"), ("nosuch",)),
+    # enrolment
+    Case("enrol-unknown-model", ("enrol", *R, "--camera", "c1", "--model", "nosuch", "--out", "{tmp}/e"),
+         ("unknown model 'nosuch'",)),
+    Case("enrol-holdout-range", ("enrol", *R, "--camera", "c1", "--model", "m", "--holdout", "2"),
+         ("--holdout",)),
+    Case("enrol-since-garbage", ("enrol", *R, "--camera", "c1", "--model", "m", "--since", "yesterday"),
+         ("--since", "'yesterday'")),
     # part inspections and the bridge
     Case("inspect-frames-0", ("inspect", *NO_REDIS, "--camera", "c1", "--part", "p", "--frames", "0"),
          ("bad_request", "frames")),

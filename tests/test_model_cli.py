@@ -53,7 +53,9 @@ def test_push_list_show_rollback_assign_pull(
 
     code, out = _run(procs, "list", "model", "list", *r, "--json")
     assert code == 0, out
-    assert _json(out) == [{"name": "bottle", "current": 2, "versions": [1, 2], "cameras": []}]
+    assert _json(out) == [
+        {"name": "bottle", "current": 2, "versions": [1, 2], "candidates": [], "cameras": []}
+    ]
 
     code, out = _run(procs, "rollback", "model", "rollback", "bottle", *r)
     assert code == 0, out

@@ -105,6 +105,36 @@ def stream_id(text: str) -> str:
     return text.strip()
 
 
+def point_in_time(text: str) -> int:
+    """Parse a moment into Unix milliseconds.
+
+    ISO 8601 (``2026-12-03T16:40:00``, UTC unless it has a zone) or Unix seconds (``1733243200.5``).
+    """
+    from datetime import UTC, datetime
+
+    value = text.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = None
+    if seconds is not None:
+        if not math.isfinite(seconds) or seconds < 0:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a time: Unix seconds must be a finite number >= 0"
+            )
+        return round(seconds * 1000)
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a time: give ISO 8601 (2026-12-03T16:40:00, UTC unless a zone is given)"
+            " or Unix seconds"
+        ) from e
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return round(moment.timestamp() * 1000)
+
+
 def parsed(parse: Callable[[str], Any], what: str) -> Callable[[str], Any]:
     """Return a type that calls ``parse`` (which raises ValueError) and reports ``what`` on failure."""
 

@@ -37,7 +37,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--name", required=True, help="model name (letters, digits, '_', '.', '-')")
     p.add_argument("--file", required=True, type=Path, help="artifact file written by `dfm-stream fit`")
 
-    _sub(sub, "list", "list the models, their current version and the cameras using them", cmd_list)
+    _sub(
+        sub,
+        "list",
+        "list the models, their current version, candidates (from `enrol`) and the cameras using them",
+        cmd_list,
+    )
 
     p = _sub(sub, "show", "show every version of a model and the cameras assigned to it (JSON)", cmd_show)
     p.add_argument("name", help="model name")
@@ -152,14 +157,27 @@ def cmd_list(args: argparse.Namespace) -> int:
     reg = _registry(args)
     assignments = reg.assignments()
     rows: list[dict[str, object]] = []
-    lines = [f"{'MODEL':<24} {'CURRENT':>7} {'VERSIONS':<16} CAMERAS"]
+    lines = [f"{'MODEL':<24} {'CURRENT':>7} {'VERSIONS':<16} {'CANDIDATES':<12} CAMERAS"]
     for name in reg.names():
-        versions = [v.version for v in reg.versions(name)]
+        infos = reg.versions(name)
+        versions = [v.version for v in infos]
+        candidates = [v.version for v in infos if v.status == "candidate"]
         cameras = sorted(cam for cam, ref in assignments.items() if ref.name == name)
         current = reg.current(name)
-        rows.append({"name": name, "current": current, "versions": versions, "cameras": cameras})
+        rows.append(
+            {
+                "name": name,
+                "current": current,
+                "versions": versions,
+                "candidates": candidates,
+                "cameras": cameras,
+            }
+        )
         versions_text = ",".join(str(v) for v in versions)
-        lines.append(f"{name:<24} {current:>7} {versions_text:<16} {','.join(cameras) or '-'}")
+        candidates_text = ",".join(str(v) for v in candidates) or "-"
+        lines.append(
+            f"{name:<24} {current:>7} {versions_text:<16} {candidates_text:<12} {','.join(cameras) or '-'}"
+        )
     if not rows:
         lines = ["no models in the registry: push one with `dfm-stream model push --name NAME --file FILE`"]
     return _emit(args, rows, "\n".join(lines))

@@ -56,6 +56,24 @@ class SingleClassGaussian(ResizableBuffers):
         self.u_mat = u_mat
         self.sigma_mat = sigma
 
+    def fit_pca_projection(self, variances: torch.Tensor) -> None:
+        """Fit on the PCA projection of the training data, known only by its per-component variances.
+
+        Projected onto the principal components, centred training data have mean 0 and a diagonal
+        covariance whose entries are ``variances`` (eigenvalue / N): exactly what :meth:`fit` finds
+        on those projections, up to the signs of ``u_mat``'s columns, which no score depends on.
+        """
+        sigma = variances.to(torch.float64).clamp_min(0.0).sqrt().float()
+        if sigma.numel() and float(sigma.min()) <= float(sigma.max()) * 1e-6:
+            msg = (
+                f"nll: the {sigma.numel()} projected features of the training images are degenerate "
+                "(a zero variance direction); use more training images or fewer components"
+            )
+            raise ModelConfigError(msg)
+        self.mean_vec = torch.zeros(sigma.numel(), device=variances.device)
+        self.u_mat = torch.eye(sigma.numel(), device=variances.device)
+        self.sigma_mat = sigma.to(variances.device)
+
     def score_samples(self, features: torch.Tensor) -> torch.Tensor:
         """Return the NLL score of each row of ``features`` ``(n_samples, n_features)``."""
         if not self.fitted:

@@ -90,6 +90,30 @@ class PCA(ResizableBuffers):
         self.singular_values = sig[:k].float()
         self.mean = mean.float()
 
+    def fit_scatter(self, count: int, mean: torch.Tensor, scatter: torch.Tensor) -> torch.Tensor:
+        """Fit from moments: ``count`` vectors with ``mean`` (D,) and centred ``scatter`` (D, D), float64.
+
+        ``scatter`` is ``(X - mean)^T (X - mean)``, whose eigenvalues are the squared singular values
+        of the centred data and whose eigenvectors are its right singular vectors, so the fit is the
+        one :meth:`fit` makes on ``X`` (same component rule, singular vectors up to sign). Only the
+        top ``min(count, D)`` eigenvalues count, as :meth:`fit` sees at most that many singular
+        values. Returns the kept eigenvalues (k,) in float64 (the Gaussian of ``nll`` needs them).
+        """
+        if count < 2 or mean.ndim != 1 or scatter.shape != (mean.shape[0], mean.shape[0]):
+            msg = f"PCA needs moments of at least 2 feature vectors, got {count} (mean {tuple(mean.shape)})"
+            raise ModelConfigError(msg)
+        values, vectors = torch.linalg.eigh(scatter.to(torch.float64))
+        rank = min(count, mean.shape[0])
+        values = values.flip(0)[:rank].clamp_min(0.0)
+        vectors = vectors.flip(1)[:, :rank]
+        sig = values.sqrt()
+        k = self._components_for(sig, max_rank=rank)
+        self.num_components = torch.tensor([float(k)], device=mean.device)
+        self.singular_vectors = vectors[:, :k].contiguous().float()
+        self.singular_values = sig[:k].float()
+        self.mean = mean.float()
+        return values[:k]
+
     def _components_for(self, sig: torch.Tensor, max_rank: int) -> int:
         if self.n_components <= 1:
             energy = sig * sig
