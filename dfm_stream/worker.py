@@ -22,9 +22,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import redis
 import torch
@@ -32,8 +30,7 @@ import torch
 from dfm_stream import keys
 from dfm_stream.artifact import normalize_score
 from dfm_stream.backoff import WORKER_FETCH, Backoff
-from dfm_stream.batcher import DEFAULT_MAX_BATCH_BYTES, Batch, Batcher
-from dfm_stream.config import AlarmsConfig, WorkerConfig
+from dfm_stream.batcher import Batch, Batcher
 from dfm_stream.connect import RedisClient
 from dfm_stream.consumer import StreamConsumer, StreamEntry
 from dfm_stream.deadletter import send_to_deadletter
@@ -43,7 +40,6 @@ from dfm_stream.inference import DecodedFrame, DecodeFailure, Decoder, Engine, p
 from dfm_stream.metrics import WorkerMetrics
 from dfm_stream.model.dfm import ScoreType
 from dfm_stream.publisher import (
-    OUTBOX_DELIVER_AFTER_S,
     REDIS_ERRORS,
     AlarmBit,
     Publisher,
@@ -55,83 +51,15 @@ from dfm_stream.publisher import (
 from dfm_stream.routing import LoadedModel, ModelRouter
 from dfm_stream.shadow import ShadowMetrics, ShadowScorer
 from dfm_stream.wire import FrameMsg, ScoreStatus, frame_bytes_cap, make_frame_id
+from dfm_stream.worker_duties import Duties
+from dfm_stream.worker_settings import WorkerSettings, WorkerStats
+
+__all__ = ["PreparedBatch", "Worker", "WorkerSettings", "WorkerStats"]
 
 log = logging.getLogger(__name__)
 
 IDLE_BLOCK_MS = 500
 """Longest single wait for new frames (bounds how long a stop request waits)."""
-
-
-_CONFIG = WorkerConfig()
-
-
-@dataclass
-class WorkerSettings:
-    """Everything that shapes a worker's behaviour.
-
-    The user's settings are those of ``[worker]`` and ``[alarms]`` (:class:`WorkerConfig`, defined
-    and checked there; :meth:`from_config`); the rest belongs to one run or to tests.
-    """
-
-    cameras: list[str] | None = None
-    group: str = _CONFIG.group
-    batch_size: int = _CONFIG.batch_size
-    max_wait_ms: float = _CONFIG.max_wait_ms
-    claim_idle_s: float = _CONFIG.claim_idle_s
-    max_deliveries: int = _CONFIG.max_deliveries
-    max_age_s: float | None = None  # None: never skip (max_age_s = 0 in the config)
-    scores_maxlen: int = _CONFIG.scores_maxlen
-    max_pixels: int = _CONFIG.max_pixels
-    max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES
-    """Decoded bytes (3 per pixel) one batch may hold: huge frames make smaller batches."""
-    max_frame_bytes: int | None = None  # None: frame_bytes_cap(max_pixels)
-    decode_at_model_size: bool = _CONFIG.decode_at_model_size
-    """Decode JPEG frames at 1/2, 1/4 or 1/8 scale when still >= the model's input (off: full size)."""
-    alarm: AlarmsConfig = field(default_factory=AlarmsConfig)
-    burst: bool = False
-    max_frames: int | None = None
-    discover_interval_s: float = 5.0
-    max_cameras: int = _CONFIG.max_cameras
-    stats_interval_s: float = 5.0
-    heartbeat_interval_s: float = 10.0
-    outbox_interval_s: float = 5.0
-    outbox_deliver_after_s: float = OUTBOX_DELIVER_AFTER_S
-    durability: str = "local"
-
-    @classmethod
-    def from_config(cls, worker: WorkerConfig, alarms: AlarmsConfig, **run: Any) -> WorkerSettings:
-        """Return the settings of ``[worker]`` and ``[alarms]`` plus those of one run (``cameras``...)."""
-        return cls(
-            group=worker.group,
-            batch_size=worker.batch_size,
-            max_wait_ms=worker.max_wait_ms,
-            claim_idle_s=worker.claim_idle_s,
-            max_deliveries=worker.max_deliveries,
-            max_age_s=worker.max_age_s or None,
-            scores_maxlen=worker.scores_maxlen,
-            max_pixels=worker.max_pixels,
-            max_frame_bytes=worker.max_frame_bytes or None,
-            max_cameras=worker.max_cameras,
-            decode_at_model_size=worker.decode_at_model_size,
-            alarm=alarms,
-            **run,
-        )
-
-
-@dataclass
-class WorkerStats:
-    """Counts of one :meth:`Worker.run` (the metrics say the same, per camera)."""
-
-    read: int = 0
-    scored: int = 0
-    skipped: int = 0
-    duplicates: int = 0
-    deadlettered: int = 0
-    trimmed: int = 0
-    redelivered: int = 0
-    batches: int = 0
-    events: list[str] = field(default_factory=list)
-    events_recovered: int = 0
 
 
 @dataclass
@@ -189,10 +117,10 @@ class Worker:
         self._inflight: set[str] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._timers: dict[str, float] = {}
+        self.duties = Duties(self)
         self._warned_uncalibrated: set[str] = set()
         self._redis_ok = False
-        self._report_device()
+        self.duties.report_device()
 
     # -- public --------------------------------------------------------------------------------------
 
@@ -344,7 +272,7 @@ class Worker:
         """Ping Redis; once it answers, log it, make sure the groups exist and look for cameras now."""
         self.client.ping()
         self.consumer.ensure_groups()
-        self._timers.pop("discover", None)
+        self.duties.now("discover")
         self._redis_ok = True
         log.info("worker %s connected to Redis", self.name)
 
@@ -355,7 +283,7 @@ class Worker:
         backoff.wait(self._stop, delay)
 
     def _fetch_once(self) -> None:
-        self._housekeeping()
+        self.duties.run()
         cameras = [c for c in self.consumer.cameras if self.router.resolve(c) is not None]
         room = self.batcher.room()
         if self.settings.max_frames is not None:
@@ -364,9 +292,9 @@ class Worker:
                 self._stop.set()
                 return
         result = self.consumer.read(room, cameras)
-        self._take(result.entries)
+        self.take(result.entries)
         for camera, gaps in result.trimmed.items():
-            self._drop(camera, "trimmed", gaps)
+            self.drop(camera, "trimmed", gaps)
         if self.metrics is not None:
             for camera, odd in result.seq_anomalies.items():
                 self.metrics.seq_anomalies.labels(camera).inc(odd)
@@ -395,7 +323,7 @@ class Worker:
         stats = self.consumer.group_stats()
         return all(stats.get(c, (0, 0))[1] == 0 for c in cameras)
 
-    def _take(self, entries: list[StreamEntry], claimed: bool = False) -> None:
+    def take(self, entries: list[StreamEntry], claimed: bool = False) -> None:
         """Route new entries: dead letters, stale skips, or into the batcher.
 
         If a Redis error stops this half-way (a dead letter refused), the stale frames collected so
@@ -440,7 +368,7 @@ class Worker:
             self.batcher.add(model.label, (entry, msg, model), nbytes=msg.w * msg.h * 3)  # decoded RGB
 
     def _skipped(self, entry: StreamEntry, msg: FrameMsg, model: LoadedModel) -> ScoredItem:
-        self._drop(entry.camera, "stale", 1)
+        self.drop(entry.camera, "stale", 1)
         template = frame_score(
             entry, msg, self.name, model.label, None, model.fitted.info.threshold, status=ScoreStatus.SKIPPED
         )
@@ -508,7 +436,8 @@ class Worker:
         if self.metrics:
             self.metrics.deadlettered.labels(entry.camera, reason).inc()
 
-    def _drop(self, camera: str, reason: str, n: int) -> None:
+    def drop(self, camera: str, reason: str, n: int) -> None:
+        """Count ``n`` frames of ``camera`` that will never be scored, and why (``trimmed``, ``stale``)."""
         if reason == "trimmed":
             self.stats.trimmed += n
         if self.metrics and n:
@@ -517,6 +446,11 @@ class Worker:
     def _forget(self, entries: list[StreamEntry]) -> None:
         self._forget_ids([make_frame_id(e.camera, e.entry_id) for e in entries])
 
+    def inflight_ids(self) -> set[str]:
+        """Return the ids of the frames read and not yet published (never reclaimed meanwhile)."""
+        with self._lock:
+            return set(self._inflight)
+
     def _forget_ids(self, frame_ids: list[str]) -> None:
         with self._lock:
             self._inflight.difference_update(frame_ids)
@@ -524,73 +458,3 @@ class Worker:
     def _count_error(self, where: str) -> None:
         if self.metrics:
             self.metrics.loop_errors.labels(where).inc()
-
-    # -- housekeeping (fetch thread) ---------------------------------------------------------------
-
-    def _every(self, name: str, interval: float, action: Callable[[], object]) -> None:
-        """Run ``action`` when ``name`` is due; only a run that did not raise waits ``interval`` again."""
-        now = time.monotonic()
-        if now < self._timers.get(name, 0.0):
-            return
-        action()
-        self._timers[name] = now + interval
-
-    def _housekeeping(self) -> None:
-        s = self.settings
-        self._every("discover", s.discover_interval_s, self._discover)
-        if self.router.refresh(self.consumer.cameras):
-            log.info("model routing changed")
-        self._every("heartbeat", s.heartbeat_interval_s, self.consumer.heartbeat)
-        self._every("outbox", s.outbox_interval_s, self._deliver_stale_events)
-        self._timers.setdefault("reclaim", time.monotonic() + max(0.05, s.claim_idle_s / 2))
-        self._every("reclaim", max(0.05, s.claim_idle_s / 2), self._reclaim)
-        self._every("drift", s.stats_interval_s, self.drift.flush)
-        if self.metrics:
-            self._every("stats", s.stats_interval_s, self._group_stats)
-            self._every("device", s.stats_interval_s, self._report_device)
-
-    def _deliver_stale_events(self) -> None:
-        cameras = list(self.consumer.cameras)
-        self.stats.events_recovered += self.publisher.deliver_stale_events(
-            cameras, self.settings.outbox_deliver_after_s
-        )
-
-    def _report_device(self) -> None:
-        """Publish where the model runs; ``auto`` may have fallen back to another backend since."""
-        if self.metrics:
-            e = self.engine
-            self.metrics.device_info.clear()
-            self.metrics.device_info.labels(str(e.device), e.precision, e.backend).set(1)
-
-    def _group_stats(self) -> None:
-        if self.metrics is None:
-            return
-        for camera, (lag, pending) in self.consumer.group_stats().items():
-            self.metrics.stream_lag.labels(camera).set(lag)
-            self.metrics.stream_pending.labels(camera).set(pending)
-
-    def _discover(self) -> None:
-        added = self.consumer.discover(self.settings.cameras, self.settings.max_cameras)
-        if self.metrics is not None:
-            for camera in added:
-                self.metrics.init_camera(camera)
-        if added:
-            log.info("worker %s reads cameras %s", self.name, ", ".join(added))
-
-    def _reclaim(self) -> None:
-        with self._lock:
-            exclude = set(self._inflight)
-        # only cameras with a model: claiming raises the delivery count, and their frames must wait
-        scored = [c for c in self.consumer.cameras if self.router.resolve(c) is not None]
-        result = self.consumer.reclaim(
-            int(self.settings.claim_idle_s * 1000), exclude=exclude, cameras=scored
-        )
-        for camera, ids in result.deleted.items():  # never one in flight here: the publish acks those
-            self._drop(camera, "trimmed", len(ids))
-        if result.entries:
-            log.info("reclaimed %d idle frames from other consumers", len(result.entries))
-            self.stats.redelivered += len(result.entries)
-            if self.metrics:
-                for e in result.entries:
-                    self.metrics.redelivered.labels(e.camera).inc()
-            self._take(result.entries, claimed=True)
