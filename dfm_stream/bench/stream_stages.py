@@ -375,6 +375,7 @@ def latency_run(
         p99 = out[f"{round(load * 100)}"]["p99_ms"]
         out[f"{round(load * 100)}"].update(
             inspect_jobs=len(job_lat),
+            inspect_p50_ms=percentile(job_lat, 50),
             inspect_p99_ms=percentile(job_lat, 99),
             inspect_max_ms=max(job_lat) if job_lat else None,
             inspect_budget_ms=interval_ms + p99 + 50 if p99 is not None else None,
