@@ -54,6 +54,8 @@ def test_quick_bench_runs_every_stage_and_writes_json_with_ratios(tmp_path: Path
         d = level["details"][0]
         assert d["frames"] > 0
         assert 0 < d["p50_ms"] <= d["p95_ms"] <= d["p99_ms"] <= d["max_ms"]
+        assert d["inspect_jobs"] + d["inspect_errors"] > 0, "part jobs ran beside the paced frames"
+        assert d["inspect_jobs"] == 0 or d["inspect_p50_ms"] <= d["inspect_p99_ms"]
     for ratio in ("pipeline_over_backbone", "transport_over_pipeline", "dfm_over_backbone"):
         assert doc["ratios"][ratio]["n"] == 1 and doc["ratios"][ratio]["median"] > 0, ratio
     assert doc["ratios"]["pipeline_over_backbone_median_batch"]["n"] == 1
