@@ -44,7 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--stages",
         type=_csv,
         default=None,
-        help="comma list from backbone,dfm,backends,pipeline,transport,latency,isolation,fit "
+        help="comma list from backbone,dfm,backends,pipeline,transport,latency,isolation,consoles,fit "
         "(default: backbone,dfm,pipeline,transport,latency)",
     )
     p.add_argument(
