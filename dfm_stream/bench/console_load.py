@@ -47,7 +47,7 @@ from dfm_stream.wire import ScoreStatus
 CAMERAS = 8
 FPS = 10.0
 CONSOLES = 3
-FRAME_PERIOD_S = 0.35
+FRAME_PERIOD_S = 0.5
 """``FRAME_PERIOD_MS`` of ``console.js``: the pause between a tile's frame and its next request."""
 SETTLE_S = 2.0
 """Seconds at the start of sending not counted (the worker's batches reach a steady state); a
