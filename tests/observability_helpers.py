@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from dfm_stream.bridge.core import BridgeMetrics
 from dfm_stream.metrics import ReaderMetrics, WorkerMetrics, new_registry
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,6 +26,7 @@ ALERTS_TEST_YML = PROMETHEUS_DIR / "alerts.test.yml"
 
 READER_JOB = "dfm-readers"
 WORKER_JOB = "dfm-workers"
+BRIDGE_JOB = "dfm-bridge"
 
 PROMETHEUS_SERIES = {"up", "scrape_duration_seconds", "scrape_samples_scraped"}
 """Series Prometheus itself adds to every target."""
@@ -122,7 +124,7 @@ def label_values_metric(query: str) -> str:
 
 
 def exposed_sample_names() -> set[str]:
-    """Return every sample name a reader or worker exposes, as Prometheus stores it.
+    """Return every sample name a reader, worker or bridge exposes, as Prometheus stores it.
 
     The metrics are registered on a fresh registry the way the processes do; counters get
     ``_total``, histograms ``_bucket``/``_sum``/``_count`` (and both ``_created``).
@@ -130,6 +132,7 @@ def exposed_sample_names() -> set[str]:
     registry = new_registry(process_metrics=True)
     ReaderMetrics.create(registry)
     WorkerMetrics.create(registry)
+    BridgeMetrics.create(registry)
     suffixes = {
         "counter": ("_total", "_created"),
         "histogram": ("_bucket", "_sum", "_count", "_created"),

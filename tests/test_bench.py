@@ -39,6 +39,14 @@ def test_quick_bench_runs_every_stage_and_writes_json_with_ratios(tmp_path: Path
     assert results["isolation_probe_errors"]["median"] == 0, isolation["hostile"]["probe_error_examples"]
     assert isolation["hostile"]["hostile_entries"] > 0 and isolation["hostile"]["probes"] > 0
     assert isolation["clean"]["frames"] > 0 and isolation["hostile"]["frames"] > 0
+    consoles = results["consoles_throughput_ratio"]["details"][0]
+    alone, shared = consoles["alone"], consoles["with_consoles"]
+    assert consoles["cameras"] == 8 and consoles["consoles"] == 3
+    assert alone["sent"] == shared["sent"] == 8 * 10 * 0.3  # 8 cameras x 10 fps for --duration
+    assert alone["sse_messages"] == alone["frames_fetched"] == alone["consoles_cpu_cores"] == 0
+    assert shared["sse_messages"] >= 3, "every console's page received its first snapshot"
+    assert shared["frames_fetched"] >= 3 * 8, "every tile of every console showed a frame"
+    assert shared["consoles_cpu_cores"] >= 0 and consoles["throughput_ratio"] is not None
     assert all(v is None or v >= 0 for v in results["pipeline"]["foreign_cpu_cores"])
     assert len(results["backbone"]["foreign_cpu_cores"]) == 1
     assert results["transport"]["details"][0]["frames"] == 200
@@ -46,6 +54,8 @@ def test_quick_bench_runs_every_stage_and_writes_json_with_ratios(tmp_path: Path
         d = level["details"][0]
         assert d["frames"] > 0
         assert 0 < d["p50_ms"] <= d["p95_ms"] <= d["p99_ms"] <= d["max_ms"]
+        assert d["inspect_jobs"] + d["inspect_errors"] > 0, "part jobs ran beside the paced frames"
+        assert d["inspect_jobs"] == 0 or d["inspect_p50_ms"] <= d["inspect_p99_ms"]
     for ratio in ("pipeline_over_backbone", "transport_over_pipeline", "dfm_over_backbone"):
         assert doc["ratios"][ratio]["n"] == 1 and doc["ratios"][ratio]["median"] > 0, ratio
     assert doc["ratios"]["pipeline_over_backbone_median_batch"]["n"] == 1

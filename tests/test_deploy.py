@@ -39,8 +39,12 @@ K8S = DEPLOY / "k8s"
 OVERLAYS = ("cpu", "gpu", "sentinel")
 K8S_VERSIONS = ("1.30.0", "1.34.0")
 """Kubernetes releases whose schemas (bundled with kubernetes-validate) every resource must meet."""
-METRICS_PORTS = {"read": 9400, "work": 9401}
-"""The metrics ports of readers and workers: deploy/prometheus/prometheus.yml scrapes these."""
+METRICS_PORTS = {"read": 9400, "work": 9401, "bridge": 9403}
+"""The metrics ports of readers, workers and the bridge: deploy/prometheus/prometheus.yml scrapes these."""
+BRIDGE_PORTS = {"opcua": 4840, "modbus": 5020}
+"""The ports the bridge serves PLCs on (``--opcua`` endpoint, ``--modbus`` HOST:PORT)."""
+BRIDGE_FILE_OPTIONS = ("mqtt_password_file", "opcua_users", "opcua_cert", "opcua_key")
+"""Bridge options that name a secret file: each must come from a mounted secret, never inline."""
 CONSOLE_PORT = 8080
 """The operator console's port (``dfm-stream console --port``): pages, /healthz and /readyz."""
 SCRIPTS = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
@@ -247,7 +251,7 @@ def service_command(svc: dict) -> list[str]:
 
 def test_compose_defines_every_service_of_the_pipeline() -> None:
     services = compose_services()
-    assert {"redis", "prometheus", "grafana", "worker"} <= services.keys()
+    assert {"redis", "prometheus", "grafana", "worker", "console", "bridge"} <= services.keys()
     config = load_config(DEPLOY / "config" / "cameras.example.toml", env={})
     assert len(config.cameras) >= 2
     for cam in config.cameras:
@@ -276,6 +280,8 @@ def test_compose_files_it_references_exist(path: Path) -> None:
             source = volume.split(":")[0] if isinstance(volume, str) else volume["source"]
             if source.startswith((".", "/")):
                 assert (path.parent / source).exists(), f"{name}: bind mount {source} does not exist"
+    for name, secret in load_yaml(path).get("secrets", {}).items():
+        assert (path.parent / secret["file"]).is_file(), f"secret {name}: {secret['file']} does not exist"
 
 
 def test_compose_commands_parse_with_the_package_cli() -> None:
@@ -327,6 +333,42 @@ def test_compose_matches_the_prometheus_scrape_config() -> None:
     assert readers == expected
     dns = scrape["dfm-workers"]["dns_sd_configs"][0]
     assert dns["names"] == ["worker"] and dns["port"] == METRICS_PORTS["work"]
+    bridges = {t for sc in scrape["dfm-bridge"]["static_configs"] for t in sc["targets"]}
+    assert bridges == {f"bridge:{METRICS_PORTS['bridge']}"}
+    assert "bridge" in services
+
+
+def bridge_args(argv: list[str], where: str) -> Any:
+    """Parse a ``bridge`` command line with the real parser, its config file applied as at start."""
+    from dfm_stream.commands import bridge
+
+    args = build_parser().parse_args(argv)
+    assert args.command == "bridge", where
+    config = args.config
+    args.config = None  # the options a container gives; the config file adds cameras only
+    bridge._with_config(args)
+    args.config = config
+    return args
+
+
+def test_compose_bridge_serves_plcs_and_reads_its_secrets_from_compose_secrets() -> None:
+    doc = load_yaml(COMPOSE)
+    svc = doc["services"]["bridge"]
+    args = bridge_args(service_command(svc), "compose service bridge")
+    assert args.opcua.startswith("opc.tcp://0.0.0.0:4840/") and args.modbus == "0.0.0.0:5020"
+    assert not args.opcua_anonymous, "OPC UA must not be open to anonymous clients as shipped"
+    published = {int(p.rsplit(":", 2)[-1]) for p in svc["ports"]}
+    assert published == set(BRIDGE_PORTS.values())
+    env = svc["environment"]
+    secret_files = [args.opcua_users, env["DFM__BRIDGE__MQTT_PASSWORD_FILE"]]
+    for path in secret_files:
+        name = Path(path).name
+        assert path == f"/run/secrets/{name}" and name in svc["secrets"], f"{path} is not a compose secret"
+        assert name in doc["secrets"], f"secret {name} is not defined at the top level"
+    volumes = {v.split(":")[1]: v.split(":")[0] for v in svc["volumes"]}
+    assert volumes.get(args.opcua_pki) in doc["volumes"], "the OPC UA certificate must outlive the container"
+    config = load_config(DEPLOY / "config" / "cameras.example.toml", env={})
+    assert config.bridge.cameras.split(",") == [c.id for c in config.cameras]
 
 
 def test_compose_mounts_what_prometheus_and_grafana_provisioning_expect() -> None:
@@ -373,7 +415,7 @@ def test_compose_sentinel_override_points_every_process_at_three_sentinels() -> 
         assert flag_value(cmd, "--min-replicas-to-write") == "1", f"{name}: a cut-off primary must stop"
         assert flag_value(cmd, "--appendonly") == "yes"
     users = [n for n, svc in our_services(base) if "DFM_REDIS_URL" in svc.get("environment", {})]
-    assert {"worker", "reader-cam1", "reader-cam2", "model-push", "console"} <= set(users)
+    assert {"worker", "reader-cam1", "reader-cam2", "model-push", "console", "bridge"} <= set(users)
     for name in users:
         env = services[name]["environment"]
         target = parse_sentinel_url(env["DFM_REDIS_URL"])
@@ -573,13 +615,12 @@ def test_containers_run_commands_the_cli_accepts(build: tuple[str, list[dict]]) 
         entrypoint = container.get("command") or image_entrypoint(container["image"])
         args = parse_cli(entrypoint, container.get("args", []), f"{name}: {ident(res)}")
         seen.add(args.command)
-        if args.config:
-            mounts = {m["mountPath"] for m in container["volumeMounts"]}
-            assert str(Path(args.config).parent) in mounts, f"{ident(res)}: {args.config} is not mounted"
-        if args.redis_password_file:
-            mounts = {m["mountPath"] for m in container["volumeMounts"]}
-            assert str(Path(args.redis_password_file).parent) in mounts, ident(res)
-    assert seen == {"read", "work", "console"}
+        mounts = {m["mountPath"] for m in container.get("volumeMounts", [])}
+        for option in ("config", "redis_password_file", *BRIDGE_FILE_OPTIONS):
+            path = getattr(args, option, None)
+            if path:
+                assert str(Path(path).parent) in mounts, f"{ident(res)}: {option} {path} is not mounted"
+    assert seen == {"read", "work", "console", "bridge"}
 
 
 def test_probes_check_healthz_and_readyz_on_the_metrics_port(build: tuple[str, list[dict]]) -> None:
@@ -678,9 +719,43 @@ def test_sentinel_overlay_sends_every_process_through_the_sentinels(build: tuple
             check_sentinel_pod_address(f"{host}.{namespace_of(res)}.svc:{port}", namespace_of(res), resources)
         assert env["DFM_DURABILITY"] == "replicated", ident(res)
         seen.add(container["args"][0])
-    assert seen == {"read", "work", "console"}
+    assert seen == {"read", "work", "console", "bridge"}
     (so,) = of_kind(resources, "ScaledObject")
     assert {t["metadata"]["sentinelMaster"] for t in so["spec"]["triggers"]} == {monitor[0]}
+
+
+def test_the_bridge_serves_plcs_through_its_service_with_secrets_from_a_secret(
+    build: tuple[str, list[dict]],
+) -> None:
+    _, resources = build
+    deployment = one(resources, "Deployment", "dfm-bridge")
+    spec = deployment["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    args = bridge_args(container["args"], ident(deployment))
+    assert args.opcua.startswith(f"opc.tcp://0.0.0.0:{BRIDGE_PORTS['opcua']}/")
+    assert args.modbus == f"0.0.0.0:{BRIDGE_PORTS['modbus']}"
+    assert not args.opcua_anonymous, "OPC UA must not be open to anonymous clients as shipped"
+    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"]["type"] == "Recreate"
+    named = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert named == {"metrics": METRICS_PORTS["bridge"], **BRIDGE_PORTS}
+    service = one(resources, "Service", "dfm-bridge")
+    assert {p["targetPort"]: p["port"] for p in service["spec"]["ports"]} == named
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    for option in ("mqtt_password_file", "opcua_users"):
+        path = Path(getattr(args, option))
+        volume = volumes[mounts[str(path.parent)]["name"]]
+        secret = one(resources, "Secret", volume["secret"]["secretName"])
+        items = {i["path"]: i["key"] for i in volume["secret"]["items"]}
+        assert items[path.name] in secret["stringData"], f"{option}: no key {path.name} in the Secret"
+    assert not any(a.startswith("mqtt://") and ":" in a.split("@")[0][7:] for a in container["args"]), (
+        "no password in the MQTT URL"
+    )
+    pki = mounts[args.opcua_pki]
+    assert not pki.get("readOnly"), "the OPC UA certificate is created on first start"
+    claim = volumes[pki["name"]]["persistentVolumeClaim"]["claimName"]
+    one(resources, "PersistentVolumeClaim", claim)  # kept across restarts: clients trust it once
+    assert cameras_of(resources).bridge.cameras.split(",") == [c.id for c in cameras_of(resources).cameras]
 
 
 def namespace_of(res: dict) -> str:

@@ -13,6 +13,7 @@ import pytest
 from observability_helpers import (
     ALERTS_TEST_YML,
     ALERTS_YML,
+    BRIDGE_JOB,
     DASHBOARD,
     GENERATOR,
     PROMETHEUS_SERIES,
@@ -115,6 +116,8 @@ def test_scrape_config_has_reader_and_worker_jobs_on_their_ports() -> None:
     worker_sd = jobs[WORKER_JOB]["dns_sd_configs"]
     assert worker_sd
     assert all(sd["port"] == 9401 for sd in worker_sd)
+    bridge_targets = [t for sc in jobs[BRIDGE_JOB]["static_configs"] for t in sc["targets"]]
+    assert bridge_targets and all(t.endswith(":9403") for t in bridge_targets)
     text = PROMETHEUS_YML.read_text(encoding="utf-8")
     assert "kubernetes_sd_configs" in text  # the commented Kubernetes example
 
@@ -202,6 +205,10 @@ def test_dashboard_uses_only_exposed_metrics_and_shipped_jobs() -> None:
         "dfm_alarm_active",
         "dfm_worker_score_ratio_bucket",
         "dfm_model_info",
+        # the bridge's row (#17): events delivered, delivery latency, connection state per protocol
+        "dfm_bridge_delivered_total",
+        "dfm_bridge_delivery_latency_seconds_bucket",
+        "dfm_bridge_connected",
     ):
         assert required in used, f"no panel reads {required}"
 

@@ -2,7 +2,8 @@
 
 One pipeline per module (it takes a few seconds to start): a redis-server, a reader on the
 synthetic camera and a worker with a tiny resnet18 model whose threshold makes every frame
-anomalous (so alarms exist). Then a Prometheus server on loopback scrapes both with the job names
+anomalous (so alarms exist), and a PLC bridge serving Modbus TCP (part jobs give it results to
+deliver). Then a Prometheus server on loopback scrapes all three with the job names
 of deploy/prometheus/prometheus.yml and evaluates deploy/prometheus/alerts.yml; every PromQL
 expression of the shipped Grafana dashboard must return data from its query API.
 """
@@ -23,6 +24,7 @@ import redis
 import yaml
 from observability_helpers import (
     ALERTS_YML,
+    BRIDGE_JOB,
     READER_JOB,
     WORKER_JOB,
     concrete,
@@ -39,6 +41,7 @@ from tools import require_tool
 
 from dfm_stream import backends, keys
 from dfm_stream.embedded_redis import EmbeddedRedis, free_port
+from dfm_stream.inspection import Inspector, JobRequest
 
 CAMERA = "cam1"
 
@@ -52,13 +55,18 @@ class Pipeline:
     procs: Processes
     reader: subprocess.Popen[bytes]
     worker: subprocess.Popen[bytes]
+    bridge: subprocess.Popen[bytes]
     reader_port: int
     worker_port: int
+    bridge_port: int
     tmp: Path
 
     def logs(self) -> str:
-        """Return both processes' logs, for failure messages."""
-        return f"--- reader\n{self.procs.log(self.reader)}\n--- worker\n{self.procs.log(self.worker)}"
+        """Return the processes' logs, for failure messages."""
+        return "\n".join(
+            f"--- {name}\n{self.procs.log(proc)}"
+            for name, proc in (("reader", self.reader), ("worker", self.worker), ("bridge", self.bridge))
+        )
 
 
 def http_get(url: str, timeout: float = 5) -> tuple[int, str]:
@@ -102,7 +110,7 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
     try:
         model = tmp / "model.dfm"
         model.write_bytes(tiny_artifact(threshold=1e-9))  # every frame anomalous: an alarm is raised
-        reader_port, worker_port = free_port(), free_port()
+        reader_port, worker_port, bridge_port = free_port(), free_port(), free_port()
         reader = procs.dfm(
             *("read", "--redis", server.url, "--camera", CAMERA),
             *("--source", "synthetic:seed=1,fps=20,size=64x64", "--metrics-port", str(reader_port)),
@@ -113,8 +121,15 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
             *("--device", "cpu", "--batch-size", "4", "--metrics-port", str(worker_port)),
             name="worker",
         )
-        yield Pipeline(server, client, procs, reader, worker, reader_port, worker_port, tmp)
-        for proc in (reader, worker):
+        bridge = procs.dfm(
+            *("bridge", "--redis", server.url, "--cameras", CAMERA, "--modbus", f"127.0.0.1:{free_port()}"),
+            *("--metrics-port", str(bridge_port)),
+            name="bridge",
+        )
+        yield Pipeline(
+            server, client, procs, reader, worker, bridge, reader_port, worker_port, bridge_port, tmp
+        )
+        for proc in (reader, worker, bridge):
             assert procs.stop(proc) == 0, procs.log(proc)
     finally:
         procs.cleanup()
@@ -218,13 +233,14 @@ def test_a_poison_frame_is_counted_as_dead_lettered(pipeline: Pipeline) -> None:
 def prometheus_config(p: Pipeline, rules: Path) -> dict[str, Any]:
     """Return a config scraping the pipeline every second, with the shipped job names and rules."""
     shipped = scrape_jobs()
-    assert {READER_JOB, WORKER_JOB} <= set(shipped)
+    assert {READER_JOB, WORKER_JOB, BRIDGE_JOB} <= set(shipped)
     return {
         "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(rules)],
         "scrape_configs": [
             {"job_name": READER_JOB, "static_configs": [{"targets": [f"127.0.0.1:{p.reader_port}"]}]},
             {"job_name": WORKER_JOB, "static_configs": [{"targets": [f"127.0.0.1:{p.worker_port}"]}]},
+            {"job_name": BRIDGE_JOB, "static_configs": [{"targets": [f"127.0.0.1:{p.bridge_port}"]}]},
         ],
     }
 
@@ -287,9 +303,15 @@ def test_every_dashboard_query_returns_data_from_a_scraped_pipeline(
 
     def targets_up() -> bool:
         active = api(prometheus, "targets", state="active")["activeTargets"]
-        return {t["labels"]["job"] for t in active if t["health"] == "up"} == {READER_JOB, WORKER_JOB}
+        up = {t["labels"]["job"] for t in active if t["health"] == "up"}
+        return up == {READER_JOB, WORKER_JOB, BRIDGE_JOB}
 
-    wait_until(targets_up, timeout=30, interval=0.2, what="both targets up in prometheus")
+    wait_until(targets_up, timeout=30, interval=0.2, what="every target up in prometheus")
+    # a part job: its result is what the bridge delivers (delivered, delivery latency)
+    job = Inspector(pipeline.client, keys.DEFAULT_PREFIX).inspect(
+        JobRequest(CAMERA, part_id="scrape", timeout_s=10, source="api")
+    )
+    assert job.state != "error", job
 
     dashboard = load_dashboard()
     exprs = {q.expr: q for q in dashboard_queries(dashboard)}

@@ -436,6 +436,62 @@ def models_and_processes() -> list[Panel]:
     ]
 
 
+def bridge() -> list[Panel]:
+    """Return the PLC bridge: deliveries, delivery latency, connection state, backlog and refusals."""
+    job = 'job="dfm-bridge"'
+    return [
+        row("PLC bridge"),
+        timeseries(
+            "Bridge deliveries per second",
+            "Events and part results confirmed by the far side (MQTT PUBACK, OPC UA, Modbus), by protocol.",
+            [
+                (
+                    f"sum by (protocol, kind) (rate(dfm_bridge_delivered_total{{{job}}}[{RI}]))",
+                    "{{protocol}} {{kind}}",
+                )
+            ],
+            "ops",
+        ),
+        timeseries(
+            "Bridge delivery latency p50 / p99",
+            "From the entry's XADD in Redis to the far side's confirmation, by protocol.",
+            [
+                (
+                    f"histogram_quantile({q}, sum by (protocol, le) "
+                    f"(rate(dfm_bridge_delivery_latency_seconds_bucket{{{job}}}[{RI}])))",
+                    f"{{{{protocol}}}} p{round(q * 100)}",
+                )
+                for q in (0.5, 0.99)
+            ],
+            "s",
+        ),
+        up_down_timeline(
+            "Bridge connection state",
+            "Per protocol: connected to the broker (MQTT) or serving (OPC UA, Modbus TCP).",
+            f"max by (protocol) (dfm_bridge_connected{{{job}}})",
+            "up",
+            "down",
+            legend="{{protocol}}",
+        ),
+        timeseries(
+            "Bridge backlog, jobs and refused requests",
+            "Entries read but not yet confirmed; part jobs started and requests refused (by reason).",
+            [
+                (f"max(dfm_bridge_pending_entries{{{job}}})", "pending entries"),
+                (
+                    f"sum by (protocol) (increase(dfm_bridge_jobs_total{{{job}}}[{RI}])){ZERO}",
+                    "jobs {{protocol}}",
+                ),
+                (
+                    f"sum by (protocol, reason) "
+                    f"(increase(dfm_bridge_bad_requests_total{{{job}}}[{RI}])){ZERO}",
+                    "refused {{protocol}} {{reason}}",
+                ),
+            ],
+        ),
+    ]
+
+
 def dashboard() -> dict[str, Any]:
     """Return the whole dashboard as a JSON-ready dict."""
     panels = [
@@ -447,6 +503,7 @@ def dashboard() -> dict[str, Any]:
         *anomaly_scores(),
         *drift(),
         *models_and_processes(),
+        *bridge(),
     ]
     return {
         "uid": "dfm-stream",

@@ -72,9 +72,11 @@ def stat(title: str, description: str, exprs: list[Target], unit: str = "short")
     return panel
 
 
-def up_down_timeline(title: str, description: str, expr: str, up_text: str, down_text: str) -> Panel:
-    """Return a state timeline of a 0/1 gauge per camera, with value mappings."""
-    panel = base_panel("state-timeline", title, description, [(expr, "{{camera}}")], "short")
+def up_down_timeline(
+    title: str, description: str, expr: str, up_text: str, down_text: str, legend: str = "{{camera}}"
+) -> Panel:
+    """Return a state timeline of a 0/1 gauge per camera (or per ``legend``), with value mappings."""
+    panel = base_panel("state-timeline", title, description, [(expr, legend)], "short")
     panel["fieldConfig"]["defaults"]["mappings"] = [
         {
             "type": "value",

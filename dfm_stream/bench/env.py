@@ -191,7 +191,8 @@ def _busy_cpu_seconds() -> float | None:
     return (sum(ticks) - idle) / os.sysconf("SC_CLK_TCK")
 
 
-def _pid_cpu_seconds(pid: int) -> float:
+def pid_cpu_seconds(pid: int) -> float:
+    """Return the CPU seconds (user + system) process ``pid`` used so far; 0 when it is gone."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
@@ -214,7 +215,7 @@ class CpuWindow:
     def _snapshot(self) -> tuple[float, float | None, float]:
         t = os.times()
         mine = t.user + t.system + t.children_user + t.children_system
-        mine += sum(_pid_cpu_seconds(pid) for pid in self.extra_pids)
+        mine += sum(pid_cpu_seconds(pid) for pid in self.extra_pids)
         return time.monotonic(), _busy_cpu_seconds(), mine
 
     def foreign_cores(self) -> float | None:

@@ -10,6 +10,7 @@ pipeline   JPEG frames in Redis -> ``dfm-stream work`` -> scores, rate from the 
 transport  the same frames through the worker's consumer/decoder/publisher with no model
 latency    real-time paced frames at 50 % and 80 % of the pipeline's capacity: p50/p95/p99
 isolation  paced frames at 50 % load, alone and beside a hostile camera: throughput, p99, errors
+consoles   8 cameras x 10 fps, worker throughput alone and with 3 operator consoles open
 fit        fitting on 1,000 generated 256x256 images in a fresh process: time and peak RSS
 =========  ===================================================================================
 
@@ -39,10 +40,11 @@ from dfm_stream.errors import ConfigError
 log = logging.getLogger(__name__)
 
 STAGES: tuple[str, ...] = (
-    "backbone", "dfm", "backends", "pipeline", "transport", "latency", "isolation", "swap", "fit",
+    "backbone", "dfm", "backends", "pipeline", "transport", "latency", "isolation", "swap", "consoles",
+    "fit",
 )  # fmt: skip
 DEFAULT_STAGES: tuple[str, ...] = ("backbone", "dfm", "pipeline", "transport", "latency")
-STREAM_STAGES = frozenset({"pipeline", "transport", "latency", "isolation", "swap"})
+STREAM_STAGES = frozenset({"pipeline", "transport", "latency", "isolation", "swap", "consoles"})
 ISOLATION_LOAD = 0.5
 """Load (fraction of capacity) of the honest cameras in the isolation stage."""
 SWAP_LOAD = 0.5
@@ -217,6 +219,8 @@ def _run_repeat(
         _isolation(settings, stages, setup, runs, rep, say)
     if "swap" in chosen:
         _swap(settings, stages, setup, runs, rep, say)
+    if "consoles" in chosen:
+        _consoles(settings, setup, runs, rep, say)
 
 
 def _swap(
@@ -257,6 +261,28 @@ def _isolation(
         f"[{rep + 1}/{settings.repeats}] isolation: honest throughput x{result['throughput_ratio'] or 0:.3f}"
         f", p99 x{result['p99_ratio'] or 0:.3f} beside a hostile camera; "
         f"{hostile['probe_errors']} Redis errors in {hostile['probes']} probes"
+    )
+
+
+def _consoles(settings: BenchSettings, setup: Any, runs: Runs, rep: int, say: Callable[[str], None]) -> None:
+    from dfm_stream.bench.console_load import consoles_run
+
+    window = CpuWindow(setup.pids)
+    result = consoles_run(setup.stream, rep, settings.duration)
+    foreign = window.foreign_cores()
+    alone, shared = result["alone"], result["with_consoles"]
+    runs.add("consoles_worker_fps_alone", alone["worker_fps"], alone, foreign=foreign)
+    runs.add("consoles_worker_fps_with", shared["worker_fps"], shared, foreign=foreign)
+    if result["throughput_ratio"] is not None:
+        runs.add("consoles_throughput_ratio", result["throughput_ratio"], result, foreign=foreign)
+    redis_load = result["consoles_redis_commands_per_s"]
+    runs.add("consoles_redis_commands_per_s", redis_load, result, foreign=foreign)
+    runs.add("consoles_cpu_cores", shared["consoles_cpu_cores"], shared, foreign=foreign)
+    say(
+        f"[{rep + 1}/{settings.repeats}] consoles: worker {alone['worker_fps']:.1f} fps alone, "
+        f"{shared['worker_fps']:.1f} fps with {result['consoles']} consoles "
+        f"(x{result['throughput_ratio'] or 0:.3f}); consoles used {shared['consoles_cpu_cores']:.2f} cores "
+        f"and {result['consoles_redis_commands_per_s']:.0f} Redis commands/s"
     )
 
 

@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 
 PUSH_CHUNK = 200
 """Frames per pipelined XADD round trip when a backlog is written."""
+JOB_TIMEOUT_S = 2.0
+"""Part jobs of the latency stage wait this long for frames, plus three of the camera's frame
+intervals (a slow paced camera must not turn jobs into timeouts)."""
 
 
 @dataclass
@@ -366,6 +369,7 @@ def latency_run(
     prefix = setup.prefix("latency", rep)
     out: dict[str, dict[str, Any]] = {}
     job_ms: dict[float, list[float]] = {}
+    job_errors: dict[float, list[str]] = {}
     try:
         with WorkerGroup(setup, prefix, f"latency{rep}") as group:
             warm = 2 * setup.batch_size * setup.workers
@@ -373,9 +377,11 @@ def latency_run(
             expected = wait_for_scores(setup, prefix, warm, 120 + 5 * warm / max(capacity, 0.1), group)
             for load in loads:
                 rate = load * capacity
-                with _InspectWhile(setup, prefix) as jobs:
+                interval_s = len(setup.cameras) / rate  # one camera's frame interval
+                with _InspectWhile(setup, prefix, timeout_s=JOB_TIMEOUT_S + 3 * interval_s) as jobs:
                     sent = _paced_send(setup, prefix, rate, duration, session=f"load{load:g}")
                 job_ms[load] = jobs.latencies_ms
+                job_errors[load] = jobs.errors
                 expected += sent
                 wait_for_scores(setup, prefix, expected, 60 + 5 * sent / max(capacity, 0.1), group)
         scores = read_scores(setup.client, prefix, setup.cameras)
@@ -399,6 +405,9 @@ def latency_run(
         p99 = out[f"{round(load * 100)}"]["p99_ms"]
         out[f"{round(load * 100)}"].update(
             inspect_jobs=len(job_lat),
+            inspect_errors=len(job_errors.get(load, [])),
+            inspect_error_reasons=sorted(set(job_errors.get(load, []))),
+            inspect_p50_ms=percentile(job_lat, 50),
             inspect_p99_ms=percentile(job_lat, 99),
             inspect_max_ms=max(job_lat) if job_lat else None,
             inspect_budget_ms=interval_ms + p99 + 50 if p99 is not None else None,
@@ -410,15 +419,18 @@ class _InspectWhile:
     """Part inspection jobs on the first camera, one after the other, while the block runs.
 
     ``latencies_ms``: trigger -> result of every job that ended ``ok``/``ng``; #17's bound is the
-    camera's frame interval + the pipeline's p99 + 50 ms.
+    camera's frame interval + the pipeline's p99 + 50 ms. ``errors``: the reason of every job that
+    ended in ``error`` (counted, so a slow pipeline cannot hide its jobs by timing them out).
     """
 
-    def __init__(self, setup: StreamSetup, prefix: str) -> None:
+    def __init__(self, setup: StreamSetup, prefix: str, timeout_s: float = JOB_TIMEOUT_S) -> None:
         from dfm_stream.inspection import Inspector
 
         self.inspector = Inspector(setup.client, prefix)
         self.camera = setup.cameras[0]
+        self.timeout_s = timeout_s
         self.latencies_ms: list[float] = []
+        self.errors: list[str] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bench-inspect", daemon=True)
 
@@ -427,10 +439,12 @@ class _InspectWhile:
 
         while not self._stop.is_set():
             result = self.inspector.inspect(
-                JobRequest(self.camera, part_id="bench", timeout_s=2, source="api")
+                JobRequest(self.camera, part_id="bench", timeout_s=self.timeout_s, source="api")
             )
             if result.state != "error":
                 self.latencies_ms.append(result.latency_ms)
+            else:
+                self.errors.append(result.reason or "error")
             self._stop.wait(0.05)
 
     def __enter__(self) -> _InspectWhile:

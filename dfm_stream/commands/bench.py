@@ -45,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--stages",
         type=_csv,
         default=None,
-        help="comma list from backbone,dfm,backends,pipeline,transport,latency,isolation,swap,fit "
+        help="comma list from backbone,dfm,backends,pipeline,transport,latency,isolation,swap,consoles,fit "
         "(default: backbone,dfm,pipeline,transport,latency)",
     )
     p.add_argument(

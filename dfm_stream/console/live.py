@@ -36,7 +36,9 @@ log = logging.getLogger(__name__)
 SNAPSHOT_PERIOD_S = 1.0
 EVENTS_PERIOD_S = 0.25
 SCAN_PERIOD_S = 5.0
-FRAME_CACHE_S = 0.25
+FRAME_CACHE_S = 0.4
+"""Pages fetch a tile's frame every 0.5 s (``FRAME_PERIOD_MS`` of console.js): within one
+period, every page of a console gets the frame one Redis read fetched."""
 KEEP_EVENTS = 500
 SSE_TICK_S = 0.25
 SSE_KEEPALIVE_S = 15.0
