@@ -339,16 +339,13 @@ def test_compose_matches_the_prometheus_scrape_config() -> None:
 
 
 def bridge_args(argv: list[str], where: str) -> Any:
-    """Parse a ``bridge`` command line with the real parser, its config file applied as at start."""
+    """Return the ``[bridge]`` settings a ``bridge`` command line gives, resolved as at start."""
     from dfm_stream.commands import bridge
 
     args = build_parser().parse_args(argv)
     assert args.command == "bridge", where
-    config = args.config
     args.config = None  # the options a container gives; the config file adds cameras only
-    bridge._with_config(args)
-    args.config = config
-    return args
+    return bridge.resolve(args)[1]
 
 
 def test_compose_bridge_serves_plcs_and_reads_its_secrets_from_compose_secrets() -> None:
