@@ -288,6 +288,9 @@ def test_the_line_learns_a_new_light_and_promotes_it_without_losing_a_frame(
     fa_v2 = _rate([scores[f].anomalous for f in good])
     assert fa_v2 < 0.01, fa_v2
     assert all(scores[f].anomalous for f in bad)
+    _wait_drift(redis_client, len(good) + len(bad), "parts@2")
+    settled = _drift(procs, redis_url, "drift-promoted")
+    assert settled["verdict"] == "ok", settled  # the candidate brought its own drift reference
     figures["v2 false alarms, new light"] = f"{fa_v2:.1%} of {len(good)}"
     figures["v2 defects flagged"] = f"{sum(scores[f].anomalous for f in bad)}/{len(bad)}"
 
