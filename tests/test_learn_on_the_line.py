@@ -24,6 +24,7 @@ import json
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -180,6 +181,15 @@ def _peak_rss(pid: int) -> str:
     return "unknown" if kib is None else f"{kib / 1024:.0f} MiB"
 
 
+def _figure_line(report: dict, keep: Callable[[str], bool]) -> str:
+    shown = [
+        f"{f['name']} {f['value']:.2f} (line {f['alert']:g})"
+        for f in report["figures"]
+        if keep(f["name"]) and f["value"] is not None
+    ]
+    return f"{report['verdict']} over {report['frames']} frames: " + ", ".join(shown)
+
+
 def _since_until(ids: list[str]) -> tuple[str, str]:
     ms = [int(i.rpartition(":")[2].split("-")[0]) for i in ids]
     return f"{min(ms) / 1000:.3f}", f"{max(ms) / 1000:.3f}"
@@ -207,6 +217,7 @@ def test_the_line_learns_a_new_light_and_promotes_it_without_losing_a_frame(
     steady = _drift(procs, redis_url, "drift-before")
     assert steady["verdict"] == "ok", steady
     figures["v1 false alarms, old light"] = f"{fa_before:.1%} of {len(before)}"
+    figures["drift, old light"] = _figure_line(steady, lambda name: True)
 
     # 2. the light changes: false alarms rise and the drift figures pass their alert line
     time.sleep(0.01)  # the new light's frames start on a later millisecond than the old one's
@@ -219,11 +230,7 @@ def test_the_line_learns_a_new_light_and_promotes_it_without_losing_a_frame(
     assert drifted["verdict"] == "drift", drifted
     assert "brightness_psi" in _past_alert(drifted), drifted
     figures["v1 false alarms, new light"] = f"{fa_v1:.1%} of {len(shifted)}"
-    figures["drift past alert"] = ", ".join(
-        f"{f['name']} {f['value']:.2f} (line {f['alert']:g})"
-        for f in drifted["figures"]
-        if f["name"] in _past_alert(drifted)
-    )
+    figures["drift, new light (past the line)"] = _figure_line(drifted, _past_alert(drifted).__contains__)
 
     # 3. enrol the new light's frames (an operator vouches for the window): a candidate parts@2
     since, until = _since_until(shifted)
@@ -291,6 +298,7 @@ def test_the_line_learns_a_new_light_and_promotes_it_without_losing_a_frame(
     _wait_drift(redis_client, len(good) + len(bad), "parts@2")
     settled = _drift(procs, redis_url, "drift-promoted")
     assert settled["verdict"] == "ok", settled  # the candidate brought its own drift reference
+    figures["drift after promote"] = _figure_line(settled, lambda name: True)
     figures["v2 false alarms, new light"] = f"{fa_v2:.1%} of {len(good)}"
     figures["v2 defects flagged"] = f"{sum(scores[f].anomalous for f in bad)}/{len(bad)}"
 
