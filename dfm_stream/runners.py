@@ -41,9 +41,13 @@ ModelKey = tuple[str, ...]
 """``("file", sha256)`` for an artifact file, ``("registry", name, version)`` for a stored version."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class LoadedModel:
-    """A model ready to score: ``label`` is what score entries name (``name@version``)."""
+    """A model ready to score: ``label`` is what score entries name (``name@version``).
+
+    Compared and hashed by identity (the cache hands out one object per version): its metadata
+    holds dicts (the drift reference), which a field-wise hash cannot take.
+    """
 
     label: str
     name: str

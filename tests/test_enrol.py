@@ -16,8 +16,10 @@ import redis
 from worker_helpers import Artifact, push_frames, run_worker, scores
 
 from dfm_stream import keys
+from dfm_stream.artifact import load_artifact
 from dfm_stream.cli import main
 from dfm_stream.console.store import keep_candidate
+from dfm_stream.drift import reference_of
 from dfm_stream.registry import ModelRef, ModelRegistry
 from dfm_stream.synthetic_parts import render_part
 from dfm_stream.wire import EventMsg
@@ -122,6 +124,9 @@ def test_a_vouched_window_takes_every_frame_in_it_and_says_fewer_than_asked(
     manifest = json.loads((tmp_path / "set" / "manifest.json").read_text())
     assert len(manifest["frames"]) == len(ids)  # anomalous frames too: the operator vouched for the window
     assert "operator-vouched" in manifest["rule"]
+    # the drift reference workers compare with: image statistics of the (>= 20) training frames
+    reference = reference_of(load_artifact(line.get_bytes("parts", 2)).info.drift)
+    assert reference is not None and set(reference.image) == {"brightness", "contrast", "sharpness"}
 
 
 def test_enrol_from_false_alarms_uses_the_frames_operators_marked(

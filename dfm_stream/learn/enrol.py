@@ -8,7 +8,9 @@
    (:mod:`dfm_stream.learn.enrolment_set`); split off a seeded random holdout;
 3. fit incrementally: the training frames go through the backbone in batches whose features are
    added to :class:`~dfm_stream.model.moments.FeatureMoments`, never all held at once;
-4. calibrate the threshold on the holdout (:func:`dfm_stream.calibration.choose_threshold`);
+4. calibrate the threshold on the holdout (:func:`dfm_stream.calibration.choose_threshold`); the
+   drift reference is the training frames' image statistics and the holdout's scores, as
+   ``fit`` + ``calibrate`` record it;
 5. score the holdout with the current version too and compare;
 6. push the new version as a **candidate** (stored, not current, assigned to no camera).
 """
@@ -33,7 +35,9 @@ import torch
 
 from dfm_stream.artifact import ArtifactInfo, FittedModel, artifact_to_bytes, load_artifact
 from dfm_stream.calibration import FalseAlarmRate, choose_threshold, false_alarm_rate
+from dfm_stream.drift import ImageStatsCollector
 from dfm_stream.errors import ConfigError
+from dfm_stream.images import IMAGENET_MEAN, IMAGENET_STD
 from dfm_stream.learn.collect import (
     EnrolFrame,
     Tally,
@@ -219,18 +223,25 @@ def new_model(current: FittedModel, settings: FitSettings) -> DFMModel:
 
 
 def fit_incrementally(
-    model: DFMModel, files: list[Path], image_size: tuple[int, int], batch_size: int, how: str = "auto"
+    model: DFMModel,
+    files: list[Path],
+    image_size: tuple[int, int],
+    batch_size: int,
+    how: str = "auto",
+    image_stats: ImageStatsCollector | None = None,
 ) -> tuple[DFMModel, str]:
     """Fit ``model`` on the images at ``files``, one batch of images at a time; return it and the method.
 
     ``moments``: only the float64 feature moments are kept (``8 D^2`` bytes, whatever the number of
     images). ``one-shot``: the features are kept (``4 N D`` bytes) for :meth:`DFMModel.fit`'s SVD.
     ``auto`` takes moments when there are at least as many images as features per image, else
-    the one-shot fit, whose memory is then the smaller. Both give the same model.
+    the one-shot fit, whose memory is then the smaller. Both give the same model. ``image_stats``
+    records the image statistics of the batches for the drift reference.
     """
     moments = FeatureMoments()
     held: list[torch.Tensor] = []
-    for batch in image_batches(files, batch_size, image_size):
+    batches = image_batches(files, batch_size, image_size)
+    for batch in batches if image_stats is None else image_stats.tap(batches):
         features, _ = model.get_features(batch)
         if how == "auto":
             how = "moments" if len(files) >= features.shape[1] else "one-shot"
@@ -310,8 +321,14 @@ def enrol(
     kept.write_manifest(provenance)
     progress(f"collected {len(kept.frames)} frames into {folder}: fitting on {n_train}, holding out {n_hold}")
     image_size = settings.image_size or current.info.image_size
+    image_stats = ImageStatsCollector(IMAGENET_MEAN, IMAGENET_STD)
     model, how = fit_incrementally(
-        new_model(current, settings), kept.files("train"), image_size, settings.batch_size, settings.fit
+        new_model(current, settings),
+        kept.files("train"),
+        image_size,
+        settings.batch_size,
+        settings.fit,
+        image_stats,
     )
     provenance["fit"] = how
     holdout = kept.files("holdout")
@@ -321,7 +338,9 @@ def enrol(
         new_scores, np.zeros(new_scores.size), settings.max_fpr, settings.margin, settings.force
     )
     info = dataclasses.replace(
-        ArtifactInfo.for_model(model, image_size, n_train),
+        ArtifactInfo.for_model(
+            model, image_size, n_train, image_stats.reference().with_scores(new_scores).to_json_dict()
+        ),
         threshold=choice.threshold,
         score_min=float(new_scores.min()),
         score_max=float(new_scores.max()),
