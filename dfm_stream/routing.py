@@ -9,8 +9,9 @@ Models are cached by (name, version) or by file content hash, and models whose b
 same weights fingerprint share one backbone module (:mod:`dfm_stream.runners`). Changes are picked
 up at batch boundaries only: a background thread listens on the registry's change channel, builds
 the versions the change routes cameras to beside the ones in use (the fetch thread keeps reading
-frames for the old versions meanwhile), then sets a flag; the next batch boundary switches. While
-that subscription is down, the fetch thread polls the registry's generation counter instead. A
+frames for the old versions meanwhile), then sets a flag; the next batch boundary switches. The
+fetch thread also reads the registry's generation counter every ``poll_s`` (one GET), so a change
+whose announcement was lost, or an edit of the registry's keys by hand, is found all the same. A
 camera may also have a shadow candidate (``model shadow``): a second version that scores its frames
 beside the live one (:mod:`dfm_stream.shadow`), loaded the same way. A version that fails to load
 is reported (log, ``model_load_failures`` metric, a ``model_load_failed`` event on the alarm
@@ -94,7 +95,6 @@ class ModelRouter:
         self._generation: int | None = None
         self._next_poll = 0.0
         self._watcher: threading.Thread | None = None
-        self._subscribed = False
         self._preloaded: dict[str, LoadedModel] = {}
 
     # -- resolution --------------------------------------------------------------------------------
@@ -396,7 +396,6 @@ class ModelRouter:
                 pubsub = self.client.pubsub()  # type: ignore[union-attr]
                 pubsub.subscribe(self.registry().changes_channel)
                 backoff.reset()
-                self._subscribed = True
                 self.prebuild()  # a change missed while not subscribed
                 self._changed.set()
                 while not self._stop.is_set():
@@ -408,7 +407,6 @@ class ModelRouter:
                         self._changed.set()
                 pubsub.close()
             except Exception as e:  # the polling fallback covers the gap
-                self._subscribed = False
                 delay = backoff.next()
                 log.debug("model change subscription lost (%s); retrying in %.1f s", e, delay)
                 backoff.wait(self._stop, delay)
@@ -419,8 +417,8 @@ class ModelRouter:
         if not force and not self._changed.is_set():
             if self._unresolved and now >= self._retry_at:
                 return self._retry_unresolved(cameras)
-            if not self.uses_registry or self._subscribed or now < self._next_poll:
-                return []  # subscribed: the watch thread pre-builds, then raises the flag
+            if not self.uses_registry or now < self._next_poll:
+                return []  # the watch thread pre-builds on an announcement, then raises the flag
             self._next_poll = now + self.poll_s
             generation = self.registry().generation()
             if generation == self._generation:

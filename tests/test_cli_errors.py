@@ -110,6 +110,12 @@ CASES = [
     Case("model-assign-bad-ref", ("model", "assign", *R, "--camera", "c1", "--model", "m@x"), ("'m@x'",)),
     Case("model-unassign-unreachable", ("model", "unassign", *NO_REDIS, "--camera", "c1"),
          ("cannot reach Redis",)),
+    Case("model-shadow-unknown", ("model", "shadow", *R, "--camera", "c1", "--model", "nosuch@1"),
+         ("nosuch",)),
+    Case("model-compare-unreachable", ("model", "compare", *NO_REDIS, "--camera", "c1"),
+         ("cannot reach Redis",)),
+    Case("model-promote-no-candidate", ("model", "promote", *R, "--camera", "c1"), ("no shadow candidate",)),
+    Case("quantize-model-missing", ("quantize", "/no/m.st", "{tmp}"), ("/no/m.st",)),
     Case("model-pull-unknown", ("model", "pull", *R, "nosuch", "--out", "{tmp}/p.st"), ("nosuch",)),
     # enrolment
     Case("enrol-unknown-model", ("enrol", *R, "--camera", "c1", "--model", "nosuch", "--out", "{tmp}/e"),
@@ -120,7 +126,7 @@ CASES = [
          ("--since", "'yesterday'")),
     # part inspections and the bridge
     Case("inspect-frames-0", ("inspect", *NO_REDIS, "--camera", "c1", "--part", "p", "--frames", "0"),
-         ("bad_request", "frames")),
+         ("--frames", "must be >= 1")),
     Case("inspect-redis-unreachable", ("inspect", *NO_REDIS, "--camera", "c1", "--part", "p"),
          ("redis_error",)),
     Case("results-redis-unreachable", ("results", *NO_REDIS, "--camera", "c1"), ("cannot reach Redis",)),
