@@ -282,6 +282,12 @@ def _check_counts(
 ) -> tuple[int, int]:
     found = len(kept.frames)
     why = "; ".join(f"{name}: {t.describe()}" for name, t in tallies.items()) or "no source selected"
+    anomalous = sum(t.left_out.get("anomalous", 0) for t in tallies.values())
+    if anomalous > found:  # the line changed: the current model flags the good frames it should learn
+        why += (
+            "; most frames were scored anomalous: if the line changed (light, finish), vouch for a window"
+            " of good parts with --since/--until, or use --from-false-alarms"
+        )
     if found == 0:
         raise ConfigError(
             f"no frames found for camera {camera!r} ({why}): widen --since/--until, check that a reader"
