@@ -25,8 +25,10 @@ from worker_helpers import push_frame
 from dfm_stream import keys
 from dfm_stream.alarms import publish_event
 from dfm_stream.console.store import review_alarm
+from dfm_stream.promotion import Promotions
 from dfm_stream.registry import ModelRef, ModelRegistry
-from dfm_stream.wire import FIELD, EventMsg
+from dfm_stream.shadow import ShadowPublisher
+from dfm_stream.wire import FIELD, EventMsg, ShadowMsg
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "wire-format.md"
 
@@ -299,3 +301,96 @@ def test_a_camera_is_up_only_while_its_frames_keep_coming(redis_client) -> None:
     assert camera_state(redis_client, "dfm", "camA", up)["up"] is True
     assert camera_state(redis_client, "dfm", "camA", {"state": "down"})["up"] is False
     assert camera_state(redis_client, "dfm", "camA", {})["state"] == "frames flowing"
+
+
+def shadow_msgs(camera: str, live: str, candidate: str) -> list[ShadowMsg]:
+    """Four compared frames: two agree, one flagged by the live model only, one by the candidate only."""
+    flags = [(False, False), (True, True), (True, False), (False, True)]
+    return [
+        ShadowMsg(
+            camera=camera,
+            frame_id=f"{camera}:{i + 1}-0",
+            seq=i,
+            ts=time.time_ns(),
+            scored_ts=time.time_ns(),
+            model=candidate,
+            score=1.0 + i,
+            threshold=2.5,
+            anomalous=shadow_flag,
+            live_model=live,
+            live_score=2.0 + 2 * i,
+            live_threshold=3.5,
+            live_anomalous=live_flag,
+        )
+        for i, (live_flag, shadow_flag) in enumerate(flags)
+    ]
+
+
+def audit_entries(client) -> list[dict]:
+    return [msgpack.unpackb(f[FIELD.encode()], raw=False) for _, f in client.xrange(keys.audit_key())]
+
+
+def test_the_camera_page_compares_the_shadow_candidate_and_operators_promote_and_roll_back(
+    redis_url, redis_client, procs, tmp_path: Path
+) -> None:
+    users = tmp_path / "users.json"
+    add_users(users)
+    registry = ModelRegistry(redis_client)
+    registry.push("bolts", tiny_artifact())
+    registry.push("bolts", tiny_artifact(seed=1))
+    registry.assign("camA", ModelRef("bolts", 1))
+    promotions = Promotions(registry)
+    promotions.shadow("camA", ModelRef("bolts", 2))
+    ShadowPublisher(redis_client, keys.DEFAULT_PREFIX).write(shadow_msgs("camA", "bolts@1", "bolts@2"))
+    _, url = start_console(procs, redis_url, users)
+
+    viewer = Browserless(url)
+    assert viewer.login("vic") == 303
+    status, html, _ = viewer.request("/camera/camA")
+    assert status == 200 and "Shadow candidate" in html
+    assert "Candidate <strong>bolts@2</strong> vs live <strong>bolts@1</strong>" in html
+    assert "<dt>Frames compared</dt><dd>4</dd>" in html and "50.00 %" in html
+    assert "<code>camA:4-0</code> flagged by the candidate only" in html
+    assert "<code>camA:3-0</code> flagged by the live model only" in html
+    assert "Promote candidate" not in html and "Roll back camera" not in html
+    refused = {"csrf_token": viewer.csrf("/camera/camA"), "confirm": "yes"}
+    assert viewer.request("/camera/camA/promote", refused)[0] == 403
+    assert viewer.request("/camera/camA/rollback", refused)[0] == 403
+
+    operator = Browserless(url)
+    assert operator.login("olga") == 303
+    html = operator.request("/camera/camA")[1]
+    assert "Promote candidate</button>" in html and "Roll back camera</button>" in html
+    assert operator.request("/camera/camA/promote", {"confirm": "yes"})[0] == 403  # no CSRF token
+    assert registry.assignments() == {"camA": ModelRef("bolts", 1)}
+    form = {"csrf_token": operator.csrf("/camera/camA")}
+    status, html, _ = operator.request("/camera/camA/promote", form)
+    assert status == 200 and "camera camA: bolts@1 -&gt; bolts@2" in html and 'name="confirm"' in html
+    assert promotions.shadow_of("camA") == ModelRef("bolts", 2)
+    status, _, headers = operator.request("/camera/camA/promote", {**form, "confirm": "yes"})
+    assert status == 303 and headers["location"] == "/camera/camA"
+    # exactly what `model promote --camera camA` does: pinned candidate live, shadowing stopped,
+    # the earlier assignment recorded for `model rollback --camera`
+    assert registry.assignments() == {"camA": ModelRef("bolts", 2)}
+    assert promotions.shadows() == {}
+    assert registry.previous_assignment("camA") == ModelRef("bolts", 1)
+    html = operator.request("/camera/camA")[1]
+    assert "Camera camA now runs bolts@2 (was bolts@1)." in html and "Shadow candidate" not in html
+
+    status, _, _ = operator.request("/camera/camA/promote", {**form, "confirm": "yes"})
+    assert status == 303 and registry.assignments() == {"camA": ModelRef("bolts", 2)}
+    assert (
+        "Not promoted: camera &#39;camA&#39; has no shadow candidate" in operator.request("/camera/camA")[1]
+    )
+
+    status, html, _ = operator.request("/camera/camA/rollback", form)
+    assert status == 200 and "camera camA: bolts@2 -&gt; bolts@1" in html
+    assert operator.request("/camera/camA/rollback", {**form, "confirm": "yes"})[0] == 303
+    assert registry.assignments() == {"camA": ModelRef("bolts", 1)}
+
+    seen = [(a["user"], a["action"], a["target"], a["ok"]) for a in audit_entries(redis_client)]
+    assert ("vic", "promote", "", False) in seen and ("vic", "rollback_camera", "", False) in seen
+    assert ("olga", "promote", "camA", True) in seen and ("olga", "promote", "camA", False) in seen
+    assert ("olga", "rollback_camera", "camA", True) in seen
+    done = [a["detail"] for a in audit_entries(redis_client) if a["ok"] and a["action"] != "login"]
+    assert done == ["model bolts@2 (was bolts@1)", "model bolts@1 (was bolts@2)"]

@@ -245,6 +245,8 @@ def build_app(
         Route("/", pages.overview),
         Route("/camera/{camera}", pages.camera),
         Route("/camera/{camera}/scores", pages.camera_scores),
+        Route("/camera/{camera}/promote", pages.promote, methods=["POST"]),
+        Route("/camera/{camera}/rollback", pages.camera_rollback, methods=["POST"]),
         Route("/alarms", pages.alarms),
         Route("/alarms/{alarm_id}/review", pages.review, methods=["POST"]),
         Route("/models", pages.models),

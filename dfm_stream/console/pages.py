@@ -3,10 +3,11 @@
 Page handlers are plain functions: Starlette runs them in its thread pool, so Redis reads never
 block the event loop that serves the live streams. Each reads what its page shows
 (:mod:`dfm_stream.console.queries`) and renders a template. The actions (review an alarm, assign,
-roll back) check CSRF and the operator role first (:meth:`Console.must_act`), write through
-:mod:`dfm_stream.console.store` or the model registry (in the thread pool too), record the action
-in the audit stream, and redirect back. Assign and rollback ask for a
-confirmation first: the form posts once to show what will change, and again with
+roll back a model, promote a camera's shadow candidate, roll a camera back) check CSRF and the
+operator role first (:meth:`Console.must_act`), write through :mod:`dfm_stream.console.store`, the
+model registry or :class:`~dfm_stream.promotion.Promotions` (in the thread pool too), record the
+action in the audit stream, and redirect back. Assign, rollback, promote and camera rollback ask
+for a confirmation first: the form posts once to show what will change, and again with
 ``confirm=yes`` to do it.
 """
 
@@ -23,6 +24,7 @@ from dfm_stream import keys
 from dfm_stream.console import queries
 from dfm_stream.console.store import audit, review_alarm, reviews
 from dfm_stream.errors import ConsoleError, RegistryError
+from dfm_stream.promotion import Promotions
 from dfm_stream.registry import ModelRef, ModelRegistry
 from dfm_stream.wire import REVIEW_TYPES
 
@@ -97,6 +99,7 @@ def camera(request: Request) -> Response:
         last_raised=last_raised,
         points=points,
         chart_seconds=CHART_SECONDS,
+        shadow=queries.shadow_view(c.client, c.prefix, cam),
     )
 
 
@@ -231,6 +234,67 @@ def _rollback(request: Request, user: Any, form: dict[str, Any]) -> Response:
     audit(c.client, c.prefix, user.name, user.role, "rollback", name, f"current version {done}")
     request.session["flash"] = f"Model {name}: current version is now {done}."
     return RedirectResponse("/models", status_code=303)
+
+
+async def promote(request: Request) -> Response:
+    """POST /camera/{camera}/promote: make the camera's shadow candidate live, after a confirmation step."""
+    c = _c(request)
+    checked = await c.must_act(request, "promote")
+    if isinstance(checked, Response):
+        return checked
+    return await run_in_threadpool(_switch, request, checked[0], checked[1], "promote")
+
+
+async def camera_rollback(request: Request) -> Response:
+    """POST /camera/{camera}/rollback: give the camera back its assignment before its last assign/promote."""
+    c = _c(request)
+    checked = await c.must_act(request, "rollback_camera")
+    if isinstance(checked, Response):
+        return checked
+    return await run_in_threadpool(_switch, request, checked[0], checked[1], "rollback_camera")
+
+
+def _switch(request: Request, user: Any, form: dict[str, Any], action: str) -> Response:
+    """Promote (``model promote --camera``) or roll back (``model rollback --camera``) one camera."""
+    c = _c(request)
+    cam = request.path_params["camera"]
+    if not keys.valid_name(cam):
+        return PlainTextResponse("bad camera id", status_code=404)
+    page = f"/camera/{cam}"
+    verb = "promote" if action == "promote" else "rollback"
+    promotions = Promotions(ModelRegistry(c.client, c.prefix))
+    try:
+        if form.get("confirm") != "yes":
+            change = _switch_change(promotions, cam, action)
+            return c.render(
+                request, "confirm.html", action=f"{page}/{verb}", change=change, fields={}, cancel=page
+            )
+        done = promotions.promote(cam) if action == "promote" else promotions.rollback(cam)
+    except RegistryError as e:
+        audit(c.client, c.prefix, user.name, user.role, action, cam, str(e), ok=False)
+        request.session["flash"] = f"Not {'promoted' if action == 'promote' else 'rolled back'}: {e}"
+        return RedirectResponse(page, status_code=303)
+    detail = f"model {done.after or 'unassigned'} (was {done.before or 'unassigned'})"
+    audit(c.client, c.prefix, user.name, user.role, action, cam, detail)
+    request.session["flash"] = (
+        f"Camera {cam} now runs {done.after or 'no model'} (was {done.before or 'no model'})."
+    )
+    return RedirectResponse(page, status_code=303)
+
+
+def _switch_change(promotions: Promotions, cam: str, action: str) -> str:
+    """Say what a promote or a camera rollback will change (RegistryError: there is nothing to do)."""
+    current = promotions.registry.assignments().get(cam)
+    if action == "promote":
+        candidate = promotions.shadow_of(cam)
+        if candidate is None:
+            raise RegistryError(f"camera {cam!r} has no shadow candidate to promote")
+        return (
+            f"camera {cam}: {current or 'no model'} -> {candidate} (promote the candidate; shadowing stops)"
+        )
+    previous = promotions.registry.previous_assignment(cam)
+    restored = previous or "no model"
+    return f"camera {cam}: {current or 'no model'} -> {restored} (its assignment before the last one)"
 
 
 def health(request: Request) -> Response:

@@ -18,8 +18,10 @@ import redis
 
 from dfm_stream import keys, replies
 from dfm_stream.errors import RegistryError, WireError
+from dfm_stream.promotion import Promotions
 from dfm_stream.registry import ModelRegistry
 from dfm_stream.replies import text
+from dfm_stream.shadow import read_comparison
 from dfm_stream.wire import FIELD, DeadLetterMsg, EventMsg, FrameMsg, ScoreMsg
 
 if TYPE_CHECKING:
@@ -306,3 +308,34 @@ def registry_view(client: RedisClient, prefix: str) -> dict[str, Any]:
             models.append({"name": name, "current": None, "versions": [], "error": str(e)})
     assignments = {cam: str(ref) for cam, ref in sorted(reg.assignments().items())}
     return {"models": models, "assignments": assignments}
+
+
+SHADOW_DISAGREEMENTS_SHOWN = 10
+"""Latest disagreeing frames the camera page lists."""
+
+
+def shadow_view(client: RedisClient, prefix: str, camera: str) -> dict[str, Any] | None:
+    """Return ``camera``'s shadow candidate and its comparison (what ``model compare`` reads), or None.
+
+    The comparison is :func:`dfm_stream.shadow.read_comparison`'s, for the candidate pinned now
+    (:meth:`dfm_stream.promotion.Promotions.shadow_of`). ``previous`` is what ``model rollback
+    --camera`` would restore ("" none recorded: nothing to roll back).
+    """
+    reg = ModelRegistry(client, prefix)
+    candidate = Promotions(reg).shadow_of(camera)
+    if candidate is None:
+        return None
+    result = read_comparison(client, camera, prefix)
+    return {
+        "candidate": str(candidate),
+        "live": str(reg.assignments().get(camera) or result.live_model or "unassigned"),
+        "frames": result.frames,
+        "agreement": result.agreement,
+        "agree": result.agree,
+        "only_live": result.only_live,
+        "only_shadow": result.only_shadow,
+        "pearson": result.pearson,
+        "spearman": result.spearman,
+        "spearman_frames": result.spearman_frames,
+        "disagreements": result.disagreements[:SHADOW_DISAGREEMENTS_SHOWN],
+    }
