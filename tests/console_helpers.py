@@ -11,6 +11,7 @@ import http.cookiejar
 import re
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -19,6 +20,7 @@ from pathlib import Path
 from support import Processes, wait_until
 
 from dfm_stream.embedded_redis import free_port
+from dfm_stream.wire import ShadowMsg
 
 PASSWORDS = {"olga": "operator-pass-1", "vic": "viewer-pass-22"}
 ROLES = {"olga": "operator", "vic": "viewer"}
@@ -99,3 +101,26 @@ class Browserless:
             "/login", {"csrf_token": self.csrf(), "username": name, "password": PASSWORDS[name], "next": "/"}
         )
         return status
+
+
+def shadow_msgs(camera: str, live: str, candidate: str) -> list[ShadowMsg]:
+    """Four compared frames: two agree, one flagged by the live model only, one by the candidate only."""
+    flags = [(False, False), (True, True), (True, False), (False, True)]
+    return [
+        ShadowMsg(
+            camera=camera,
+            frame_id=f"{camera}:{i + 1}-0",
+            seq=i,
+            ts=time.time_ns(),
+            scored_ts=time.time_ns(),
+            model=candidate,
+            score=1.0 + i,
+            threshold=2.5,
+            anomalous=shadow_flag,
+            live_model=live,
+            live_score=2.0 + 2 * i,
+            live_threshold=3.5,
+            live_anomalous=live_flag,
+        )
+        for i, (live_flag, shadow_flag) in enumerate(flags)
+    ]

@@ -17,7 +17,7 @@ import cv2
 import msgpack
 import numpy as np
 import pytest
-from console_helpers import PASSWORDS, SECRET, Browserless, add_users, start_console
+from console_helpers import PASSWORDS, SECRET, Browserless, add_users, shadow_msgs, start_console
 from registry_helpers import tiny_artifact
 from support import wait_until
 from worker_helpers import push_frame
@@ -28,7 +28,7 @@ from dfm_stream.console.store import review_alarm
 from dfm_stream.promotion import Promotions
 from dfm_stream.registry import ModelRef, ModelRegistry
 from dfm_stream.shadow import ShadowPublisher
-from dfm_stream.wire import FIELD, EventMsg, ShadowMsg
+from dfm_stream.wire import FIELD, EventMsg
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "wire-format.md"
 
@@ -301,29 +301,6 @@ def test_a_camera_is_up_only_while_its_frames_keep_coming(redis_client) -> None:
     assert camera_state(redis_client, "dfm", "camA", up)["up"] is True
     assert camera_state(redis_client, "dfm", "camA", {"state": "down"})["up"] is False
     assert camera_state(redis_client, "dfm", "camA", {})["state"] == "frames flowing"
-
-
-def shadow_msgs(camera: str, live: str, candidate: str) -> list[ShadowMsg]:
-    """Four compared frames: two agree, one flagged by the live model only, one by the candidate only."""
-    flags = [(False, False), (True, True), (True, False), (False, True)]
-    return [
-        ShadowMsg(
-            camera=camera,
-            frame_id=f"{camera}:{i + 1}-0",
-            seq=i,
-            ts=time.time_ns(),
-            scored_ts=time.time_ns(),
-            model=candidate,
-            score=1.0 + i,
-            threshold=2.5,
-            anomalous=shadow_flag,
-            live_model=live,
-            live_score=2.0 + 2 * i,
-            live_threshold=3.5,
-            live_anomalous=live_flag,
-        )
-        for i, (live_flag, shadow_flag) in enumerate(flags)
-    ]
 
 
 def audit_entries(client) -> list[dict]:

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from console_helpers import PASSWORDS, add_users, start_console
+from console_helpers import PASSWORDS, add_users, shadow_msgs, start_console
 from registry_helpers import tiny_artifact
 from support import wait_until
 from tools import require_tool
@@ -22,7 +22,9 @@ from worker_helpers import push_frame, push_frames
 
 from dfm_stream import keys
 from dfm_stream.alarms import publish_event
-from dfm_stream.registry import ModelRegistry
+from dfm_stream.promotion import Promotions
+from dfm_stream.registry import ModelRef, ModelRegistry
+from dfm_stream.shadow import ShadowPublisher
 from dfm_stream.wire import EventMsg
 
 playwright_api = pytest.importorskip("playwright.sync_api")
@@ -198,6 +200,9 @@ def test_every_page_passes_axe_and_fits_a_laptop_and_a_tablet_screen(
     registry = ModelRegistry(redis_client)
     registry.push("parts", tiny_artifact())
     registry.push("parts", tiny_artifact(seed=1))
+    registry.assign("camB", ModelRef("parts", 1))
+    Promotions(registry).shadow("camB", ModelRef("parts", 2))  # the camera page shows its comparison
+    ShadowPublisher(redis_client, keys.DEFAULT_PREFIX).write(shadow_msgs("camB", "parts@1", "parts@2"))
     _, url = start_console(procs, redis_url, users)
     page = chromium.new_context(bypass_csp=True).new_page()  # lets axe inject its script; not our pages
     page.set_default_timeout(WAIT_MS)
@@ -219,6 +224,19 @@ def test_every_page_passes_axe_and_fits_a_laptop_and_a_tablet_screen(
             if screen == "laptop":
                 for v in axe.run(page).response["violations"]:
                     problems.append(f"{path}: {v['id']} ({v['impact']}): {[n['target'] for n in v['nodes']]}")
+
+    # the operator promotes camB's candidate from its camera page, through the confirmation page
+    page.set_viewport_size({"width": 1366, "height": 768})
+    page.goto(f"{url}/camera/camB")
+    page.get_by_role("heading", name="Shadow candidate").wait_for()
+    page.get_by_role("button", name="Promote candidate").click()
+    page.get_by_text("camera camB: parts@1 -> parts@2").wait_for()
+    problems += [f"confirm: {v['id']} ({v['impact']})" for v in axe.run(page).response["violations"]]
+    page.get_by_role("button", name="Confirm").click()
+    page.wait_for_url(f"{url}/camera/camB")
+    page.get_by_text("Camera camB now runs parts@2 (was parts@1).").wait_for()
+    page.screenshot(path=str(shots / "camera-promoted.png"), full_page=True)
+    assert registry.assignments()["camB"] == ModelRef("parts", 2)
     assert problems == []
 
 
