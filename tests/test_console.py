@@ -343,8 +343,13 @@ def test_the_camera_page_compares_the_shadow_candidate_and_operators_promote_and
     form = {"csrf_token": operator.csrf("/camera/camA")}
     status, html, _ = operator.request("/camera/camA/promote", form)
     assert status == 200 and "camera camA: bolts@1 -&gt; bolts@2" in html and 'name="confirm"' in html
-    assert promotions.shadow_of("camA") == ModelRef("bolts", 2)
-    status, _, headers = operator.request("/camera/camA/promote", {**form, "confirm": "yes"})
+    assert 'name="candidate" value="bolts@2"' in html and promotions.shadow_of("camA") == ModelRef("bolts", 2)
+    stale = {**form, "candidate": "bolts@1", "confirm": "yes"}  # the candidate changed since the confirmation
+    assert operator.request("/camera/camA/promote", stale)[0] == 303
+    assert registry.assignments() == {"camA": ModelRef("bolts", 1)}
+    assert "not the bolts@1 you confirmed" in operator.request("/camera/camA")[1]
+    confirmed = {**form, "candidate": "bolts@2", "confirm": "yes"}
+    status, _, headers = operator.request("/camera/camA/promote", confirmed)
     assert status == 303 and headers["location"] == "/camera/camA"
     # exactly what `model promote --camera camA` does: pinned candidate live, shadowing stopped,
     # the earlier assignment recorded for `model rollback --camera`
@@ -360,6 +365,12 @@ def test_the_camera_page_compares_the_shadow_candidate_and_operators_promote_and
         "Not promoted: camera &#39;camA&#39; has no shadow candidate" in operator.request("/camera/camA")[1]
     )
 
+    status, _, _ = operator.request("/camera/camB/rollback", {**form, "confirm": "yes"})
+    assert (
+        status == 303
+        and "Not rolled back: camera &#39;camB&#39; has no recorded earlier"
+        in (operator.request("/camera/camB")[1])
+    )
     status, html, _ = operator.request("/camera/camA/rollback", form)
     assert status == 200 and "camera camA: bolts@2 -&gt; bolts@1" in html
     assert operator.request("/camera/camA/rollback", {**form, "confirm": "yes"})[0] == 303
@@ -368,6 +379,7 @@ def test_the_camera_page_compares_the_shadow_candidate_and_operators_promote_and
     seen = [(a["user"], a["action"], a["target"], a["ok"]) for a in audit_entries(redis_client)]
     assert ("vic", "promote", "", False) in seen and ("vic", "rollback_camera", "", False) in seen
     assert ("olga", "promote", "camA", True) in seen and ("olga", "promote", "camA", False) in seen
+    assert ("olga", "rollback_camera", "camB", False) in seen
     assert ("olga", "rollback_camera", "camA", True) in seen
     done = [a["detail"] for a in audit_entries(redis_client) if a["ok"] and a["action"] != "login"]
     assert done == ["model bolts@2 (was bolts@1)", "model bolts@1 (was bolts@2)"]

@@ -265,10 +265,12 @@ def _switch(request: Request, user: Any, form: dict[str, Any], action: str) -> R
     promotions = Promotions(ModelRegistry(c.client, c.prefix))
     try:
         if form.get("confirm") != "yes":
-            change = _switch_change(promotions, cam, action)
+            change, fields = _switch_change(promotions, cam, action)
             return c.render(
-                request, "confirm.html", action=f"{page}/{verb}", change=change, fields={}, cancel=page
+                request, "confirm.html", action=f"{page}/{verb}", change=change, fields=fields, cancel=page
             )
+        if action == "promote":
+            _check_candidate(promotions, cam, str(form.get("candidate", "")))
         done = promotions.promote(cam) if action == "promote" else promotions.rollback(cam)
     except RegistryError as e:
         audit(c.client, c.prefix, user.name, user.role, action, cam, str(e), ok=False)
@@ -282,19 +284,31 @@ def _switch(request: Request, user: Any, form: dict[str, Any], action: str) -> R
     return RedirectResponse(page, status_code=303)
 
 
-def _switch_change(promotions: Promotions, cam: str, action: str) -> str:
-    """Say what a promote or a camera rollback will change (RegistryError: there is nothing to do)."""
+def _switch_change(promotions: Promotions, cam: str, action: str) -> tuple[str, dict[str, str]]:
+    """Say what a promote or a camera rollback will change, and the fields the confirmation posts.
+
+    RegistryError when there is nothing to do (no candidate; no earlier assignment recorded).
+    """
     current = promotions.registry.assignments().get(cam)
     if action == "promote":
         candidate = promotions.shadow_of(cam)
         if candidate is None:
             raise RegistryError(f"camera {cam!r} has no shadow candidate to promote")
-        return (
+        change = (
             f"camera {cam}: {current or 'no model'} -> {candidate} (promote the candidate; shadowing stops)"
         )
-    previous = promotions.registry.previous_assignment(cam)
-    restored = previous or "no model"
-    return f"camera {cam}: {current or 'no model'} -> {restored} (its assignment before the last one)"
+        return change, {"candidate": str(candidate)}
+    restored = promotions.registry.previous_assignment(cam) or "no model"
+    return f"camera {cam}: {current or 'no model'} -> {restored} (its assignment before the last one)", {}
+
+
+def _check_candidate(promotions: Promotions, cam: str, confirmed: str) -> None:
+    """RegistryError when the candidate the operator confirmed is no longer the camera's candidate."""
+    now = promotions.shadow_of(cam)
+    if confirmed and now is not None and str(now) != confirmed:
+        raise RegistryError(
+            f"camera {cam!r}: the candidate is now {now}, not the {confirmed} you confirmed; look again"
+        )
 
 
 def health(request: Request) -> Response:
