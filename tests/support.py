@@ -30,6 +30,18 @@ class Processes:
         """Start ``python -m dfm_stream.cli ARGS``; stdout/stderr go to ``<logdir>/<name>.log``."""
         return self.start([sys.executable, "-m", "dfm_stream.cli", *args], name=name, env=env)
 
+    def run_dfm(self, *args: str, name: str, timeout: float) -> str:
+        """Run one ``dfm-stream`` command to completion, assert exit 0, and return its output."""
+        proc = self.dfm(*args, name=name)
+        try:
+            code = proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+        out = self.log(proc)
+        assert code == 0, out
+        return out
+
     def start(
         self, cmd: list[str], name: str = "proc", env: dict[str, str] | None = None
     ) -> subprocess.Popen[bytes]:

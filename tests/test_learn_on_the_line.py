@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import signal
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -133,18 +132,6 @@ class Line:
         return int(self.client.xpending(keys.frames_key(CAM), keys.DEFAULT_GROUP)["pending"])
 
 
-def _cli(procs: Processes, name: str, *args: str) -> str:
-    proc = procs.dfm(*args, name=name)
-    try:
-        code = proc.wait(CLI_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise
-    out = procs.log(proc)
-    assert code == 0, out
-    return out
-
-
 def _json_line(out: str) -> dict:
     return json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
 
@@ -154,7 +141,11 @@ def _rate(flags: list[bool]) -> float:
 
 
 def _drift(procs: Processes, redis_url: str, name: str) -> dict:
-    return _json_line(_cli(procs, name, "drift", "--redis", redis_url, "--camera", CAM, "--json"))
+    return _json_line(
+        procs.run_dfm(
+            "drift", "--redis", redis_url, "--camera", CAM, "--json", name=name, timeout=CLI_TIMEOUT_S
+        )
+    )
 
 
 def _wait_drift(client: redis.Redis, frames: int, model: str) -> None:
@@ -235,13 +226,13 @@ def test_the_line_learns_a_new_light_and_promotes_it_without_losing_a_frame(
     # 3. enrol the new light's frames (an operator vouches for the window): a candidate parts@2
     since, until = _since_until(shifted)
     t0 = time.monotonic()
-    out = _cli(
-        procs,
-        "enrol",
+    out = procs.run_dfm(
         *("enrol", "--redis", redis_url, "--camera", CAM, "--model", "parts"),
         *("--since", since, "--until", until, "--frames", str(ENROL_FRAMES)),
         *("--holdout", "0.35", "--max-fpr", "0.01", "--margin", "1.2", "--out", str(tmp_path / "set")),
         "--json",
+        name="enrol",
+        timeout=CLI_TIMEOUT_S,
     )
     enrol_wall_s = time.monotonic() - t0
     enrolled = _json_line(out)
@@ -256,7 +247,18 @@ def test_the_line_learns_a_new_light_and_promotes_it_without_losing_a_frame(
     )
 
     # 4. shadow: parts@2 quiet on the good frames parts@1 flags; the defects flagged by both
-    _cli(procs, "shadow", "model", "shadow", "--redis", redis_url, "--camera", CAM, "--model", "parts@2")
+    procs.run_dfm(
+        "model",
+        "shadow",
+        "--redis",
+        redis_url,
+        "--camera",
+        CAM,
+        "--model",
+        "parts@2",
+        name="shadow",
+        timeout=CLI_TIMEOUT_S,
+    )
     wait_until(lambda: f"camera {CAM} is shadowed by parts@2" in procs.log(worker), 60, what="the shadow")
     good = line.push([_brighter(render_part(rng, SIZE)[0]) for _ in range(100)])
     bad = line.push([_brighter(img) for img in v1.defects], defective=True)
@@ -275,7 +277,17 @@ def test_the_line_learns_a_new_light_and_promotes_it_without_losing_a_frame(
     assert _rate([shadow[f].anomalous for f in good]) <= 0.02
     assert all(shadow[f].live_anomalous and shadow[f].anomalous for f in bad)
     report = _json_line(
-        _cli(procs, "compare", "model", "compare", "--redis", redis_url, "--camera", CAM, "--json")
+        procs.run_dfm(
+            "model",
+            "compare",
+            "--redis",
+            redis_url,
+            "--camera",
+            CAM,
+            "--json",
+            name="compare",
+            timeout=CLI_TIMEOUT_S,
+        )
     )
     assert report["frames"] == len(good) + len(bad)
     listed = {d["frame_id"]: d["flagged_by"] for d in report["disagreements"]}
@@ -286,7 +298,9 @@ def test_the_line_learns_a_new_light_and_promotes_it_without_losing_a_frame(
     )
 
     # 5. promote: under 1 % false alarms on the new light's good frames, every defect flagged
-    _cli(procs, "promote", "model", "promote", "--redis", redis_url, "--camera", CAM)
+    procs.run_dfm(
+        "model", "promote", "--redis", redis_url, "--camera", CAM, name="promote", timeout=CLI_TIMEOUT_S
+    )
     _wait_ack(procs, worker, CAM, "parts@2", 1)
     good = line.push([_brighter(render_part(rng, SIZE)[0]) for _ in range(200)])
     bad = line.push([_brighter(img) for img in v1.defects], defective=True)
@@ -303,7 +317,9 @@ def test_the_line_learns_a_new_light_and_promotes_it_without_losing_a_frame(
     figures["v2 defects flagged"] = f"{sum(scores[f].anomalous for f in bad)}/{len(bad)}"
 
     # 6. rollback --camera: back to parts@1
-    _cli(procs, "rollback", "model", "rollback", "--redis", redis_url, "--camera", CAM)
+    procs.run_dfm(
+        "model", "rollback", "--redis", redis_url, "--camera", CAM, name="rollback", timeout=CLI_TIMEOUT_S
+    )
     _wait_ack(procs, worker, CAM, "parts@1", 2)
     after = line.push([_brighter(render_part(rng, SIZE)[0]) for _ in range(20)])
     scores = line.scores()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 
 import numpy as np
 import pytest
@@ -28,19 +27,6 @@ from dfm_stream.wire import FIELD, EventMsg, ShadowMsg
 
 CLI_TIMEOUT_S = 120
 N_FRAMES = 40
-
-
-def _cli(procs: Processes, name: str, *args: str) -> str:
-    """Run one ``dfm-stream`` command to completion (exit 0 expected); return its output."""
-    proc = procs.dfm(*args, name=name)
-    try:
-        code = proc.wait(CLI_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise
-    out = procs.log(proc)
-    assert code == 0, out
-    return out
 
 
 def _median_threshold(artifact: bytes) -> float:
@@ -76,7 +62,18 @@ def test_shadow_compare_promote_and_rollback_score_every_frame_once(
     worker = _start_worker(procs, redis_url, "cam1")
     _wait_ack(procs, worker, "cam1", "m@1", 1)
 
-    out = _cli(procs, "shadow", "model", "shadow", "--redis", redis_url, "--camera", "cam1", "--model", "m@2")
+    out = procs.run_dfm(
+        "model",
+        "shadow",
+        "--redis",
+        redis_url,
+        "--camera",
+        "cam1",
+        "--model",
+        "m@2",
+        name="shadow",
+        timeout=CLI_TIMEOUT_S,
+    )
     assert "camera cam1 is shadowed by m@2" in out
     wait_until(lambda: "camera cam1 is shadowed by m@2" in procs.log(worker), 60, what="the worker to shadow")
     feed = Feed(redis_client, "cam1")
@@ -103,7 +100,17 @@ def test_shadow_compare_promote_and_rollback_score_every_frame_once(
     assert log.count("backbone at 64x64 runs on") == 1, log[-3000:]
     assert "backbone shared with a loaded version" in log
 
-    out = _cli(procs, "compare", "model", "compare", "--redis", redis_url, "--camera", "cam1", "--json")
+    out = procs.run_dfm(
+        "model",
+        "compare",
+        "--redis",
+        redis_url,
+        "--camera",
+        "cam1",
+        "--json",
+        name="compare",
+        timeout=CLI_TIMEOUT_S,
+    )
     report = json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
     assert report["frames"] == N_FRAMES
     assert report["agree"] == N_FRAMES - len(only_live) - len(only_shadow)
@@ -114,7 +121,16 @@ def test_shadow_compare_promote_and_rollback_score_every_frame_once(
     cand = np.array([shadows[f].score for f in sorted(shadows)])
     assert report["pearson"] == pytest.approx(float(np.corrcoef(live, cand)[0, 1]), abs=1e-6)
     assert -1.0 <= report["spearman"] <= 1.0 and report["spearman_frames"] == N_FRAMES
-    text = _cli(procs, "compare-text", "model", "compare", "--redis", redis_url, "--camera", "cam1")
+    text = procs.run_dfm(
+        "model",
+        "compare",
+        "--redis",
+        redis_url,
+        "--camera",
+        "cam1",
+        name="compare-text",
+        timeout=CLI_TIMEOUT_S,
+    )
     assert f"frames compared            {N_FRAMES}" in text
     for fid in only_live | only_shadow:
         assert fid in text
@@ -122,7 +138,16 @@ def test_shadow_compare_promote_and_rollback_score_every_frame_once(
     # promote while frames stream: one switch at a batch boundary, every frame scored once
     with feed.streaming():
         feed.wait_sent(len(feed.sent) + 2 * BATCH, "frames before the promotion")
-        _cli(procs, "promote", "model", "promote", "--redis", redis_url, "--camera", "cam1")
+        procs.run_dfm(
+            "model",
+            "promote",
+            "--redis",
+            redis_url,
+            "--camera",
+            "cam1",
+            name="promote",
+            timeout=CLI_TIMEOUT_S,
+        )
         feed.wait_sent(len(feed.sent) + BATCH, "frames after the promotion")
     _wait_ack(procs, worker, "cam1", "m@2", 1)
     wait_until(lambda: "shadow scoring by m@2 stopped" in procs.log(worker), 60, what="the shadow to stop")
@@ -133,7 +158,9 @@ def test_shadow_compare_promote_and_rollback_score_every_frame_once(
     assert redis_client.hget(keys.shadows_key(), "cam1") is None
 
     # rollback --camera: back to m@1, and the frames after it are scored by m@1
-    _cli(procs, "rollback", "model", "rollback", "--redis", redis_url, "--camera", "cam1")
+    procs.run_dfm(
+        "model", "rollback", "--redis", redis_url, "--camera", "cam1", name="rollback", timeout=CLI_TIMEOUT_S
+    )
     _wait_ack(procs, worker, "cam1", "m@1", 2)
     after_rollback = set(feed.write(6))
     scores = _scored_by_frame(redis_client, "cam1", len(feed.sent))
